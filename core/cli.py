@@ -1,0 +1,246 @@
+"""The ``plait`` command line.
+
+    plait run CONFIG [key=value …] [~key …]     compose and perform a run
+    plait validate CONFIG [key=value …]          resolve and check every section's schema, build nothing
+    plait config CONFIG [key=value …]            print the resolved config as YAML
+    plait plugins [--json]                       loaded plugins, versions, hooks, load errors
+    plait hooks                                  every hook spec: signature and first doc line
+    plait ls [KIND] [--json]                     registry entries and the plugin providing each
+
+CONFIG is a YAML path, or the name of a preset under the repository's ``configs/`` (``quickstart``,
+``zo2/opt``); without CONFIG, ``run``/``validate``/``config`` use ``configs/quickstart.yaml``.
+User errors print one line and exit 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from . import __version__, hookspecs
+from .errors import PlaitError
+from .registry import KINDS, KINDS_BY_NAME, KINDS_BY_SECTION
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "quickstart"
+
+
+def find_config(name: str | None) -> Path:
+    """A path as given, else a preset name under ``configs/`` (with or without ``.yaml``)."""
+    name = name or DEFAULT_CONFIG
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports it missing, naming the path
+
+
+def _compose_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML file or preset name (default: quickstart)")
+    parser.add_argument("overrides", nargs="*", help="key=value to set, ~key to delete")
+
+
+def _split_config_arg(args) -> tuple[Path, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and ("=" in config or config.startswith("~")):
+        config, overrides = None, [config] + overrides  # `plait run key=value` uses the default config
+    return find_config(config), overrides
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .run import execute
+
+    path, overrides = _split_config_arg(args)
+    cfg = load_config(path, overrides)
+    run = execute(cfg)
+    _print_report(run)
+    return 130 if run.status == "interrupted" else 0
+
+
+def _print_report(run) -> None:
+    summary = run.summary
+    print(f"run directory: {run.dir}  (tensorboard --logdir {run.dir})")
+    before, after = summary.get("first_eval") or {}, summary.get("final_eval") or {}
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        fmt = (lambda v: "-" if v is None else f"{v:.4f}")
+        print(f"  {key:<28} before {fmt(b):>10}   after {fmt(a):>10}")
+    if run.status == "interrupted":
+        print(f"interrupted at step {summary.get('interrupted_at')}; continue with the same command plus "
+              f"run.resume={run.dir}")
+
+
+def cmd_validate(args) -> int:
+    from .config import load_config, validate
+    from .manager import get_host
+
+    path, overrides = _split_config_arg(args)
+    cfg = load_config(path, overrides)
+    host = get_host()
+    host.check_healthy()
+    components = validate(cfg, host.registries)
+    names = ", ".join(f"{s}={c.entry.name}" if not isinstance(c, list) else f"{s}=[{', '.join(x.entry.name for x in c)}]"
+                      for s, c in components.items())
+    print(f"{path}: valid ({names})")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from omegaconf import OmegaConf
+
+    from .config import load_config, validate
+    from .manager import get_host
+
+    path, overrides = _split_config_arg(args)
+    cfg = load_config(path, overrides)
+    host = get_host()
+    host.check_healthy()
+    validate(cfg, host.registries)
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .manager import get_host
+
+    host = get_host()
+    rows = [{"name": p.name, "version": p.version, "module": p.module, "builtin": p.builtin, "hooks": p.hooks}
+            for p in host.plugins.values()]
+    for name, err in host.failures.items():
+        row = next((r for r in rows if r["name"] == name), None)
+        if row is None:
+            rows.append({"name": name, "version": None, "module": None, "builtin": None, "hooks": [], "error": err})
+        else:
+            row["error"] = err
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        status = f"  ERROR: {r['error']}" if "error" in r else ""
+        print(f"{r['name']} {r['version'] or ''} ({r['module'] or '?'}){status}")
+        for h in r["hooks"]:
+            print(f"    {h}")
+    return 0
+
+
+def hook_specs() -> list[tuple[str, str, str]]:
+    """(name, signature, first doc line) of every hook spec."""
+    out = []
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
+        if not hasattr(fn, "plait_spec"):
+            continue
+        doc = (inspect.getdoc(fn) or "").splitlines()
+        out.append((name, f"{name}{inspect.signature(fn)}", doc[0] if doc else ""))
+    return out
+
+
+def cmd_hooks(args) -> int:
+    for _, sig, first in hook_specs():
+        print(f"{sig}\n    {first}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from .manager import get_host
+
+    host = get_host()
+    kinds = KINDS
+    if args.kind:
+        kind = KINDS_BY_NAME.get(args.kind) or KINDS_BY_SECTION.get(args.kind)
+        if kind is None:
+            raise PlaitError(f"unknown kind {args.kind!r}; allowed: "
+                             f"{', '.join(k.name for k in KINDS)} (or their sections: "
+                             f"{', '.join(k.section for k in KINDS)})")
+        kinds = (kind,)
+    rows = [{"kind": k.name, "section": k.section, "name": e.name, "plugin": e.plugin, "doc": e.doc,
+             "config": e.config.__name__}
+            for k in kinds for e in host.registries.by_kind[k.name].entries()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for k in kinds:
+        entries = [r for r in rows if r["kind"] == k.name]
+        print(f"{k.name} ({k.section}:)")
+        for r in entries:
+            print(f"  {r['name']:<24} {r['plugin']:<16} {r['doc']}")
+        if not entries:
+            print("  (none)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description="Efficient and private training; every method a "
+                                                               "plugin.")
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (anywhere on the line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, func, help_ in (("run", cmd_run, "compose and perform a run"),
+                              ("validate", cmd_validate, "check a config against every schema"),
+                              ("config", cmd_config, "print the resolved config")):
+        p = sub.add_parser(name, help=help_)
+        _compose_args(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("plugins", help="list loaded plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("hooks", help="list hook specs")
+    p.set_defaults(func=cmd_hooks)
+    p = sub.add_parser("ls", help="list registry entries")
+    p.add_argument("kind", nargs="?", help="a kind (model_families) or its section (model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+    return parser
+
+
+def _add_plugin_commands(parser: argparse.ArgumentParser) -> None:
+    from .manager import get_host
+
+    host = get_host()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for impl in reversed(host.pm.hook.register_commands.get_hookimpls()):
+        try:
+            impl.function(**{a: sub for a in impl.argnames})
+        except Exception as exc:
+            host.failures.setdefault(impl.plugin_name, f"plugin {impl.plugin_name!r} failed in register_commands: "
+                                                        f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    try:
+        if not any(a in ("-h", "--help", "--version") for a in argv[:1]):
+            _add_plugin_commands(parser)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        if args.func is not cmd_plugins:
+            for name, err in _failures():
+                print(f"plait: warning: {err}", file=sys.stderr)
+        return int(args.func(args) or 0)
+    except PlaitError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+def _failures():
+    from .manager import get_host
+
+    return list(get_host().failures.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Config composition: run defaults ⊕ YAML file (with optional ``base:`` list) ⊕ command-line dotlist.
+
+``load_config(path, overrides)`` returns an OmegaConf ``DictConfig``; ``validate(cfg, registries)`` checks every
+component section against its registry entry's dataclass schema (unknown keys, wrong types, missing values)
+and fills defaults in, before anything is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue,
+                              OmegaConfBaseException, ValidationError)
+
+from .errors import ConfigError
+from .registry import KINDS, KINDS_BY_SECTION, Entry, Registries
+
+
+@dataclass
+class RunSection:
+    """The ``run:`` section: what every run has, whatever the recipe."""
+
+    name: str = "run"
+    seed: int = 0
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    ckpt_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
+    out_dir: str = "runs"
+    resume: Optional[str] = None  # a run directory to continue from its newest complete checkpoint
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # show a progress bar
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
+
+
+SECTIONS = ("run",) + tuple(k.section for k in KINDS)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found" if not path.exists() else
+                          f"config file '{path}' is not a file")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (run:, recipe:, model: …), "
+                          f"not a {type(data).__name__}")
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file '{path}': {exc.msg if hasattr(exc, 'msg') else exc}") from None
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        chain = " -> ".join(str(p) for p in seen + (path,))
+        raise ConfigError(f"config 'base:' entries form a cycle: {chain}")
+    cfg = _load_yaml(path)
+    bases = cfg.pop("base", None)
+    if bases is None:
+        return cfg
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, (list, ListConfig)) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file '{path}': 'base' must be a file path or a list of file paths")
+    merged = OmegaConf.create({})
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.exists():
+            raise ConfigError(f"config file '{path}': base '{base}' not found (looked at '{base_path}')")
+        merged = OmegaConf.merge(merged, _load_with_bases(base_path, seen + (path,)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    sets, deletes = [], []
+    for item in overrides:
+        if item.startswith("~"):
+            deletes.append(item[1:])
+        elif "=" in item and not item.startswith("="):
+            sets.append(item)
+        else:
+            raise ConfigError(f"override '{item}' is not of the form key=value or ~key")
+    return sets, deletes
+
+
+def _delete(cfg: DictConfig, dotted: str) -> None:
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise ConfigError(f"override '~{dotted}': no such key to delete")
+    with _open(parent):
+        del parent[leaf]
+
+
+class _open:
+    """Temporarily lift struct mode on a node (structured sections reject deletes)."""
+
+    def __init__(self, node: DictConfig):
+        self.node, self.flag = node, OmegaConf.is_struct(node)
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.node, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.node, self.flag)
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    msg = getattr(exc, "msg", None) or str(exc)
+    return msg.splitlines()[0].strip()
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose run defaults ⊕ file (and its ``base:`` files) ⊕ dotlist overrides, resolved."""
+    cfg = OmegaConf.create({"run": OmegaConf.structured(RunSection)})
+    file_cfg = _load_with_bases(Path(path)) if path is not None else OmegaConf.create({})
+    unknown = [k for k in file_cfg.keys() if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"config file '{path}': unknown section '{unknown[0]}'; allowed sections: "
+                          f"{', '.join(SECTIONS)}")
+    sets, deletes = _parse_overrides(list(overrides))
+    try:
+        cfg = OmegaConf.merge(cfg, file_cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{key}: {_explain(exc)} (in '{path}'; run keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
+    try:
+        dot = OmegaConf.from_dotlist(sets)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"command-line overrides: {_explain(exc)}") from None
+    unknown = [k for k in dot.keys() if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"override '{unknown[0]}…': unknown section '{unknown[0]}'; allowed sections: "
+                          f"{', '.join(SECTIONS)}")
+    try:
+        cfg = OmegaConf.merge(cfg, dot)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"override {key}: {_explain(exc)} (run keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
+    for dotted in deletes:
+        _delete(cfg, dotted)
+    try:
+        OmegaConf.resolve(cfg)
+    except (InterpolationResolutionError, OmegaConfBaseException) as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{key}: cannot resolve interpolation: {_explain(exc)}") from None
+    _check_run_section(cfg.run)
+    return cfg
+
+
+def _check_run_section(run: DictConfig) -> None:
+    for key in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        if run[key] is None or run[key] < 0:
+            raise ConfigError(f"run.{key}: must be a non-negative integer, got {run[key]}")
+    if run.log_every == 0:
+        raise ConfigError("run.log_every: must be at least 1")
+    device = run.device
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"run.device: {device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class Component:
+    """A validated config section: its registry entry and its typed options (the entry's dataclass)."""
+
+    section: str
+    entry: Entry
+    options: Any  # an instance of entry.config
+
+    def kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+
+
+def _validate_node(section: str, node: Any, registries: Registries, where: str) -> tuple[Component, DictConfig]:
+    registry = registries.for_section(section)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{where}: must be a mapping with a 'name' key; available: "
+                          f"{registry.describe_available()}")
+    if node.get("name") is None:
+        raise ConfigError(f"{where}.name: missing; available: {registry.describe_available()}")
+    entry = registry.get(str(node.name))
+    schema = OmegaConf.structured(entry.config)
+    options = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "name"])
+    label = f"{section} {entry.name!r} (plugin {entry.plugin!r})"
+    allowed = ", ".join(f.name for f in dataclasses.fields(entry.config)) or "none"
+    try:
+        merged = OmegaConf.merge(schema, options)
+        obj = OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        key = getattr(exc, "key", None) or _explain(exc)
+        raise ConfigError(f"{where}.{key}: unknown key for {label}; allowed keys: {allowed}") from None
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{where}.{key}: required value missing for {label}") from None
+    except ValidationError as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{where}.{key}: {_explain(exc)} for {label}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{where}.{key}: {_explain(exc)} for {label}") from None
+    full = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.structured(obj))
+    return Component(section, entry, obj), full
+
+
+def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
+    """Check every section against its entry's schema and fill in defaults (in place).
+
+    Returns section → `Component` (``transforms`` → list of `Component`). Raises `ConfigError` naming the key.
+    """
+    if cfg.get("recipe") is None:
+        raise ConfigError(f"recipe: missing; every config names a recipe; available: "
+                          f"{registries.recipes.describe_available()}")
+    components: dict[str, Any] = {}
+    for section in list(cfg.keys()):
+        if section == "run":
+            continue
+        kind = KINDS_BY_SECTION.get(section)
+        if kind is None:
+            raise ConfigError(f"unknown section '{section}'; allowed sections: {', '.join(SECTIONS)}")
+        node = cfg[section]
+        if node is None:
+            continue
+        if kind.many:
+            if not isinstance(node, ListConfig):
+                raise ConfigError(f"{section}: must be a list of mappings with a 'name' key")
+            comps, fulls = [], []
+            for i, item in enumerate(node):
+                comp, full = _validate_node(section, item, registries, f"{section}[{i}]")
+                comps.append(comp)
+                fulls.append(full)
+            components[section] = comps
+            cfg[section] = fulls
+        else:
+            comp, full = _validate_node(section, node, registries, section)
+            components[section] = comp
+            cfg[section] = full
+    recipe = components["recipe"]
+    for needed in recipe.entry.extra.get("requires", ()):
+        if needed not in components:
+            registry = registries.for_section(needed)
+            raise ConfigError(f"{needed}: missing; recipe {recipe.entry.name!r} needs a '{needed}:' section; "
+                              f"available: {registry.describe_available()}")
+    return components

@@ -1,0 +1,89 @@
+"""Run tracking: TensorBoard event files, ``metrics.jsonl`` and a progress bar.
+
+Tags are ``/``-namespaced (``train/loss``, ``eval/accuracy``, ``perf/steps_per_sec``, ``mem/peak_rss_gib``) so
+TensorBoard groups them. Each `log` call writes one JSON line ``{"step": s, tag: value, …}`` and one scalar per
+tag into the event file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    """Writes metrics to TensorBoard and ``metrics.jsonl`` in a run directory."""
+
+    def __init__(self, run_dir: str | Path, *, purge_after: int | None = None,
+                 observers: Iterable[Callable[[int, dict], None]] = ()):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it off import paths
+
+        self.dir = Path(run_dir)
+        self.jsonl_path = self.dir / "metrics.jsonl"
+        if purge_after is not None:
+            _truncate_jsonl(self.jsonl_path, purge_after)
+        # purge_step hides events of steps > purge_after written by an interrupted run (resume).
+        self.writer = SummaryWriter(str(self.dir), purge_step=None if purge_after is None else purge_after + 1)
+        self._jsonl = open(self.jsonl_path, "a")
+        self.observers = list(observers)
+        self.last: dict[str, float] = {}
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for observe in self.observers:
+            observe(step, metrics)
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        for tag, value in clean.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self.last.update(clean)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self._jsonl.flush()
+        os.fsync(self._jsonl.fileno())
+
+    def close(self) -> None:
+        self.writer.close()
+        self._jsonl.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records of steps after ``last_step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a torn last line from a killed process
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A progress bar over training steps showing loss, step rate and ETA (tqdm); silent when disabled."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        disable=not enabled, file=sys.stderr, leave=True)
+
+    def update(self, n: int = 1, **postfix: float) -> None:
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()

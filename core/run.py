@@ -1,0 +1,281 @@
+"""Composing and executing a run.
+
+``compose(cfg)`` validates the config against the registries, creates (or reopens, on resume) the run
+directory, its metrics logger and checkpointer, and returns a `Run`. ``execute(cfg)`` composes, builds the
+recipe, calls it between the ``on_run_start`` and ``on_run_end`` hooks and writes ``summary.json``.
+
+``train_loop(run, task)`` is the step loop that step-based recipes share: logging cadence, evaluation,
+checkpoints (every ``run.ckpt_every`` steps, at the end and on Ctrl-C), resume, and the progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .config import Component, validate
+from .errors import CheckpointError, ConfigError
+from .metrics import MetricsLogger, Progress
+from .manager import PluginHost, get_host
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available here; use cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"run.device: {name!r} requested but MPS is not available here; use cpu or auto")
+    return device
+
+
+@dataclass
+class Run:
+    """A composed run: config, validated components, run directory and trackers."""
+
+    cfg: DictConfig
+    components: dict[str, Any]
+    host: PluginHost
+    dir: Path
+    device: torch.device
+    logger: MetricsLogger
+    checkpointer: Checkpointer
+    resume_state: tuple[int, dict] | None = None  # (step, state) of the checkpoint resumed from
+    status: str = "running"
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def has(self, section: str) -> bool:
+        return section in self.components
+
+    def options(self, section: str) -> Any:
+        """The validated options dataclass of a section."""
+        return self._component(section).options
+
+    def _component(self, section: str) -> Component:
+        try:
+            return self.components[section]
+        except KeyError:
+            raise ConfigError(f"{section}: missing; this recipe needs a '{section}:' section") from None
+
+    def build(self, section: str, **runtime: Any) -> Any:
+        """Build the component of ``section`` from its entry: ``factory(**options, **runtime)``.
+
+        A ``ValueError`` or ``FileNotFoundError`` raised by the factory is a problem with the config: it is
+        re-raised as `ConfigError` naming the section.
+        """
+        comp = self._component(section)
+        return _call_factory(comp, runtime)
+
+    def build_transforms(self) -> list:
+        """The callables of the ``transforms:`` list, in order."""
+        return [_call_factory(c, {}) for c in self.components.get("transforms", [])]
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.logger.log(step, metrics)
+
+
+def _call_factory(comp: Component, runtime: dict[str, Any]) -> Any:
+    try:
+        return comp.entry.factory(**comp.kwargs(), **runtime)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{comp.section} {comp.entry.name!r}: {exc}") from exc
+
+
+def _new_run_dir(out_dir: str, name: str) -> Path:
+    base = Path(out_dir) / name
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base / stamp, 1
+    while path.exists():
+        path, n = base / f"{stamp}-{n}", n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
+    """Validate, seed, and set up the run directory. Nothing is written before validation passes."""
+    host = host or get_host()
+    host.check_healthy()
+    components = validate(cfg, host.registries)
+    device = resolve_device(cfg.run.device)
+    resume_state = None
+    if cfg.run.resume:
+        run_dir = Path(cfg.run.resume)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run.resume: '{run_dir}' is not a run directory")
+        latest = Checkpointer(run_dir / "checkpoints").latest()
+        if latest is None:
+            raise CheckpointError(f"run.resume: '{run_dir}' has no complete checkpoint under checkpoints/")
+        resume_state = Checkpointer.load(latest)
+    else:
+        run_dir = _new_run_dir(cfg.run.out_dir, cfg.run.name)
+        _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    seed_everything(cfg.run.seed)
+    observers = [(lambda step, metrics, f=f: f(run=run, step=step, metrics=metrics))
+                 for f in host.observers("on_log")]
+    logger = MetricsLogger(run_dir, purge_after=resume_state[0] if resume_state else None, observers=observers)
+    run = Run(cfg, components, host, run_dir, device, logger,
+              Checkpointer(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints), resume_state)
+    return run
+
+
+def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
+    """Compose a run and perform its recipe; returns the finished `Run` (``run.status``, ``run.summary``)."""
+    run = compose(cfg, host)
+    hook = run.host.pm.hook
+    t0 = time.time()
+    hook.on_run_start(run=run)
+    try:
+        recipe = run.build("recipe", run=run)
+        result = recipe() or {}
+        if run.status == "running":
+            run.status = "completed"
+        run.summary.update(result)
+    except BaseException:
+        run.status = "failed" if run.status == "running" else run.status
+        raise
+    finally:
+        hook.on_run_end(run=run, status=run.status)
+        run.summary.update({"status": run.status, "run_dir": str(run.dir),
+                            "wall_seconds": round(time.time() - t0, 3)})
+        run.summary.setdefault("final", dict(run.logger.last))
+        run.logger.close()
+        _write_atomic(run.dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
+    return run
+
+
+class Task(Protocol):
+    """What `train_loop` drives. ``state_dict`` may hold tensors and JSON values (no pickle)."""
+
+    def train_step(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Evaluation must not shift the training RNG streams (so a resumed run matches an uninterrupted one)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[str, Any]:
+    """Run ``task.train_step`` for steps ``1..run.steps`` with logging, evaluation and checkpoints.
+
+    Metrics of ``train_step`` are averaged over each ``log_every`` window. Returns the summary fields:
+    ``{"first_eval": …, "final_eval": …, "steps": …}``.
+    """
+    rc = run.cfg.run
+    start, window, first_eval = 0, {}, None
+    if run.resume_state is not None:
+        start, state = run.resume_state
+        task.load_state_dict(state["task"])
+        window, first_eval = state["loop"]["window"], state["loop"]["first_eval"]
+        set_rng_state(state["rng"])
+    else:
+        with preserved_rng():
+            first_eval = task.evaluate()
+        if first_eval:
+            run.log(0, first_eval)
+
+    def save(step: int) -> None:
+        run.checkpointer.save(step, {"task": task.state_dict(), "rng": rng_state(),
+                                     "loop": {"window": window, "first_eval": first_eval}})
+
+    progress = Progress(rc.steps, initial=start, enabled=rc.progress)
+    step, final_eval, t_window = start, None, time.perf_counter()
+    with _stop_on_sigint() as stop:
+        try:
+            for step in range(start + 1, rc.steps + 1):
+                metrics = task.train_step(step)
+                for k, v in metrics.items():
+                    s, n = window.get(k, (0.0, 0))
+                    window[k] = (s + float(v), n + 1)
+                if step % rc.log_every == 0 or step == rc.steps:
+                    averaged = {k: s / n for k, (s, n) in window.items() if n}
+                    elapsed = time.perf_counter() - t_window
+                    averaged["perf/steps_per_sec"] = _window_len(window) / elapsed if elapsed > 0 else 0.0
+                    run.log(step, averaged)
+                    window, t_window = {}, time.perf_counter()
+                if step == rc.steps or (rc.eval_every and step % rc.eval_every == 0):
+                    with preserved_rng():
+                        final_eval = task.evaluate()
+                    if final_eval:
+                        run.log(step, final_eval)
+                if step != rc.steps and rc.ckpt_every and step % rc.ckpt_every == 0:
+                    save(step)
+                progress.update(1, loss=metrics.get(loss_key, float("nan")))
+                if stop.requested and step != rc.steps:
+                    save(step)
+                    run.status = "interrupted"
+                    run.summary["interrupted_at"] = step
+                    return {"first_eval": first_eval, "final_eval": final_eval, "steps": step}
+            if rc.steps > start:
+                save(rc.steps)
+        finally:
+            progress.close()
+            run.logger.flush()
+    return {"first_eval": first_eval, "final_eval": final_eval, "steps": rc.steps}
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_sigint():
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nplait: Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _window_len(window: dict[str, tuple[float, int]]) -> int:
+    return max((n for _, n in window.values()), default=0)

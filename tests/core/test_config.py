@@ -1,0 +1,114 @@
+"""Config composition: defaults ⊕ file (with base:) ⊕ dotlist, interpolation, schema validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+from omegaconf import MISSING
+
+from plait.config import RunSection, load_config, validate
+from plait.errors import ConfigError
+from plait.registry import Registries
+
+
+@dataclass
+class ToyModel:
+    width: int = 8
+    act: str = "relu"
+    layers: List[int] = field(default_factory=lambda: [1, 2])
+    path: Optional[str] = None
+
+
+@dataclass
+class NeedsPath:
+    path: str = MISSING
+
+
+def _registries():
+    regs = Registries()
+    regs.recipes.register("toy", lambda **kw: kw, config=ToyModel, plugin="t", requires=("model",))
+    regs.model_families.register("toy-model", lambda **kw: kw, config=ToyModel, plugin="t")
+    regs.datasets.register("needs-path", lambda **kw: kw, config=NeedsPath, plugin="t")
+    regs.model_transforms.register("noop", lambda **kw: (lambda m: m), plugin="t")
+    return regs
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_precedence_defaults_file_dotlist(tmp_path):
+    p = write(tmp_path, "c.yaml", "run: {steps: 7, name: file}\nrecipe: {name: toy}\nmodel: {name: toy-model, width: 3}\n")
+    cfg = load_config(p, ["run.name=cli", "model.act=gelu"])
+    assert cfg.run.steps == 7  # file over default
+    assert cfg.run.name == "cli"  # dotlist over file
+    assert cfg.run.seed == RunSection().seed  # default kept
+    assert cfg.model.width == 3 and cfg.model.act == "gelu"
+
+
+def test_delete_and_interpolation(tmp_path):
+    p = write(tmp_path, "c.yaml", "run: {name: a, out_dir: '/x/${run.name}'}\nrecipe: {name: toy}\n"
+                                  "model: {name: toy-model, width: 3}\n")
+    cfg = load_config(p, ["~model.width", "run.name=b"])
+    assert "width" not in cfg.model
+    assert cfg.run.out_dir == "/x/b"  # interpolation resolved after overrides
+
+
+def test_base_inheritance_chain(tmp_path):
+    write(tmp_path, "a.yaml", "run: {steps: 1, seed: 5}\nrecipe: {name: toy}\nmodel: {name: toy-model, width: 1}\n")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "sub/b.yaml", "base: ../a.yaml\nrun: {steps: 2}\n")
+    c = write(tmp_path, "sub/c.yaml", "base: [b.yaml]\nmodel: {width: 3}\n")
+    cfg = load_config(c)
+    assert (cfg.run.steps, cfg.run.seed, cfg.model.width) == (2, 5, 3)
+    assert "base" not in cfg
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_validate_fills_defaults_and_types(tmp_path):
+    p = write(tmp_path, "c.yaml", "recipe: {name: toy}\nmodel: {name: toy-model, width: '5'}\n"
+                                  "transforms: [{name: noop}]\n")
+    cfg = load_config(p)
+    comps = validate(cfg, _registries())
+    assert comps["model"].options == ToyModel(width=5)
+    assert comps["model"].kwargs() == {"width": 5, "act": "relu", "layers": [1, 2], "path": None}
+    assert cfg.model.act == "relu"  # defaults written back into the resolved config
+    assert [c.entry.name for c in comps["transforms"]] == ["noop"]
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("recipe: {name: toy}\nmodel: {name: nope}\n", [], r"model.name: unknown model 'nope'; available: toy-model \(t\)"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model, depth: 2}\n", [], r"model.depth: unknown key .* allowed keys: width, act, layers, path"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model, width: wide}\n", [], r"model.width: .*Integer"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\ndata: {name: needs-path}\n", [], r"data.path: required value missing"),
+    ("recipe: {name: toy}\n", [], r"model: missing; recipe 'toy' needs"),
+    ("model: {name: toy-model}\n", [], r"recipe: missing"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\nbogus: {a: 1}\n", [], r"unknown section 'bogus'"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run.steps=-1"], r"run.steps: must be a non-negative"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run.device=tpu"], r"run.device"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run.bogus=1"], r"run.bogus"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["novalue"], r"key=value"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["~model.nothing"], r"no such key"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\ntransforms: {name: noop}\n", [], r"transforms: must be a list"),
+    ("- a\n- b\n", [], r"must hold a mapping"),
+    ("run: {steps: [\n", [], r"not valid YAML at line"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, text, overrides, match):
+    p = write(tmp_path, "c.yaml", text)
+    with pytest.raises(ConfigError, match=match) as info:
+        validate(load_config(p, overrides), _registries())
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
