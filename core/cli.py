@@ -202,7 +202,7 @@ def _add_plugin_commands(parser: argparse.ArgumentParser) -> None:
 
     host = get_host()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for impl in reversed(host.pm.hook.register_commands.get_hookimpls()):
+    for impl in host.pm.hook.register_commands.get_hookimpls():
         try:
             impl.function(**{a: sub for a in impl.argnames})
         except Exception as exc:

@@ -129,7 +129,7 @@ def _collect_registries(pm: pluggy.PluginManager, failures: dict[str, str]) -> R
     registries = Registries()
     for kind in KINDS:
         registry = registries.by_kind[kind.name]
-        for impl in reversed(getattr(pm.hook, kind.hook).get_hookimpls()):
+        for impl in getattr(pm.hook, kind.hook).get_hookimpls():  # registration order: builtins first
             if impl.plugin_name in failures:
                 continue
             staged: list[tuple[tuple, dict]] = []
