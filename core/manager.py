@@ -33,6 +33,7 @@ from .registry import KINDS, Registries
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.basics",
+    "plait.plugins.zo2",
 )
 
 ENTRY_POINT_GROUP = "plait"

@@ -18,6 +18,7 @@ from plait.errors import ConfigError
 from plait.run import Run, train_loop
 
 from .data import collate, tokenize_example
+from .evaluation import evaluate_lm
 
 
 @dataclass
@@ -71,24 +72,6 @@ class BatchOrder:
 
 def tokenize_split(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
     return [tokenize_example(tokenizer, e["prompt"], e["completion"], max_length) for e in examples]
-
-
-@torch.no_grad()
-def completion_logprobs(model, tokenizer, prompts: list[str], completions: list[str], max_length: int,
-                        batch_size: int, device) -> torch.Tensor:
-    """Sum of log p(completion | prompt) per pair (completion tokens and eos), shape [len(prompts)]."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        items = [tokenize_example(tokenizer, p, c, max_length)
-                 for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        mask = labels != -100
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        out.append((picked * mask).sum(-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 class SFTRecipe:
@@ -159,28 +142,11 @@ class SFTRecipe:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        if not self.eval_items:
-            return {}
-        c = self.cfg
         self.model.eval()
-        nll, count = 0.0, 0
-        for i in range(0, len(self.eval_items), c.eval_batch_size):
-            batch = collate(self.eval_items[i:i + c.eval_batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            nll -= float((picked * mask).sum())
-            count += int(mask.sum())
-        metrics = {"eval/loss": nll / max(count, 1)}
-        label_words = getattr(self.data, "label_words", None)
-        if label_words and all("label" in e for e in self.eval_examples):
-            metrics["eval/accuracy"] = label_word_accuracy(self.model, self.tokenizer, self.eval_examples,
-                                                           label_words, c.max_length, c.eval_batch_size,
-                                                           self.device)
-        return metrics
+        return evaluate_lm(lambda ids, mask: self.model(input_ids=ids, attention_mask=mask).logits,
+                           self.tokenizer, self.eval_items, self.eval_examples,
+                           getattr(self.data, "label_words", None), self.cfg.max_length,
+                           self.cfg.eval_batch_size, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -188,14 +154,3 @@ class SFTRecipe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def label_word_accuracy(model, tokenizer, examples: list[dict], label_words: list[str], max_length: int,
-                        batch_size: int, device) -> float:
-    """Accuracy of picking the label word with the highest log-likelihood after the prompt (MeZO-style)."""
-    prompts = [e["prompt"] for e in examples for _ in label_words]
-    completions = [w for _ in examples for w in label_words]
-    scores = completion_logprobs(model, tokenizer, prompts, completions, max_length, batch_size, device)
-    pred = scores.view(len(examples), len(label_words)).argmax(-1)
-    gold = torch.tensor([e["label"] for e in examples])
-    return float((pred == gold).float().mean())

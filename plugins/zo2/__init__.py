@@ -1,0 +1,57 @@
+"""Builtin plugin ``zo2``: zeroth-order (MeZO) fine-tuning with parameters offloaded and streamed (ZO2).
+
+Registers perturbation ``mezo``, recipe ``zo`` and offload policies ``none`` (plain in-place MeZO) and ``zo2``
+(fused dual forward; transformer blocks stream from host memory or memory-mapped disk shards).
+
+    plait run configs/zo2/opt.yaml
+    plait run configs/zo2/opt.yaml offload.name=none        # the plain MeZO baseline
+"""
+from __future__ import annotations
+
+from plait import hookimpl
+
+from .config import MeZOConfig, NoOffloadConfig, ZO2OffloadConfig, ZORecipeConfig
+
+
+def build_mezo(**kwargs):
+    from .mezo import MeZO
+
+    return MeZO(**kwargs)
+
+
+def build_no_offload(model, device, mezo):
+    from .mezo import InPlaceMeZO
+
+    return InPlaceMeZO(model, device, mezo)
+
+
+def build_zo2(model, device, mezo, **kwargs):
+    from .fused import ZO2Engine
+
+    return ZO2Engine(model, device, mezo, **kwargs)
+
+
+def build_zo_recipe(run, **kwargs):
+    from .recipe import ZORecipe
+
+    return ZORecipe(run, **kwargs)
+
+
+@hookimpl
+def register_perturbations(register):
+    register("mezo", build_mezo, config=MeZOConfig, doc="SPSA with the seed trick: z regenerated per parameter, "
+             "never stored; Gaussian or Rademacher, n-SPSA, one-sided")
+
+
+@hookimpl
+def register_recipes(register):
+    register("zo", build_zo_recipe, config=ZORecipeConfig, doc="zeroth-order fine-tuning (forward passes only)",
+             requires=("model", "data", "perturbation"))
+
+
+@hookimpl
+def register_offload_policies(register):
+    register("none", build_no_offload, config=NoOffloadConfig,
+             doc="every parameter on the compute device (plain in-place MeZO for the zo recipe)")
+    register("zo2", build_zo2, config=ZO2OffloadConfig,
+             doc="blocks stream from host memory or disk; fused dual forward, lazy update, overlap")

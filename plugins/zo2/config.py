@@ -1,0 +1,49 @@
+"""Config dataclasses of the zo2 plugin (the schemas of its registry entries)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class MeZOConfig:
+    """Perturbation ``mezo``: SPSA with the seed trick."""
+
+    eps: float = 1.0e-3
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    distribution: str = "gaussian"  # gaussian | rademacher
+    q: int = 1  # perturbations per step (n-SPSA), estimates averaged
+    one_sided: bool = False  # (f(θ+εz) - f(θ)) / ε instead of the central difference
+    no_decay: List[str] = field(default_factory=lambda: ["bias", "norm", "ln_", "layernorm"])
+    schedule: str = "constant"  # constant | linear | cosine (to 0 at run.steps)
+    warmup_steps: int = 0
+
+
+@dataclass
+class ZORecipeConfig:
+    """Recipe ``zo``: forward-only fine-tuning with prompt + label-word loss."""
+
+    batch_size: int = 16
+    max_length: int = 128
+    eval_batch_size: int = 64
+    eval_examples: int = 0  # 0: the whole eval split
+    grad_accum: int = 1  # must stay 1: a ZO step estimates one scalar from one batch
+
+
+@dataclass
+class NoOffloadConfig:
+    """Offload policy ``none``: every parameter on the compute device; classic in-place MeZO steps."""
+
+
+@dataclass
+class ZO2OffloadConfig:
+    """Offload policy ``zo2``: transformer blocks stream from host memory (or disk) through the device."""
+
+    blocks: Optional[List[int]] = None  # which blocks stream; None: all of them, []: none
+    overlap: bool = True  # upload block i+1 and offload block i-1 while block i computes
+    bucket: bool = True  # one flat buffer per block (one copy per transfer) instead of one per tensor
+    storage_dtype: str = "fp32"  # fp32 | fp16 | bf16: dtype of the host copy (compute stays fp32)
+    pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
+    disk_dir: Optional[str] = None  # a directory of safetensors block shards, memory-mapped (disk tier)
+    disk_create: bool = True  # write the shards from the model if disk_dir holds none yet

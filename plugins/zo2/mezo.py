@@ -1,0 +1,212 @@
+"""MeZO (SPSA with the seed trick) and the plain in-memory ZO step.
+
+z for parameter ``i`` (its index among the model's unique trainable parameters) at step seed ``s`` and
+sample ``j`` is drawn from a generator seeded with ``param_seed(s, i, j)``. z is never stored: every phase
+(+εz, -2εz, +εz, update) draws it again. Because the seed depends on the parameter and not on the order in
+which parameters are visited, any schedule (in-place, fused per block, streamed, sliced across ranks) draws
+the same z for the same parameter.
+
+Arithmetic, shared by every engine so that they agree bit for bit (MeZO's in-place order, restore drift
+included)::
+
+    p += ε z_j ;  f⁺_j = f(θ)      p -= 2ε z_j ;  f⁻_j = f(θ)      p += ε z_j         (each sample j)
+    g_j = (f⁺_j - f⁻_j) / 2ε              one-sided: f⁰ = f(θ) first, p += ε z_j; f⁺_j; p -= ε z_j;
+                                           g_j = (f⁺_j - f⁰) / ε
+    p -= lr * (Σ_j (g_j / q) z_j + wd * p)         (wd = 0 for names matching ``no_decay``)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def param_seed(step_seed: int, index: int, sample: int = 0) -> int:
+    """A 63-bit seed for (step, parameter, sample): independent streams per parameter."""
+    return _splitmix64(_splitmix64(_splitmix64(step_seed) ^ index) ^ (sample * 0x632BE59BD9B4E019)) >> 1
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    return param_seed(run_seed, step, 0x5EED)
+
+
+@dataclass
+class Param:
+    """A unique trainable parameter and what the update needs to know about it."""
+
+    index: int
+    name: str
+    tensor: torch.nn.Parameter
+    decay: bool
+
+
+def param_table(model: torch.nn.Module, no_decay: Iterable[str]) -> list[Param]:
+    """Unique trainable parameters in ``named_parameters()`` order (a tied tensor appears once)."""
+    patterns = [p.lower() for p in no_decay]
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out.append(Param(len(out), name, p, not any(s in name.lower() for s in patterns)))
+    return out
+
+
+class MeZO:
+    """Perturbation strategy ``mezo``: draws z, applies shifts and the SGD update, estimates g."""
+
+    def __init__(self, eps: float, lr: float, weight_decay: float, distribution: str, q: int, one_sided: bool,
+                 no_decay: list[str], schedule: str, warmup_steps: int):
+        if not eps > 0:
+            raise ValueError(f"perturbation.eps must be > 0, got {eps}")
+        if not lr > 0:
+            raise ValueError(f"perturbation.lr must be > 0, got {lr}")
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"perturbation.distribution {distribution!r} is not supported; allowed: gaussian, "
+                             f"rademacher")
+        if q < 1:
+            raise ValueError(f"perturbation.q must be at least 1, got {q}")
+        if schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"perturbation.schedule {schedule!r}; allowed: constant, linear, cosine")
+        self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
+        self.distribution, self.q, self.one_sided = distribution, q, one_sided
+        self.no_decay, self.schedule, self.warmup_steps = list(no_decay), schedule, warmup_steps
+        self.draws = 0  # elements drawn (a counter for tests and logs)
+
+    # --- schedule ---------------------------------------------------------------------------------------
+    def lr_at(self, step: int, total: int) -> float:
+        if self.warmup_steps and step <= self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        if self.schedule == "linear":
+            return self.lr * (1.0 - progress)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # --- z ------------------------------------------------------------------------------------------------
+    def z(self, p: torch.Tensor, index: int, seed: int, sample: int) -> torch.Tensor:
+        g = torch.Generator(device=p.device)
+        g.manual_seed(param_seed(seed, index, sample))
+        self.draws += p.numel()
+        if self.distribution == "gaussian":
+            return torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+        return torch.randint(0, 2, p.shape, generator=g, device=p.device).to(p.dtype).mul_(2).sub_(1)
+
+    # --- the chunks of one step -----------------------------------------------------------------------------
+    @property
+    def n_chunks(self) -> int:
+        """Forward passes (batch copies) per step: 2q two-sided, q+1 one-sided."""
+        return self.q + 1 if self.one_sided else 2 * self.q
+
+    def shifts(self) -> list[tuple[int, list[float]]]:
+        """Per sample j: the in-place shifts (multiples of ε) applied before each forward, then the restore.
+
+        Two-sided: [(j, [+1, -2, +1])]: forward after the 1st and 2nd shift. One-sided: [(j, [+1, -1])]:
+        forward after the 1st shift only (the unperturbed forward is chunk 0).
+        """
+        return [(j, [1.0, -1.0] if self.one_sided else [1.0, -2.0, 1.0]) for j in range(self.q)]
+
+    def estimate(self, losses: list[float]) -> list[float]:
+        """Projected gradients g_j from the chunk losses (chunk order as `chunk_of`)."""
+        if self.one_sided:
+            f0 = losses[0]
+            return [(losses[1 + j] - f0) / self.eps for j in range(self.q)]
+        return [(losses[2 * j] - losses[2 * j + 1]) / (2 * self.eps) for j in range(self.q)]
+
+    def chunk_of(self, sample: int, shift_index: int) -> int | None:
+        """Which forward chunk runs after shift ``shift_index`` of ``sample`` (None: no forward)."""
+        if self.one_sided:
+            return 1 + sample if shift_index == 0 else None
+        return 2 * sample + shift_index if shift_index < 2 else None
+
+    def update(self, p: Param, seed: int, grads: list[float], lr: float) -> None:
+        """p -= lr * (Σ_j (g_j/q) z_j + wd p), drawing each z_j again. Skipped if any g_j is not finite."""
+        if not all(math.isfinite(g) for g in grads):
+            return
+        t = p.tensor.data
+        acc = None
+        for j, g in enumerate(grads):
+            term = self.z(t, p.index, seed, j) * (g / self.q)
+            acc = term if acc is None else acc.add_(term)
+        if p.decay and self.weight_decay:
+            t.sub_(lr * (acc + self.weight_decay * t))
+        else:
+            t.sub_(lr * acc)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not -100 (fp32 at least; fp64 stays fp64)."""
+    v = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+class InPlaceMeZO:
+    """Offload policy ``none``: the plain MeZO step with every parameter on the compute device.
+
+    Memory is that of inference plus one parameter-sized z at a time. This is the reference the ``zo2``
+    engine must match bit for bit.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, mezo: MeZO):
+        self.model = model.to(device)
+        self.device, self.mezo = device, mezo
+        self.params = param_table(self.model, mezo.no_decay)
+        self.stats = {"forwards": 0}
+
+    def _shift(self, seed: int, sample: int, alpha: float) -> None:
+        for p in self.params:
+            t = p.tensor.data
+            t.add_(self.mezo.z(t, p.index, seed, sample), alpha=alpha)
+
+    @torch.no_grad()
+    def step(self, batch: dict[str, torch.Tensor], seed: int, lr: float) -> tuple[list[float], list[float]]:
+        """One ZO step; returns (chunk losses, projected gradients). The update is applied at once."""
+        m, eps = self.mezo, self.mezo.eps
+        losses: list[float] = [0.0] * m.n_chunks
+
+        def forward(chunk: int) -> None:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            self.stats["forwards"] += 1
+            losses[chunk] = float(lm_loss(logits, batch["labels"]))
+
+        if m.one_sided:
+            forward(0)
+        for j, shifts in m.shifts():
+            for k, s in enumerate(shifts):
+                self._shift(seed, j, s * eps)
+                chunk = m.chunk_of(j, k)
+                if chunk is not None:
+                    forward(chunk)
+        grads = m.estimate(losses)
+        for p in self.params:
+            m.update(p, seed, grads, lr)
+        return losses, grads
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+    def flush(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+    def close(self) -> None:
+        pass

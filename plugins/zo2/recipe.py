@@ -1,0 +1,98 @@
+"""Recipe ``zo``: forward-only (zeroth-order) fine-tuning of causal LMs with the prompt + label-word loss.
+
+The ZO step is done by an engine chosen by the ``offload:`` section: ``none`` (plain in-place MeZO, every
+parameter on the device; the default) or ``zo2`` (fused dual forward with blocks streamed from host memory or
+disk). Both give the same numbers; ``zo2`` needs a fraction of the device memory.
+
+    plait run configs/zo2/opt.yaml
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from plait.errors import ConfigError
+from plait.plugins.basics.data import collate
+from plait.plugins.basics.evaluation import evaluate_lm
+from plait.plugins.basics.sft import BatchOrder, tokenize_split
+from plait.run import Run, train_loop
+
+from .config import ZORecipeConfig
+from .mezo import InPlaceMeZO, step_seed
+
+
+class ZORecipe:
+    def __init__(self, run: Run, **options: Any):
+        self.run = run
+        self.cfg = c = ZORecipeConfig(**options)
+        if c.grad_accum != 1:
+            raise ConfigError(f"recipe.grad_accum: zo estimates one projected gradient per step from one batch; "
+                              f"got {c.grad_accum}, allowed: 1 (raise recipe.batch_size instead)")
+        for key in ("batch_size", "max_length", "eval_batch_size"):
+            if getattr(c, key) < 1:
+                raise ConfigError(f"recipe.{key}: must be at least 1, got {getattr(c, key)}")
+        self.device = run.device
+        bundle = run.build("model")
+        model = bundle.model
+        for transform in run.build_transforms():
+            model = transform(model)
+        model.eval()  # ZO steps run without dropout, as MeZO does
+        model.requires_grad_(True) if not any(p.requires_grad for p in model.parameters()) else None
+        self.tokenizer = bundle.tokenizer
+        self.mezo = run.build("perturbation")
+        if run.has("offload"):
+            self.engine = run.build("offload", model=model, device=self.device, mezo=self.mezo)
+        else:
+            self.engine = InPlaceMeZO(model, self.device, self.mezo)
+        self.data = run.build("data")
+        self.train_items = tokenize_split(self.tokenizer, self.data.examples("train"), c.max_length)
+        eval_examples = self.data.examples("eval")
+        self.eval_examples = eval_examples[:c.eval_examples] if c.eval_examples else eval_examples
+        self.eval_items = tokenize_split(self.tokenizer, self.eval_examples, c.max_length)
+        self.order = BatchOrder(len(self.train_items), c.batch_size, run.cfg.run.seed)
+        self.skipped = 0
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            return train_loop(self.run, self)
+        finally:
+            self.engine.close()
+
+    # --- Task protocol -----------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        rc = self.run.cfg.run
+        lr = self.mezo.lr_at(step, rc.steps)
+        items = [self.train_items[i] for i in self.order(step - 1)]
+        batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
+        losses, grads = self.engine.step(batch, step_seed(rc.seed, step), lr)
+        finite = all(math.isfinite(g) for g in grads)
+        self.skipped += 0 if finite else 1
+        metrics = {"train/loss": sum(losses) / len(losses), "train/lr": lr,
+                   "train/skipped_steps": float(self.skipped)}
+        if finite:
+            metrics["train/projected_grad"] = sum(grads) / len(grads)
+        stats = getattr(self.engine, "stats", None)
+        if stats is not None and hasattr(stats, "bytes_up"):
+            metrics["perf/upload_mib"] = stats.bytes_up / 2**20
+            metrics["perf/offload_mib"] = stats.bytes_down / 2**20
+            metrics["mem/max_resident_blocks"] = float(stats.max_resident)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        self.engine.flush()
+
+        def forward(ids, mask):
+            return self.engine.logits({"input_ids": ids, "attention_mask": mask})
+
+        return evaluate_lm(forward, self.tokenizer, self.eval_items, self.eval_examples,
+                           getattr(self.data, "label_words", None), self.cfg.max_length, self.cfg.eval_batch_size,
+                           self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.engine.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["model"])
+        self.skipped = int(state.get("skipped", 0))

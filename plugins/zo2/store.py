@@ -1,0 +1,283 @@
+"""Where streamed blocks live between their visits, and how they move to and from the compute device.
+
+A `BlockStore` keeps each streamed block's parameters in host memory (pinned on CUDA) or in a memory-mapped
+safetensors shard on disk, in ``storage_dtype``; the compute copy on the device is fp32 (or the model dtype).
+``upload(b)`` starts the copy host → device, ``wait(b)`` makes its parameters point at the device copy,
+``offload(b, write_back)`` copies the (updated) device copy back and frees it.
+
+Transfers overlap compute: on CUDA through separate upload and offload streams ordered by events, on CPU
+through one worker thread each (the copies release the GIL). ``bucket=True`` moves one flat buffer per block.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float64: np.float64}
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+@dataclass
+class _Block:
+    index: int
+    params: list[torch.nn.Parameter]
+    shapes: list[torch.Size]
+    offsets: list[int]  # element offsets into the flat buffer
+    numel: int
+    host_flat: torch.Tensor  # storage dtype, host (pinned) or memory-mapped
+    host_views: list[torch.Tensor]
+    mm: mmap.mmap | None = None
+    device_flat: torch.Tensor | None = None
+    device_tensors: list[torch.Tensor] | None = None
+    upload_done: Future | torch.cuda.Event | None = None
+    offload_done: Future | torch.cuda.Event | None = None
+    state: str = "host"  # host | uploading | resident | offloading
+
+
+@dataclass
+class TransferStats:
+    uploads: int = 0
+    offloads: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    max_resident: int = 0
+    per_block: dict = field(default_factory=dict)  # block -> [uploads, offloads]
+
+    def reset(self) -> None:
+        self.uploads = self.offloads = self.bytes_up = self.bytes_down = self.max_resident = 0
+        self.per_block = {}
+
+
+class BlockStore:
+    def __init__(self, blocks: dict[int, list[torch.nn.Parameter]], device: torch.device, compute_dtype: torch.dtype,
+                 storage_dtype: torch.dtype, overlap: bool, bucket: bool, pin_memory: bool,
+                 disk_dir: str | None = None, disk_create: bool = True):
+        self.device, self.compute_dtype, self.storage_dtype = device, compute_dtype, storage_dtype
+        self.overlap, self.bucket = overlap, bucket
+        self.cuda = device.type == "cuda"
+        self.pin = pin_memory and self.cuda and disk_dir is None
+        self.stats = TransferStats()
+        self.blocks: dict[int, _Block] = {}
+        self.disk_dir = Path(disk_dir) if disk_dir else None
+        if self.disk_dir is not None:
+            _check_disk_dir(self.disk_dir, blocks, storage_dtype, disk_create)
+        for b, params in blocks.items():
+            self.blocks[b] = self._make_block(b, params)
+        if self.cuda:
+            self.upload_stream = torch.cuda.Stream(device)
+            self.offload_stream = torch.cuda.Stream(device)
+        elif overlap:
+            self.upload_pool = ThreadPoolExecutor(1, thread_name_prefix="plait-upload")
+            self.offload_pool = ThreadPoolExecutor(1, thread_name_prefix="plait-offload")
+
+    # --- set-up -----------------------------------------------------------------------------------------
+    def _make_block(self, b: int, params: list[torch.nn.Parameter]) -> _Block:
+        shapes = [p.shape for p in params]
+        offsets, n = [], 0
+        for p in params:
+            offsets.append(n)
+            n += p.numel()
+        mm = None
+        if self.disk_dir is not None:
+            path = self.disk_dir / f"block_{b:05d}.safetensors"
+            if not path.exists():
+                flat = torch.cat([p.detach().reshape(-1).to(self.storage_dtype) for p in params])
+                save_file({"flat": flat}, str(path), metadata={"plait": "zo2-block", "numel": str(n)})
+                del flat
+            host_flat, mm = _map_flat(path, self.storage_dtype, n)
+        else:
+            host_flat = torch.empty(n, dtype=self.storage_dtype, pin_memory=self.pin)
+            for p, o in zip(params, offsets):
+                host_flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
+        views = [host_flat[o:o + s.numel()].view(s) for o, s in zip(offsets, shapes)]
+        block = _Block(b, params, shapes, offsets, n, host_flat, views, mm)
+        for p, v in zip(params, views):
+            p.data = v  # the original (maybe fp32) tensor is released: the host copy is the only one
+        return block
+
+    # --- transfers --------------------------------------------------------------------------------------
+    def resident_count(self) -> int:
+        return sum(1 for blk in self.blocks.values() if blk.state != "host")
+
+    def _note(self, b: int, kind: int) -> None:
+        self.stats.per_block.setdefault(b, [0, 0])[kind] += 1
+        self.stats.max_resident = max(self.stats.max_resident, self.resident_count())
+
+    def upload(self, b: int) -> None:
+        blk = self.blocks[b]
+        if blk.state in ("uploading", "resident"):
+            return
+        self._finish_offload(blk)
+        blk.state = "uploading"
+        self.stats.max_resident = max(self.stats.max_resident, self.resident_count())
+
+        def copy() -> None:
+            if self.bucket:
+                blk.device_flat = _to_device(blk.host_flat, self.device, self.compute_dtype)
+                blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
+                                      for o, s in zip(blk.offsets, blk.shapes)]
+            else:
+                blk.device_tensors = [_to_device(v, self.device, self.compute_dtype) for v in blk.host_views]
+
+        if self.cuda:
+            self.upload_stream.wait_stream(torch.cuda.current_stream(self.device)) if blk.offload_done is None else None
+            with torch.cuda.stream(self.upload_stream):
+                if isinstance(blk.offload_done, torch.cuda.Event):
+                    self.upload_stream.wait_event(blk.offload_done)
+                copy()
+                ev = torch.cuda.Event()
+                ev.record(self.upload_stream)
+            blk.upload_done = ev
+        elif self.overlap:
+            blk.upload_done = self.upload_pool.submit(copy)
+        else:
+            copy()
+            blk.upload_done = None
+
+    def wait(self, b: int) -> None:
+        """Block ``b`` is on the device and its parameters point at the device copy."""
+        blk = self.blocks[b]
+        if blk.state == "host":
+            self.upload(b)
+        if blk.state == "uploading":
+            done = blk.upload_done
+            if isinstance(done, Future):
+                done.result()
+            elif isinstance(done, torch.cuda.Event):
+                torch.cuda.current_stream(self.device).wait_event(done)
+                for t in blk.device_tensors:
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            for p, t in zip(blk.params, blk.device_tensors):
+                p.data = t
+            blk.state = "resident"
+            # an upload is counted when its block is used, so a prefetch belongs to the step that needs it
+            self.stats.uploads += 1
+            self.stats.bytes_up += blk.numel * blk.host_flat.element_size()
+            self._note(b, 0)
+
+    def offload(self, b: int, write_back: bool) -> None:
+        """Copy block ``b`` back (if it changed) and free its device copy; parameters point at the host."""
+        blk = self.blocks[b]
+        if blk.state != "resident":
+            return
+        blk.state = "offloading"
+        self.stats.offloads += 1
+        self._note(b, 1)
+        flat, tensors = blk.device_flat, blk.device_tensors
+        for p, v in zip(blk.params, blk.host_views):
+            p.data = v
+        blk.device_flat = blk.device_tensors = None
+
+        def copy() -> None:
+            if write_back:
+                if self.bucket:
+                    blk.host_flat.copy_(flat.to(self.storage_dtype), non_blocking=self.cuda)
+                else:
+                    for v, t in zip(blk.host_views, tensors):
+                        v.copy_(t.to(self.storage_dtype), non_blocking=self.cuda)
+            if blk.mm is not None:
+                blk.mm.flush()
+                if hasattr(mmap, "MADV_DONTNEED"):
+                    blk.mm.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process's RSS
+
+        if write_back:
+            self.stats.bytes_down += blk.numel * blk.host_flat.element_size()
+        if self.cuda:
+            ev_compute = torch.cuda.Event()
+            ev_compute.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.offload_stream):
+                self.offload_stream.wait_event(ev_compute)
+                copy()
+                for t in ([flat] if flat is not None else tensors):
+                    t.record_stream(self.offload_stream)
+                ev = torch.cuda.Event()
+                ev.record(self.offload_stream)
+            blk.offload_done = ev
+        elif self.overlap:
+            blk.offload_done = self.offload_pool.submit(copy)
+        else:
+            copy()
+            blk.offload_done = None
+            blk.state = "host"
+
+    def _finish_offload(self, blk: _Block) -> None:
+        if blk.state != "offloading":
+            return
+        done = blk.offload_done
+        if isinstance(done, Future):
+            done.result()
+        elif isinstance(done, torch.cuda.Event):
+            if blk.mm is not None or not self.overlap:
+                done.synchronize()
+        blk.state = "host"
+
+    def finish_offloads(self, keep_below: int | None = None) -> None:
+        """Wait for pending offloads (all of them, or the ones of blocks < keep_below)."""
+        for b, blk in self.blocks.items():
+            if blk.state == "offloading" and (keep_below is None or b < keep_below):
+                self._finish_offload(blk)
+        if self.cuda and keep_below is None:
+            torch.cuda.current_stream(self.device).wait_stream(self.offload_stream)
+
+    def close(self) -> None:
+        self.finish_offloads()
+        if not self.cuda and self.overlap:
+            self.upload_pool.shutdown()
+            self.offload_pool.shutdown()
+
+
+def _to_device(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh device copy in ``dtype`` (on CPU too: the compute copy must not alias the host copy)."""
+    if device.type == "cuda":
+        return src.to(device, non_blocking=True).to(dtype)
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    out.copy_(src)
+    return out
+
+
+def _map_flat(path: Path, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, mmap.mmap]:
+    """Memory-map the tensor ``flat`` of a safetensors file for reading and writing (no copy)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    info = header["flat"]
+    if info["dtype"] != _ST_DTYPE[dtype] or info["shape"] != [numel]:
+        raise ValueError(f"offload.disk_dir: shard '{path}' holds {info['dtype']} {info['shape']}, expected "
+                         f"{_ST_DTYPE[dtype]} [{numel}]; remove the directory's shards or point disk_dir elsewhere")
+    begin, end = info["data_offsets"]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mm = mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+    arr = np.frombuffer(mm, dtype=_NP[dtype], count=numel, offset=8 + header_len + begin)
+    t = torch.from_numpy(arr)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t, mm
+
+
+def _check_disk_dir(path: Path, blocks: dict[int, list[torch.nn.Parameter]], dtype: torch.dtype,
+                    create: bool) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"offload.disk_dir '{path}' does not exist (create it, or choose another)")
+    missing = [b for b in blocks if not (path / f"block_{b:05d}.safetensors").exists()]
+    if missing and not create:
+        raise FileNotFoundError(f"offload.disk_dir '{path}' lacks shard block_{missing[0]:05d}.safetensors and "
+                                f"offload.disk_create is false")
+    need = sum(sum(p.numel() for p in blocks[b]) for b in missing) * torch.tensor([], dtype=dtype).element_size()
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise ValueError(f"offload.disk_dir '{path}' is too small: the block shards need {need / 2**30:.2f} GiB, "
+                         f"{free / 2**30:.2f} GiB are free")
