@@ -81,8 +81,23 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.exists():
             raise ConfigError(f"config file '{path}': base '{base}' not found (looked at '{base_path}')")
-        merged = OmegaConf.merge(merged, _load_with_bases(base_path, seen + (path,)))
-    return OmegaConf.merge(merged, cfg)
+        merged = _merge(merged, _load_with_bases(base_path, seen + (path,)))
+    return _merge(merged, cfg)
+
+
+def _merge(base: DictConfig, layer: DictConfig) -> DictConfig:
+    """Deep merge, except that a component section whose ``name`` changes is replaced, not merged: the
+    options of the old entry mean nothing to the new one (``data.name=jsonl`` drops ``n_train``)."""
+    base = base.copy()
+    for section in list(layer.keys()):
+        if section == "run" or section not in base:
+            continue
+        old, new = base[section], layer[section]
+        if (isinstance(old, DictConfig) and isinstance(new, DictConfig) and old.get("name") is not None
+                and new.get("name") is not None and old.get("name") != new.get("name")):
+            with _open(base):
+                del base[section]
+    return OmegaConf.merge(base, layer)
 
 
 def _parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -98,6 +113,9 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _delete(cfg: DictConfig, dotted: str) -> None:
+    if dotted == "run" or dotted.startswith("run."):
+        raise ConfigError(f"override '~{dotted}': keys of the run section cannot be deleted; set them instead "
+                          f"(run.{dotted.partition('.')[2] or 'KEY'}=VALUE)")
     parent_key, _, leaf = dotted.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or leaf not in parent:
@@ -134,7 +152,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                           f"{', '.join(SECTIONS)}")
     sets, deletes = _parse_overrides(list(overrides))
     try:
-        cfg = OmegaConf.merge(cfg, file_cfg)
+        cfg = _merge(cfg, file_cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"{key}: {_explain(exc)} (in '{path}'; run keys: "
@@ -148,7 +166,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"override '{unknown[0]}…': unknown section '{unknown[0]}'; allowed sections: "
                           f"{', '.join(SECTIONS)}")
     try:
-        cfg = OmegaConf.merge(cfg, dot)
+        cfg = _merge(cfg, dot)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"override {key}: {_explain(exc)} (run keys: "

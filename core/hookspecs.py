@@ -194,7 +194,7 @@ def register_commands(cli):
 
 @hookspec
 def on_run_start(run):
-    """Called once when a run's directory, logger and checkpointer exist, before the recipe starts.
+    """Called once when a run's directory, logger, checkpointer and recipe exist, before the recipe runs.
 
     :param run: the ``plait.run.Run`` (``run.cfg``, ``run.dir``, ``run.device``, ``run.logger``).
 

@@ -138,6 +138,8 @@ def _collect_registries(pm: pluggy.PluginManager, failures: dict[str, str]) -> R
             def register(name, factory, **kwargs: Any) -> None:
                 staged.append(((name, factory), kwargs))
 
+            if os.environ.get("PLAIT_TRACE_PLUGINS") == "1":
+                sys.stderr.write(f"plait trace: {kind.hook} [{impl.plugin_name}]\n")
             try:
                 impl.function(**{arg: register for arg in impl.argnames})
                 for args, kwargs in staged:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .config import Component, validate
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PlaitError
 from .metrics import MetricsLogger, Progress
 from .manager import PluginHost, get_host
 
@@ -150,9 +151,16 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
     run = compose(cfg, host)
     hook = run.host.pm.hook
     t0 = time.time()
-    hook.on_run_start(run=run)
     try:
         recipe = run.build("recipe", run=run)
+    except PlaitError:
+        # a bad value found while building (before any step): leave no half-made run directory behind
+        run.logger.close()
+        if run.resume_state is None:
+            shutil.rmtree(run.dir, ignore_errors=True)
+        raise
+    hook.on_run_start(run=run)
+    try:
         result = recipe() or {}
         if run.status == "running":
             run.status = "completed"

@@ -112,3 +112,19 @@ def test_bad_config_is_one_clear_line(tmp_path, text, overrides, match):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_changing_an_entry_name_replaces_its_section(tmp_path):
+    base = write(tmp_path, "a.yaml", "recipe: {name: toy}\nmodel: {name: toy-model, width: 3}\n"
+                                     "data: {name: needs-path, path: x}\n")
+    cfg = load_config(base, ["model.name=other", "model.act=tanh"])
+    assert dict(cfg.model) == {"name": "other", "act": "tanh"}  # width belonged to toy-model
+    child = write(tmp_path, "b.yaml", "base: a.yaml\ndata: {name: jsonl2, rows: 3}\n")
+    assert dict(load_config(child).data) == {"name": "jsonl2", "rows": 3}
+    assert load_config(base, ["data.path=y"]).data.path == "y"  # same name: merged
+
+
+def test_run_keys_cannot_be_deleted(tmp_path):
+    p = write(tmp_path, "c.yaml", "recipe: {name: toy}\n")
+    with pytest.raises(ConfigError, match="cannot be deleted; set them instead"):
+        load_config(p, ["~run.steps"])
