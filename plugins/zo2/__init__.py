@@ -19,15 +19,23 @@ def build_mezo(**kwargs):
     return MeZO(**kwargs)
 
 
-def build_no_offload(model, device, mezo):
+def build_no_offload(model, device, mezo, run_dir=None):
     from .mezo import InPlaceMeZO
 
     return InPlaceMeZO(model, device, mezo)
 
 
-def build_zo2(model, device, mezo, **kwargs):
+def build_zo2(model, device, mezo, run_dir=None, **kwargs):
+    from pathlib import Path
+
     from .fused import ZO2Engine
 
+    if kwargs.get("disk_dir") == "run":  # shards inside the run directory
+        if run_dir is None:
+            raise ValueError("offload.disk_dir 'run' needs a run directory")
+        path = Path(run_dir) / "block_shards"
+        path.mkdir(exist_ok=True)
+        kwargs["disk_dir"] = str(path)
     return ZO2Engine(model, device, mezo, **kwargs)
 
 

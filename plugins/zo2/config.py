@@ -45,5 +45,5 @@ class ZO2OffloadConfig:
     bucket: bool = True  # one flat buffer per block (one copy per transfer) instead of one per tensor
     storage_dtype: str = "fp32"  # fp32 | fp16 | bf16: dtype of the host copy (compute stays fp32)
     pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
-    disk_dir: Optional[str] = None  # a directory of safetensors block shards, memory-mapped (disk tier)
+    disk_dir: Optional[str] = None  # directory of memory-mapped safetensors block shards (disk tier); "run": in the run dir
     disk_create: bool = True  # write the shards from the model if disk_dir holds none yet

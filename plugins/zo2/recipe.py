@@ -43,7 +43,7 @@ class ZORecipe:
         self.tokenizer = bundle.tokenizer
         self.mezo = run.build("perturbation")
         if run.has("offload"):
-            self.engine = run.build("offload", model=model, device=self.device, mezo=self.mezo)
+            self.engine = run.build("offload", model=model, device=self.device, mezo=self.mezo, run_dir=run.dir)
         else:
             self.engine = InPlaceMeZO(model, self.device, self.mezo)
         self.data = run.build("data")
