@@ -1,7 +1,8 @@
 """Builtin plugin ``zo2``: zeroth-order (MeZO) fine-tuning with parameters offloaded and streamed (ZO2).
 
-Registers perturbation ``mezo``, recipe ``zo`` and offload policies ``none`` (plain in-place MeZO) and ``zo2``
-(fused dual forward; transformer blocks stream from host memory or memory-mapped disk shards).
+Registers perturbation ``mezo``, recipe ``zo``, offload policies ``none`` (plain in-place MeZO) and ``zo2``
+(fused dual forward; transformer blocks stream from host memory or memory-mapped disk shards), and model
+family ``zo2-shards`` (a model larger than RAM, loaded block by block from a sharded directory).
 
     plait run configs/zo2/opt.yaml
     plait run configs/zo2/opt.yaml offload.name=none        # the plain MeZO baseline
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import MeZOConfig, NoOffloadConfig, ZO2OffloadConfig, ZORecipeConfig
+from .config import MeZOConfig, NoOffloadConfig, ShardedModelConfig, ZO2OffloadConfig, ZORecipeConfig
 
 
 def build_mezo(**kwargs):
@@ -43,6 +44,22 @@ def build_zo_recipe(run, **kwargs):
     from .recipe import ZORecipe
 
     return ZORecipe(run, **kwargs)
+
+
+def build_sharded_model(path):
+    from plait.plugins.basics import CausalLMBundle
+
+    from .shards import load_sharded_model
+
+    model, tokenizer = load_sharded_model(path)
+    return CausalLMBundle(model, tokenizer)
+
+
+@hookimpl
+def register_model_families(register):
+    register("zo2-shards", build_sharded_model, config=ShardedModelConfig,
+             doc="a causal LM from a sharded directory (scripts/make_shards.py); blocks memory-mapped, for models "
+                 "larger than RAM")
 
 
 @hookimpl

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from omegaconf import MISSING
+
 
 @dataclass
 class MeZOConfig:
@@ -47,3 +49,10 @@ class ZO2OffloadConfig:
     pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
     disk_dir: Optional[str] = None  # directory of memory-mapped safetensors block shards (disk tier); "run": in the run dir
     disk_create: bool = True  # write the shards from the model if disk_dir holds none yet
+
+
+@dataclass
+class ShardedModelConfig:
+    """Model family ``zo2-shards``: a directory written by scripts/make_shards.py."""
+
+    path: str = MISSING

@@ -93,6 +93,8 @@ class ZO2Engine:
                  disk_create: bool):
         from plait.plugins.basics.models import find_blocks
 
+        if disk_dir is None and getattr(model, "_plait_shard_dir", None):
+            disk_dir, disk_create = model._plait_shard_dir, False  # a model loaded from shards streams from them
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"offload.storage_dtype {storage_dtype!r} is not supported; allowed: "
                              f"{', '.join(STORAGE_DTYPES)}")

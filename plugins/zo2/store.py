@@ -95,7 +95,7 @@ class BlockStore:
                 flat = torch.cat([p.detach().reshape(-1).to(self.storage_dtype) for p in params])
                 save_file({"flat": flat}, str(path), metadata={"plait": "zo2-block", "numel": str(n)})
                 del flat
-            host_flat, mm = _map_flat(path, self.storage_dtype, n)
+            host_flat, mm = map_flat(path, self.storage_dtype, n)
         else:
             host_flat = torch.empty(n, dtype=self.storage_dtype, pin_memory=self.pin)
             for p, o in zip(params, offsets):
@@ -246,7 +246,7 @@ def _to_device(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return out
 
 
-def _map_flat(path: Path, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, mmap.mmap]:
+def map_flat(path: Path, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, mmap.mmap]:
     """Memory-map the tensor ``flat`` of a safetensors file for reading and writing (no copy)."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
