@@ -186,10 +186,10 @@ class BlockStore:
                 else:
                     for v, t in zip(blk.host_views, tensors):
                         v.copy_(t.to(self.storage_dtype), non_blocking=self.cuda)
-            if blk.mm is not None:
-                blk.mm.flush()
-                if hasattr(mmap, "MADV_DONTNEED"):
-                    blk.mm.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process's RSS
+            if blk.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+                # unmap the pages from this process (its RSS); dirty ones stay in the page cache and the kernel
+                # writes them back in the background (no msync per step: checkpoints are written separately)
+                blk.mm.madvise(mmap.MADV_DONTNEED)
 
         if write_back:
             self.stats.bytes_down += blk.numel * blk.host_flat.element_size()
