@@ -34,6 +34,7 @@ from .registry import KINDS, Registries
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.basics",
     "plait.plugins.zo2",
+    "plait.plugins.flashdp",
 )
 
 ENTRY_POINT_GROUP = "plait"

@@ -24,7 +24,9 @@ class HFCausalLMConfig:
     arch: str = "opt"  # opt | qwen3 | llama
     size: str = "tiny"  # a preset of plait.plugins.basics.models.SIZE_PRESETS
     config: Dict[str, Any] = field(default_factory=dict)  # HF config fields overriding the preset
-    path: Optional[str] = None  # a local from_pretrained directory (then arch/size/config are ignored)
+    # a local from_pretrained directory, or "bundled:<name>" for a model shipped with the plugin
+    # (bundled:tiny-opt-base: a tiny pretrained OPT); then arch/size/config are ignored
+    path: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer.json or directory; default: the bundled BPE tokenizer
     dtype: str = "float32"  # float32 | float16 | bfloat16 | float64
 

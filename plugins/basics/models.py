@@ -7,6 +7,11 @@ Nothing is ever downloaded.  ``find_blocks`` locates the list of transformer
 blocks, which methods such as activation checkpointing or per-layer
 optimisation work on.
 
+``path="bundled:<name>"`` loads a model shipped in ``assets/`` (``BUNDLED_MODELS``):
+``bundled:tiny-opt-base`` is a tiny OPT pretrained on a generated English and
+movie-review corpus by ``scripts/build_base_model.py``, the base the
+zeroth-order quick start fine-tunes.
+
 The models themselves are the ``transformers`` implementations; only their
 configurations are chosen here.
 """
@@ -21,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen3Config
 
-from .tokenizer import load_tokenizer
+from .tokenizer import ASSETS, load_tokenizer
 
 CONFIG_CLASSES = {"opt": OPTConfig, "qwen3": Qwen3Config, "llama": LlamaConfig}
 ARCHS = tuple(CONFIG_CLASSES)
@@ -39,6 +44,31 @@ _SHAPES = {
     "small": (256, 4, 4, 2, 688, 688, 512),
     "100m": (768, 12, 12, 4, 3072, 2560, 2048),
 }
+
+
+# Models shipped with the plugin: name -> directory (save_pretrained layout).
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_MODELS = {"tiny-opt-base": ASSETS / "tiny-opt-base"}  # built by scripts/build_base_model.py
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``"bundled:<name>"`` -> that bundled model's directory; any other path unchanged (as a Path)."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.startswith(BUNDLED_PREFIX):
+        name = text[len(BUNDLED_PREFIX):]
+        if name not in BUNDLED_MODELS:
+            raise ValueError(
+                f"unknown bundled model {name!r} in path {text!r}; bundled models: "
+                + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_MODELS)
+            )
+        directory = BUNDLED_MODELS[name]
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"bundled model {text!r} is missing from {directory}; rebuild it with "
+                "`python scripts/build_base_model.py`"
+            )
+        return directory
+    return Path(text)
 
 
 def _preset(arch: str, size: str) -> dict:
@@ -102,7 +132,8 @@ def build_causal_lm(
     initialised by ``transformers``, so ``torch.manual_seed`` makes them
     reproducible.  ``tie_word_embeddings`` None keeps the arch's default.
 
-    With ``path``: the model saved there (``save_pretrained``), loaded with
+    With ``path``: the model saved there (``save_pretrained``), or the bundled
+    model ``"bundled:<name>"`` (see ``BUNDLED_MODELS``), loaded with
     ``local_files_only=True``; ``arch``/``size`` are not used, and ``config``
     or ``tie_word_embeddings`` raise ValueError (they would be ignored).  The
     tokenizer is ``tokenizer`` if given, else the one saved in ``path``, else
@@ -111,7 +142,7 @@ def build_causal_lm(
     torch_dtype = _resolve_dtype(dtype)
 
     if path is not None:
-        directory = Path(path)
+        directory = resolve_model_path(path)
         if not directory.exists():
             raise FileNotFoundError(f"model path does not exist: {directory}")
         if config:

@@ -105,7 +105,15 @@ class SFTRecipe:
             eval_examples = eval_examples[:c.eval_examples]
         self.eval_examples = eval_examples
         self.eval_items = tokenize_split(self.tokenizer, eval_examples, c.max_length)
-        self.grad_transform = run.build("grad_transform") if run.has("grad_transform") else None
+        self.grad_transform = gt = run.build("grad_transform") if run.has("grad_transform") else None
+        if gt is not None and hasattr(gt, "prepare"):  # e.g. DP: swap layers, size the noise
+            try:
+                self.model = gt.prepare(self.model, dataset_size=len(self.train_items), batch_size=c.batch_size,
+                                        steps=run.cfg.run.steps, seed=run.cfg.run.seed, grad_accum=c.grad_accum)
+            except ValueError as exc:
+                raise ConfigError(f"grad_transform: {exc}") from exc
+        self.sum_loss = getattr(gt, "loss_reduction", "mean") == "sum"
+        self.clip = c.max_grad_norm > 0 and not getattr(gt, "replaces_clipping", False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if c.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
@@ -114,7 +122,10 @@ class SFTRecipe:
         self.order = BatchOrder(len(self.train_items), c.batch_size, run.cfg.run.seed)
 
     def __call__(self) -> dict[str, Any]:
-        return train_loop(self.run, self)
+        result = train_loop(self.run, self)
+        if hasattr(self.grad_transform, "summary"):
+            result.update(self.grad_transform.summary())
+        return result
 
     # --- Task protocol -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -123,17 +134,28 @@ class SFTRecipe:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        total = 0.0
+        gt, total = self.grad_transform, 0.0
+        chosen = gt.batch_indices(step) if hasattr(gt, "batch_indices") else None
+        if hasattr(gt, "before_backward"):
+            gt.before_backward(step)
         for j in range(c.grad_accum):
-            items = [self.train_items[i] for i in self.order((step - 1) * c.grad_accum + j)]
+            idx = chosen if chosen is not None else self.order((step - 1) * c.grad_accum + j)
+            if not idx:
+                continue  # an empty (Poisson-sampled) batch: the transform supplies the update
+            items = [self.train_items[i] for i in idx]
             batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
-            loss = self.model(**batch).loss
-            (loss / c.grad_accum).backward()
-            total += loss.item() / c.grad_accum
+            if self.sum_loss:  # Σ over samples of each sample's mean token loss
+                per_sample = sample_losses(self.model, batch)
+                per_sample.sum().backward()
+                total += float(per_sample.mean())
+            else:
+                loss = self.model(**batch).loss
+                (loss / c.grad_accum).backward()
+                total += loss.item() / c.grad_accum
         metrics = {"train/loss": total, "train/lr": lr}
-        if self.grad_transform is not None:
-            metrics.update(self.grad_transform(self.model, step) or {})
-        if c.max_grad_norm > 0:
+        if gt is not None:
+            metrics.update(gt(self.model, step) or {})
+        if self.clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
             metrics["train/grad_norm"] = float(norm)
         self.optimizer.step()
@@ -149,8 +171,23 @@ class SFTRecipe:
                            self.cfg.eval_batch_size, self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if hasattr(self.grad_transform, "state_dict"):
+            state["grad_transform"] = self.grad_transform.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "grad_transform" in state:
+            self.grad_transform.load_state_dict(state["grad_transform"])
+
+
+def sample_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sample's mean next-token loss over its labelled positions, shape [B]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+                                            reduction="none")
+    mask = (labels != -100).float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)

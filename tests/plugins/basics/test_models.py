@@ -226,3 +226,54 @@ def test_larger_presets_parameter_counts(arch, size, tokenizer):
     assert count == expected_params(arch, SIZE_PRESETS[arch][size])
     if size == "100m":
         assert 80e6 <= count <= 130e6
+
+
+# --- the bundled pretrained base (scripts/build_base_model.py) -----------------------------------------
+def test_bundled_base_loads_offline(monkeypatch, tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    model, tok = build_causal_lm(path="bundled:tiny-opt-base")
+    assert model.config.model_type == "opt"
+    assert len(tok) == len(tokenizer) == model.config.vocab_size
+    assert tok.get_vocab() == tokenizer.get_vocab()  # saved with the bundled tokenizer
+    assert n_params(model) == expected_params("opt", SIZE_PRESETS["opt"]["tiny"])
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch(tok))
+    assert out.logits.shape == (2, 12, VOCAB)
+    assert torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.loss)
+
+
+def test_bundled_base_is_pretrained(tokenizer):
+    # Pretrained on English text: natural text is far likelier than under a fresh model (loss ~ log(1024) = 6.9).
+    model, tok = build_causal_lm(path="bundled:tiny-opt-base")
+    model.eval()
+    ids = torch.tensor([[tok.bos_token_id] + tok("The acting was wonderful and the plot was clever.",
+                                                 add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 4.0
+
+
+def test_bundled_base_equals_a_reload(tmp_path):
+    a, tok = build_causal_lm(path="bundled:tiny-opt-base")
+    b, _ = build_causal_lm(path="bundled:tiny-opt-base")
+    a.eval(), b.eval()
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    a.save_pretrained(tmp_path)
+    c, _ = build_causal_lm(path=tmp_path, tokenizer=tok)
+    c.eval()
+    x = batch(tok, seed=3)
+    with torch.no_grad():
+        la = a(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        lb = b(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+        lc = c(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    assert torch.equal(la, lb)
+    assert torch.equal(la, lc)
+
+
+def test_unknown_bundled_model_lists_the_names():
+    with pytest.raises(ValueError, match=r"unknown bundled model 'nope'.*bundled:tiny-opt-base"):
+        build_causal_lm(path="bundled:nope")

@@ -104,5 +104,5 @@ def test_quickstart_learns(tmp_path, fresh_host):
     run = execute(load_config(REPO / "configs" / "quickstart.yaml", [f"run.out_dir={tmp_path}",
                                                                      "run.progress=false"]))
     before, after = run.summary["first_eval"], run.summary["final_eval"]
-    assert after["eval/loss"] < before["eval/loss"] - 1.0
-    assert after["eval/accuracy"] >= before["eval/accuracy"]
+    assert run.cfg.recipe.name == "zo" and run.cfg.offload.name == "zo2"
+    assert after["eval/loss"] < before["eval/loss"] - 1.0  # the completion loss falls by more than a nat

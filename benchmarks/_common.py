@@ -1,0 +1,116 @@
+"""Helpers shared by the CPU benchmarks (``zo_memory.py``, ``zo_speed.py``); not a benchmark itself.
+
+Kept free of timing logic: model/data/engine construction only, so both scripts measure the same thing.
+"""
+from __future__ import annotations
+
+import json
+import re
+import resource
+import sys
+
+import torch
+
+# The MeZO hyper-parameters do not change the cost of a step; these are the test-suite defaults.
+MEZO_ARGS = dict(eps=1e-3, lr=1e-6, weight_decay=0.0, distribution="gaussian", q=1, one_sided=False,
+                 no_decay=["bias", "norm", "ln_", "layernorm"], schedule="constant", warmup_steps=0)
+LR = 1e-6
+RUN_SEED = 0
+CPU = torch.device("cpu")
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(obj) -> None:
+    """The one JSON object on stdout (indented; lists of numbers kept on one line)."""
+    text = json.dumps(obj, indent=2)
+    text = re.sub(r"\[\s*([-0-9.eE, \n]*?)\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+    print(text, flush=True)
+
+
+def make_mezo():
+    from plait.plugins.zo2.mezo import MeZO
+
+    return MeZO(**MEZO_ARGS)
+
+
+def build_model(arch: str, size: str, dtype: str = "float32", seed: int = 0):
+    """A freshly initialised model (same weights for the same seed), in eval mode (ZO steps run without dropout)."""
+    from plait.plugins.basics.models import build_causal_lm
+
+    torch.manual_seed(seed)
+    model, tok = build_causal_lm(arch=arch, size=size, dtype=dtype)
+    return model.eval(), len(tok)
+
+
+def make_batch(step: int, batch: int, seq: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Random token ids (seeded by ``step``); labels = ids with the first half masked (-100), as a prompt."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(4, vocab, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def zo2_engine(model, mezo, **overrides):
+    """ZO2Engine on CPU; defaults: every block streamed from host memory, fp32 storage, overlap and bucket on."""
+    from plait.plugins.zo2.fused import ZO2Engine
+
+    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None,
+                disk_create=True)
+    args.update(overrides)
+    return ZO2Engine(model, CPU, mezo, **args)
+
+
+def model_bytes(model) -> int:
+    """Bytes of the unique parameters (``parameters()`` de-duplicates tied tensors) in their current dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def block_bytes(model) -> int:
+    from plait.plugins.basics.models import find_blocks
+
+    _, layers = find_blocks(model)
+    return sum(p.numel() * p.element_size() for p in layers.parameters())
+
+
+# --- memory -------------------------------------------------------------------------------------------------
+def _status(key: str) -> int | None:
+    """A field of /proc/self/status in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_kib() -> int | None:
+    return _status("VmRSS")
+
+
+def hwm_kib() -> int | None:
+    return _status("VmHWM")
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0, ``echo 5 > /proc/self/clear_refs``). ru_maxrss is not reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def maxrss_kib() -> int:
+    """Peak RSS of this process over its whole life (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)

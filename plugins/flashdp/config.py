@@ -1,0 +1,21 @@
+"""Config dataclasses of the flashdp plugin."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class FlashDPConfig:
+    """Gradient transform ``flashdp`` (per-layer clipping) and ``dp-flat`` (one global threshold)."""
+
+    max_grad_norm: float = 1.0  # C: per-layer mode splits it over the K groups, C_k = C/sqrt(K) (sqrt(Σ C_k²) = C)
+    thresholds: Dict[str, float] = field(default_factory=dict)  # fnmatch pattern over parameter names -> C_k
+    noise_multiplier: Optional[float] = None  # σ; or computed from target_epsilon
+    target_epsilon: Optional[float] = None
+    delta: float = 1.0e-5
+    skip: List[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
+    unsupported: str = "freeze"  # trainable parameters of layers DP cannot handle: freeze | error
+    allow_no_privacy: bool = False  # permit noise_multiplier 0 (a clipping-only run; ε = inf)
+    poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes)
+    conversion: str = "opacus"  # RDP -> (ε, δ) conversion: opacus | classic
