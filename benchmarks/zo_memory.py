@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE))
 #   "materialize": build the full model in RAM; ZO2Engine writes the shards from it (today's only way).
 #   "shards":      shards pre-written by scripts/make_shards.py in a separate process; the child builds the
 #                  model from the shard directory (``build_causal_lm(path=disk_dir)``) without materializing it.
-DISK_SOURCE = "materialize"
+DISK_SOURCE = "shards"
 
 VARIANTS = ("baseline", "inference", "mezo", "zo2_host_fp32", "zo2_host_fp16", "zo2_disk", "adamw")
 
@@ -86,12 +86,11 @@ def _model_for_disk(args):
     if args.disk_source == "materialize":
         model, vocab = build_model(args.arch, args.size)
         return model, vocab, dict(disk_dir=args.disk_dir, disk_create=True)
-    # "shards": the model family builds from the shard directory without materializing the blocks
-    # (API being added by another engineer: adjust here if its final signature differs).
-    from plait.plugins.basics.models import build_causal_lm
+    # "shards": built from the shard directory without materializing the blocks (model family zo2-shards)
+    from plait.plugins.zo2.shards import load_sharded_model
 
-    model, _ = build_causal_lm(arch=args.arch, path=args.disk_dir, dtype="float32")
-    return model.eval(), model.config.vocab_size, dict(disk_dir=args.disk_dir, disk_create=False)
+    model, _ = load_sharded_model(args.disk_dir)
+    return model, model.config.vocab_size, dict(disk_dir=args.disk_dir, disk_create=False)
 
 
 def run_child(args) -> dict:
@@ -190,9 +189,9 @@ def _child_argv(args, variant: str, disk_dir: str | None) -> list[str]:
 
 def _make_shards(args, disk_dir: str) -> None:
     """``--disk-source shards``: write the shards in a separate process, so the measured child never holds the
-    whole model. The CLI of scripts/make_shards.py is the one announced; adjust here if it differs."""
+    whole model."""
     cmd = [sys.executable, str(REPO / "scripts" / "make_shards.py"), "--arch", args.arch, "--size", args.size,
-           "--storage-dtype", args.disk_storage, "--out", disk_dir]
+           "--dtype", args.disk_storage, "--out", disk_dir]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
 
 

@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: ZO2 vs in-GPU MeZO on OPT-1.3B/2.7B/6.7B shapes (tokens/s, peak memory, overlap
-# on/off) plus a ZO2 == InPlaceMeZO exactness check, written to $OUT/zo2_gpu.json (rewritten after every
-# result, so a timeout still leaves the finished parts).
+# The one prepared GPU check, in two parts, each with its own time budget:
+#   zo2  ZO2 vs in-GPU MeZO on OPT-1.3B/2.7B/6.7B shapes (tokens/s, peak memory, overlap on/off) plus a ZO2 ==
+#        InPlaceMeZO exactness check -> $OUT/zo2_gpu.json
+#   dp   FlashDP (compiled Triton clip-sum kernels) vs non-DP and Opacus per-layer on GPT-2-medium and LLaMA-1B
+#        shapes (tokens/s, peak memory; bf16 autocast, bf16 weights, fp32) plus a Triton-vs-fp64 gradient check
+#        -> $OUT/dp_gpu.json
+# Each JSON is rewritten after every result, so a timeout still leaves the finished parts.
 #
 #   OUT=/some/dir bash benchmarks/gpu/run_all.sh        # from the repository root, on the GPU machine
+#   PARTS=dp OUT=/some/dir bash benchmarks/gpu/run_all.sh   # only the DP part (DP_S=... to give it more time)
 #
-# Installs nothing when torch + transformers are importable (the engine is then imported from this checkout
-# even if plait is not installed); otherwise `pip install -e .` against the torch already there.
-# The whole script stays under 8 minutes: python gets what is left of TOTAL_S, hard-stopped by `timeout`,
-# and it starts no new model size after its own --budget-s.
+# Installs nothing when torch + transformers are importable (the engine/flashdp is then imported from this
+# checkout even if plait is not installed); otherwise `pip install -e .` against the torch already there.
+# The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit; zo2 gets ZO2_S (260 s) and dp
+# DP_S (180 s), each cut to what is left of TOTAL_S and hard-stopped by `timeout`; each python script also
+# starts no new model size/variant after its own --budget-s. Extra arguments go to zo2_gpu.py; DP_ARGS to
+# dp_gpu.py. The exit status is the first non-zero one.
 set -euo pipefail
 
 TOTAL_S=${TOTAL_S:-470}                       # hard limit for everything below (< 8 min)
+ZO2_S=${ZO2_S:-260}                           # time for the zo2 part
+DP_S=${DP_S:-180}                             # time for the dp part
+PARTS=${PARTS:-"zo2 dp"}
 OUT=${OUT:-$PWD/benchmarks-out}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
@@ -31,13 +41,38 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'available', torch.cuda.is_available(), 'transformers', transformers.__version__)" 2>&1 | tee "$OUT/versions.txt" >&2
 
-left=$(( TOTAL_S - SECONDS ))
-budget=$(( left - 150 ))                      # the last size may need ~2 min after it starts (6.7b)
-(( budget < 60 )) && budget=60
-log "running zo2_gpu.py (timeout ${left}s, budget ${budget}s)"
-rc=0
-timeout -k 10 "$left" "$PY" benchmarks/gpu/zo2_gpu.py --out "$OUT/zo2_gpu.json" --budget-s "$budget" "$@" \
-    > "$OUT/zo2_gpu_summary.json" 2> >(tee "$OUT/zo2_gpu.log" >&2) || rc=$?
-log "zo2_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
-cat "$OUT/zo2_gpu_summary.json" 2>/dev/null || true
-exit "$rc"
+status=0
+if [[ " $PARTS " == *" zo2 "* ]]; then
+    left=$(( TOTAL_S - SECONDS ))
+    [[ " $PARTS " == *" dp "* ]] && left=$(( left - DP_S ))   # keep the dp part's share
+    (( left > ZO2_S )) && left=$ZO2_S
+    budget=$(( left - 150 ))                  # the last size may need ~2 min after it starts (6.7b)
+    (( budget < 60 )) && budget=60
+    log "running zo2_gpu.py (timeout ${left}s, budget ${budget}s)"
+    rc=0
+    timeout -k 10 "$left" "$PY" benchmarks/gpu/zo2_gpu.py --out "$OUT/zo2_gpu.json" --budget-s "$budget" "$@" \
+        > "$OUT/zo2_gpu_summary.json" 2> >(tee "$OUT/zo2_gpu.log" >&2) || rc=$?
+    log "zo2_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
+    cat "$OUT/zo2_gpu_summary.json" 2>/dev/null || true
+    (( status == 0 )) && status=$rc
+fi
+if [[ " $PARTS " == *" dp "* ]]; then
+    left=$(( TOTAL_S - SECONDS - 5 ))
+    (( left > DP_S )) && left=$DP_S
+    budget=$(( left - 45 ))                   # the last variant (LLaMA-1B fp32 Opacus) may need ~40 s
+    (( budget < 30 )) && budget=30
+    if (( left < 30 )); then
+        log "no time left for dp_gpu.py (${left}s)"
+        (( status == 0 )) && status=124
+    else
+        log "running dp_gpu.py (timeout ${left}s, budget ${budget}s)"
+        rc=0
+        # shellcheck disable=SC2086
+        timeout -k 10 "$left" "$PY" benchmarks/gpu/dp_gpu.py --out "$OUT/dp_gpu.json" --budget-s "$budget" \
+            ${DP_ARGS:-} > "$OUT/dp_gpu_summary.json" 2> >(tee "$OUT/dp_gpu.log" >&2) || rc=$?
+        log "dp_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
+        cat "$OUT/dp_gpu_summary.json" 2>/dev/null || true
+        (( status == 0 )) && status=$rc
+    fi
+fi
+exit "$status"

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen3Config
 
 from .tokenizer import ASSETS, load_tokenizer
 
-CONFIG_CLASSES = {"opt": OPTConfig, "qwen3": Qwen3Config, "llama": LlamaConfig}
+CONFIG_CLASSES = {"opt": OPTConfig, "qwen3": Qwen3Config, "llama": LlamaConfig, "gpt2": GPT2Config}
 ARCHS = tuple(CONFIG_CLASSES)
 SIZES = ("tiny", "small", "100m")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -79,6 +79,9 @@ def _preset(arch: str, size: str) -> dict:
         "num_attention_heads": heads,
         "max_position_embeddings": positions,
     }
+    if arch == "gpt2":
+        # GPT-2 (HF Conv1D layers); GPT2Config maps hidden_size etc. to n_embd, n_layer, n_head, n_positions
+        return {**common, "n_inner": ffn}
     if arch == "opt":
         # word_embed_proj_dim = hidden: no projection layers around the embedding.
         return {**common, "ffn_dim": ffn, "word_embed_proj_dim": hidden}
@@ -97,7 +100,7 @@ def _allowed_config_keys(config_class) -> set[str]:
     # HF configs silently accept unknown keyword arguments, so a typo such as
     # "hidden_sise" would be ignored; check against what the class knows.
     params = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
-    return params | set(config_class().to_dict())
+    return params | set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

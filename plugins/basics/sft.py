@@ -147,7 +147,7 @@ class SFTRecipe:
             if self.sum_loss:  # Σ over samples of each sample's mean token loss
                 per_sample = sample_losses(self.model, batch)
                 per_sample.sum().backward()
-                total += float(per_sample.mean())
+                total += float(per_sample.detach().mean())
             else:
                 loss = self.model(**batch).loss
                 (loss / c.grad_accum).backward()

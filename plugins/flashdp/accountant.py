@@ -55,6 +55,7 @@ tutorial table (q = 256/60000, σ = 1.12, 60 epochs → ε = 2.92 classic).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -224,10 +225,19 @@ def compute_rdp(q: float, noise_multiplier: float, steps: int, orders: float | S
     shape of ``np.atleast_1d(orders)``)."""
     steps = _check_steps(steps)
     orders_arr = np.atleast_1d(np.asarray(orders, dtype=np.float64))
-    rdp = np.array([rdp_sampled_gaussian(q, noise_multiplier, a) for a in orders_arr], dtype=np.float64)
+    rdp = _one_step_rdp(float(q), float(noise_multiplier), tuple(orders_arr.tolist()))
     if steps == 0:
         return np.zeros_like(rdp)
     return rdp * steps
+
+
+@functools.lru_cache(maxsize=256)
+def _one_step_rdp(q: float, sigma: float, orders: tuple) -> np.ndarray:
+    """One step's RDP per order, cached: a run reads ε every step with the same (q, σ), and RDP composes
+    linearly in the number of steps, so the series are evaluated once per (q, σ)."""
+    rdp = np.array([rdp_sampled_gaussian(q, sigma, a) for a in orders], dtype=np.float64)
+    rdp.setflags(write=False)
+    return rdp
 
 
 # ----------------------------------------------------------------------------------------------- conversion

@@ -196,7 +196,8 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        # under autocast the output grad may be bf16/fp16 while the master weight is fp32
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         _dispatch(layer._dp_ctx, "linear", layer._dp_w, layer._dp_b, (_as_3d(x), _as_3d(grad_out)))
         return grad_x, None, None, None
 
@@ -215,7 +216,7 @@ class _Conv1DFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
-        grad_x = grad_out @ weight.t() if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ weight.t().to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         _dispatch(layer._dp_ctx, "conv1d", layer._dp_w, layer._dp_b, (_as_3d(x), _as_3d(grad_out)))
         return grad_x, None, None, None
 

@@ -122,13 +122,30 @@ class BlockStore:
         blk.state = "uploading"
         self.stats.max_resident = max(self.stats.max_resident, self.resident_count())
 
-        def copy() -> None:
+        # destinations are allocated here, on the calling thread: memory a worker thread allocates lands in its
+        # own malloc arena and is not returned to the OS when the main thread frees it (RSS would grow)
+        if not self.cuda:
             if self.bucket:
-                blk.device_flat = _to_device(blk.host_flat, self.device, self.compute_dtype)
+                blk.device_flat = torch.empty(blk.numel, dtype=self.compute_dtype, device=self.device)
                 blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
                                       for o, s in zip(blk.offsets, blk.shapes)]
             else:
-                blk.device_tensors = [_to_device(v, self.device, self.compute_dtype) for v in blk.host_views]
+                blk.device_tensors = [torch.empty(s, dtype=self.compute_dtype, device=self.device)
+                                      for s in blk.shapes]
+
+        def copy() -> None:
+            if self.cuda:
+                if self.bucket:
+                    blk.device_flat = _to_device(blk.host_flat, self.device, self.compute_dtype)
+                    blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
+                                          for o, s in zip(blk.offsets, blk.shapes)]
+                else:
+                    blk.device_tensors = [_to_device(v, self.device, self.compute_dtype) for v in blk.host_views]
+            elif self.bucket:
+                blk.device_flat.copy_(blk.host_flat)
+            else:
+                for t, v in zip(blk.device_tensors, blk.host_views):
+                    t.copy_(v)
 
         if self.cuda:
             self.upload_stream.wait_stream(torch.cuda.current_stream(self.device)) if blk.offload_done is None else None
@@ -180,12 +197,12 @@ class BlockStore:
         blk.device_flat = blk.device_tensors = None
 
         def copy() -> None:
-            if write_back:
+            if write_back:  # copy_ casts to the storage dtype without a temporary on the host
                 if self.bucket:
-                    blk.host_flat.copy_(flat.to(self.storage_dtype), non_blocking=self.cuda)
+                    blk.host_flat.copy_(flat.to(self.storage_dtype) if self.cuda else flat, non_blocking=self.cuda)
                 else:
                     for v, t in zip(blk.host_views, tensors):
-                        v.copy_(t.to(self.storage_dtype), non_blocking=self.cuda)
+                        v.copy_(t.to(self.storage_dtype) if self.cuda else t, non_blocking=self.cuda)
             if blk.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
                 # unmap the pages from this process (its RSS); dirty ones stay in the page cache and the kernel
                 # writes them back in the background (no msync per step: checkpoints are written separately)

@@ -9,13 +9,20 @@ from torch import nn
 from plait.plugins.basics.models import SIZE_PRESETS, build_causal_lm, find_blocks
 from plait.plugins.basics.tokenizer import load_tokenizer
 
-ARCHS = ["opt", "qwen3", "llama"]
+ARCHS = ["opt", "qwen3", "llama", "gpt2"]
 VOCAB = 1024  # the bundled tokenizer
 
 
 def expected_params(arch: str, cfg: dict, vocab: int = VOCAB) -> int:
     """Parameter count of a model with this preset, from the architecture on paper."""
     h, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    if arch == "gpt2":
+        ffn = cfg["n_inner"]
+        embeddings = vocab * h + cfg["max_position_embeddings"] * h
+        attention = h * 3 * h + 3 * h + h * h + h  # c_attn (q, k, v fused) and c_proj, Conv1D with biases
+        mlp = h * ffn + ffn + ffn * h + h
+        norms = 2 * 2 * h
+        return embeddings + layers * (attention + mlp + norms) + 2 * h  # ln_f; lm_head tied to wte
     if arch == "opt":
         ffn = cfg["ffn_dim"]
         embeddings = vocab * h + (cfg["max_position_embeddings"] + 2) * h  # OPT offsets positions by 2
@@ -210,7 +217,7 @@ def test_size_presets_shape():
         for preset in SIZE_PRESETS[arch].values():
             if arch == "opt":
                 assert preset["word_embed_proj_dim"] == preset["hidden_size"]
-            else:
+            elif arch != "gpt2":
                 assert preset["num_attention_heads"] % preset["num_key_value_heads"] == 0
             if arch == "qwen3":
                 assert preset["head_dim"] * preset["num_attention_heads"] == preset["hidden_size"]
