@@ -42,6 +42,7 @@ class _Block:
     device_tensors: list[torch.Tensor] | None = None
     upload_done: Future | torch.cuda.Event | None = None
     offload_done: Future | torch.cuda.Event | None = None
+    pool_buf: torch.Tensor | None = None  # the pooled compute buffer this block's device copy lives in (CPU)
     state: str = "host"  # host | uploading | resident | offloading
 
 
@@ -74,6 +75,10 @@ class BlockStore:
             _check_disk_dir(self.disk_dir, blocks, storage_dtype, disk_create)
         for b, params in blocks.items():
             self.blocks[b] = self._make_block(b, params)
+        # CPU: device copies live in a small pool of same-size flat buffers reused step after step, so the
+        # working set stays a fixed handful of blocks instead of fragmenting the heap with fresh allocations
+        self._pool: list[torch.Tensor] = []
+        self._pool_numel = max((blk.numel for blk in self.blocks.values()), default=0)
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(device)
             self.offload_stream = torch.cuda.Stream(device)
@@ -126,7 +131,9 @@ class BlockStore:
         # own malloc arena and is not returned to the OS when the main thread frees it (RSS would grow)
         if not self.cuda:
             if self.bucket:
-                blk.device_flat = torch.empty(blk.numel, dtype=self.compute_dtype, device=self.device)
+                blk.pool_buf = self._pool.pop() if self._pool else torch.empty(
+                    self._pool_numel, dtype=self.compute_dtype, device=self.device)
+                blk.device_flat = blk.pool_buf[:blk.numel]
                 blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
                                       for o, s in zip(blk.offsets, blk.shapes)]
             else:
@@ -227,6 +234,12 @@ class BlockStore:
             copy()
             blk.offload_done = None
             blk.state = "host"
+            self._release(blk)
+
+    def _release(self, blk: _Block) -> None:
+        if blk.pool_buf is not None:
+            self._pool.append(blk.pool_buf)
+            blk.pool_buf = None
 
     def _finish_offload(self, blk: _Block) -> None:
         if blk.state != "offloading":
@@ -238,6 +251,7 @@ class BlockStore:
             if blk.mm is not None or not self.overlap:
                 done.synchronize()
         blk.state = "host"
+        self._release(blk)
 
     def finish_offloads(self, keep_below: int | None = None) -> None:
         """Wait for pending offloads (all of them, or the ones of blocks < keep_below)."""
