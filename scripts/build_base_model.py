@@ -55,8 +55,6 @@ TRAIN_SEED = 0
 N_GENERIC = 12000
 N_REVIEWS = 12000
 N_SHORT = 6000
-GENERIC_LABEL_WORD = 0.2  # of the generic "It was <adjective>" lines, with great/terrible as the adjective
-NEAR_FRACTION = 0.4  # of the review lines, followed by a near-task verdict (NEAR_FRAMES)
 
 
 def _load_module(name: str, path: Path):
@@ -90,16 +88,6 @@ NEG_SHORT = [
 ]
 
 
-# Near-task verdicts: a review sentence, then "It <verb> great/terrible" in words *other* than the task's
-# " It was great" / " It was terrible" (asserted below), ending with or without a period (so "great</s>"
-# and "terrible</s>" occur, as in the task's tokenization: bos + prompt + completion + eos).
-NEAR_FRAMES = [
-    "It felt {w}", "It is {w}", "It seemed {w}", "It looked {w}", "It felt truly {w}", "It is really {w}",
-    "Overall it felt {w}", "Overall it is {w}", "Overall it was {w}", "In the end it was {w}",
-    "It is a {w} {film}", "Really {w}", "Simply {w}",
-]
-
-
 def corpus() -> list[str]:
     """The pretraining corpus: one line per document, deterministic."""
     data = _load_module("_plait_basics_data", REPO / "plugins" / "basics" / "data.py")
@@ -110,12 +98,8 @@ def corpus() -> list[str]:
     # Generic English, a third of it with a neutral "It was <adjective>." line after it.
     for s in tok.generic_sentences(N_GENERIC, seed=CORPUS_SEED):
         if rng.random() < 0.33:
-            # Generic use of the label words too: after a *non-review* sentence "It was great" / "It was
-            # terrible" carries no sentiment of the text before it.
-            adj = rng.choice(["great", "terrible"]) if rng.random() < GENERIC_LABEL_WORD else rng.choice(tok.ADJECTIVES)
-            s += f" It was {adj}" + ("." if rng.random() < 0.6 else "")
+            s += f" It was {rng.choice(tok.ADJECTIVES)}."
         lines.append(s)
-    generic = set(lines)
 
     # Review sentences (task style, new draws, task sentences removed) with a verdict in other words.
     taken = set(data.SyntheticSentiment(seed=0).sentences())
@@ -134,13 +118,9 @@ def corpus() -> list[str]:
         if sentence in taken:
             continue
         r = rng.random()
-        if r < NEAR_FRACTION:
-            word = "great" if label == 1 else "terrible"
-            verdict = rng.choice(NEAR_FRAMES).format(w=word, film=rng.choice(data.FILMS))
-            sentence += " " + verdict + ("." if rng.random() < 0.4 else "")
-        elif r < NEAR_FRACTION + 0.35:
+        if r < 0.75:
             sentence += " " + fill(rng.choice(polarity[label][2]), label)
-        elif r < NEAR_FRACTION + 0.45:
+        elif r < 0.85:
             sentence += " " + data._sentence(rng, label)  # two sentences of one review
         lines.append(sentence)
 
@@ -150,12 +130,8 @@ def corpus() -> list[str]:
         lines.append(s[0].upper() + s[1:])
 
     rng.shuffle(lines)
-    # The task's format (a review sentence followed by " It was great" / " It was terrible") never occurs:
-    # only generic, sentiment-free sentences are followed by "It was great/terrible".
-    sentiment_words = set(data.POSITIVE_ADJECTIVES + data.NEGATIVE_ADJECTIVES + data.POSITIVE_VERBS + data.NEGATIVE_VERBS)
     for line in lines:
-        if "It was great" in line or "It was terrible" in line:
-            assert line in generic and not sentiment_words & set(line.replace(".", " ").split()), line
+        assert "It was great" not in line and "It was terrible" not in line, line
     return lines
 
 
