@@ -153,6 +153,8 @@ class BlockStore:
             else:
                 for t, v in zip(blk.device_tensors, blk.host_views):
                     t.copy_(v)
+            if blk.mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+                blk.mm.madvise(mmap.MADV_DONTNEED)  # the pages just read are not needed until the write-back
 
         if self.cuda:
             self.upload_stream.wait_stream(torch.cuda.current_stream(self.device)) if blk.offload_done is None else None
