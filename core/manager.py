@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.basics",
     "plait.plugins.zo2",
     "plait.plugins.flashdp",
+    "plait.plugins.infinite_sampling",
 )
 
 ENTRY_POINT_GROUP = "plait"

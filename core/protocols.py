@@ -26,35 +26,60 @@ class Dataset(Protocol):
 
 @runtime_checkable
 class OffloadPolicy(Protocol):
-    """Where parameters live and how they reach the compute device."""
+    """A zeroth-order step engine built by an offload policy: where parameters live and how they move.
 
-    def prepare(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
+    ``factory(model=..., device=..., mezo=..., run_dir=..., **options)`` returns it.
+    """
+
+    def step(self, batch: dict[str, torch.Tensor], seed: int, lr: float) -> tuple[list[float], list[float]]:
+        """One ZO step: (loss of each forward chunk, projected gradient of each sample)."""
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     def flush(self) -> None:
         """Apply pending (lazy) updates so that the model's parameters are current."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
 
 @runtime_checkable
 class Perturbation(Protocol):
-    """A zeroth-order perturbation strategy over a set of parameters."""
+    """A zeroth-order perturbation strategy (z per parameter from a seed, shifts, estimate, update)."""
 
-    def perturb(self, params: Iterable[torch.nn.Parameter], seed: int, scale: float) -> None: ...
+    eps: float
+    n_chunks: int
 
-    def update(self, params: Iterable[torch.nn.Parameter], seed: int, projected_grad: float, lr: float) -> None: ...
+    def z(self, p: torch.Tensor, index: int, seed: int, sample: int) -> torch.Tensor: ...
+
+    def estimate(self, losses: list[float]) -> list[float]: ...
+
+    def lr_at(self, step: int, total: int) -> float: ...
 
 
 @runtime_checkable
 class GradTransform(Protocol):
-    """Transforms gradients between backward and the optimizer step (clipping, noise, ascent)."""
+    """Transforms gradients between backward and the optimizer step (clipping, noise, ascent).
+
+    Optional members a recipe uses when present: ``prepare(model, *, dataset_size, batch_size, steps, seed,
+    grad_accum) -> model`` (before the optimizer is built), ``batch_indices(step) -> list[int] | None`` (the
+    step's batch, e.g. Poisson sampling), ``before_backward(step)``, ``loss_reduction`` ("mean" | "sum"),
+    ``replaces_clipping`` (bool), ``state_dict()`` / ``load_state_dict()`` (checkpointed), ``summary()``.
+    """
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]: ...
 
 
 @runtime_checkable
 class SamplerScheduler(Protocol):
-    """Decides which rollouts decode together under a memory budget."""
+    """Decides which rollouts decode together under a memory budget, and generates them."""
 
-    def schedule(self, prompts: list, group_size: int) -> Iterable[list]: ...
+    def generate(self, model: torch.nn.Module, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                 step: int, sampling: dict, eos_id: int, pad_id: int, **kwargs: Any) -> Any:
+        """G completions per prompt (a ``Rollouts``), identical whatever the schedule."""
 
 
 @runtime_checkable

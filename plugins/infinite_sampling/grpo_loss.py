@@ -1,0 +1,237 @@
+"""GRPO advantages and the clipped-surrogate loss, as Hugging Face TRL defines them.
+
+References (checked against huggingface/trl ``trl/trainer/grpo_trainer.py``,
+``_generate_and_score_completions`` and ``_compute_loss``; DeepSeekMath,
+arXiv 2402.03300; Dr. GRPO, arXiv 2503.20783; DAPO, arXiv 2503.14476):
+
+* **Advantages** (``group_advantages``).  For prompt q with G sampled
+  completions and scalar rewards r_1..r_G::
+
+      A_i = r_i - mean(r_group)                      scale="none"   (Dr. GRPO)
+      A_i = (r_i - mean(r_group)) / (std_group + eps) scale="group"  (TRL default)
+      A_i = (r_i - mean(r_group)) / (std_batch + eps) scale="batch"
+
+  ``std`` is Bessel-corrected (``torch.std``, unbiased) and ``eps`` = 1e-4,
+  as in TRL (``advantages / (std_rewards + 1e-4)``).  With "batch" the mean
+  is still the group mean; only the scale is the std of every reward in the
+  batch.  The advantage of completion i is the same for all its tokens
+  (outcome supervision).
+
+* **Per-token loss** (``grpo_loss``).  With ratio ρ = exp(logp - old_logp)
+  (TRL ``coef_1``) and clip(ρ) = clamp(ρ, 1 - ε_low, 1 + ε_high)
+  (``coef_2``)::
+
+      l_{i,t} = -min(ρ_{i,t} A_i, clip(ρ_{i,t}) A_i) + β KL_{i,t}
+      KL_{i,t} = exp(ref - logp) - (ref - logp) - 1        (Schulman's k3, >= 0)
+
+  (TRL: ``per_token_loss = -torch.min(coef_1 * A, coef_2 * A)`` and
+  ``per_token_loss + beta * per_token_kl`` with ``per_token_kl =
+  exp(ref_per_token_logps - per_token_logps) - (ref - logp) - 1``.)
+
+* **Aggregation** over the completion mask M (TRL ``loss_type``):
+
+  - ``"grpo"``: mean over each sequence's active tokens, then mean over
+    sequences: ``((l*M).sum(-1) / M.sum(-1).clamp(min=1)).mean()``.
+  - ``"bnpo"``: ``(l*M).sum() / M.sum().clamp(min=1)`` (token mean over the
+    local batch).
+  - ``"dapo"``: ``(l*M).sum() / num_items_in_batch`` where TRL's
+    ``num_items_in_batch`` is the number of active completion tokens in the
+    *global accumulated* batch (all gradient-accumulation micro-batches of
+    the optimizer step, all processes; TRL divides it by ``num_processes``
+    because DDP averages gradients).  So summing the "dapo" losses of the k
+    micro-batches of one step gives one token mean over the whole step,
+    whereas "bnpo" normalises each micro-batch by its own token count (and
+    TRL then divides by the accumulation steps).  Here pass
+    ``num_items_in_batch``; when it is None the local token count is used
+    and "dapo" equals "bnpo".
+  - ``"dr_grpo"``: ``(l*M).sum() / (B * max_completion_length)``; the
+    normaliser is a constant, so no length bias (Dr. GRPO).
+
+* **num_iterations** (μ, several optimizer updates per generation batch):
+  nothing here beyond ``old_logp``.  With μ = 1 pass ``old_logp =
+  logp.detach()`` (ρ = 1, the clip is inactive, TRL does the same).
+
+Stats (TRL's metric definitions, masked means over active tokens): the
+fraction of tokens clipped low (ρ < 1 - ε_low and A < 0), clipped high
+(ρ > 1 + ε_high and A > 0), either ("region"), the mean k3 KL and the mean
+ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "dapo", "dr_grpo", "bnpo")
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages for a ``(num_prompts, G)`` reward tensor.
+
+    Returns a tensor of the same shape: each reward minus its group's mean,
+    divided by ``std_group + eps`` (scale "group"), ``std_batch + eps``
+    ("batch") or not divided ("none"); std is Bessel-corrected like TRL's.
+    ``advantages.reshape(-1)`` lines up with completions ordered
+    prompt-major (the G completions of a prompt contiguous), which is TRL's
+    order.  A group whose rewards are all equal gets zero advantages.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; allowed: {', '.join(SCALES)}")
+    if not isinstance(rewards, torch.Tensor):
+        rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape (num_prompts, G), got {tuple(rewards.shape)}")
+    num_prompts, g = rewards.shape
+    if num_prompts < 1 or g < 2:
+        raise ValueError(
+            f"rewards must have at least 1 prompt and G >= 2 completions per prompt "
+            f"(a group std needs 2 samples), got shape {tuple(rewards.shape)}"
+        )
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards))[0].tolist()
+        raise ValueError(f"rewards must be finite; got {rewards[bad[0], bad[1]].item()} at (prompt {bad[0]}, sample {bad[1]})")
+
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centered
+    if scale == "group":
+        std = rewards.std(dim=1, keepdim=True)
+    else:  # batch
+        std = rewards.std()
+    return centered / (std + eps)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π_θ || π_ref) per token (>= 0; 0 iff logp == ref_logp).
+
+    ``exp(ref - logp) - (ref - logp) - 1`` (TRL ``per_token_kl``).
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def _check_shapes(logp, old_logp, ref_logp, advantages, mask) -> torch.Tensor:
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
+    for name, t in (("old_logp", old_logp), ("mask", mask)) + ((("ref_logp", ref_logp),) if ref_logp is not None else ()):
+        if tuple(t.shape) != tuple(logp.shape):
+            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
+    b = logp.shape[0]
+    if advantages.dim() == 2 and advantages.shape[1] == 1:
+        advantages = advantages[:, 0]
+    if tuple(advantages.shape) != (b,):
+        raise ValueError(f"advantages must have shape (B,) = ({b},) (one per completion), got {tuple(advantages.shape)}")
+    return advantages
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    beta: float = 0.0,
+    aggregation: str = "grpo",
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch: Optional[float] = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss of a batch of B completions (TRL ``_compute_loss``; see the module doc).
+
+    Args:
+        logp: ``(B, T)`` log-probs of the sampled completion tokens under the
+            current policy (carries the gradient).
+        old_logp: ``(B, T)`` log-probs under the policy that sampled them
+            (no gradient; ``logp.detach()`` when num_iterations = 1).
+        ref_logp: ``(B, T)`` log-probs under the reference model, or None
+            (then no KL term; required when ``beta != 0``).
+        advantages: ``(B,)`` (or ``(B, 1)``) one advantage per completion.
+        mask: ``(B, T)`` 1 on completion tokens, 0 on padding.
+        clip_eps_low, clip_eps_high: ratio clipped to
+            ``[1 - clip_eps_low, 1 + clip_eps_high]`` (DAPO's clip-higher
+            uses clip_eps_high = 0.28).
+        beta: KL coefficient (TRL default 0.0).
+        aggregation: "grpo", "bnpo", "dapo" or "dr_grpo".
+        max_completion_length: the generation cap; required by "dr_grpo".
+        num_items_in_batch: for "dapo", active tokens in the global
+            accumulated batch (per process); default: this batch's count.
+
+    Returns:
+        ``(loss, stats)``: a scalar tensor, and floats ``clip_frac_low``,
+        ``clip_frac_high``, ``clip_frac`` (either), ``kl`` (mean k3 KL over
+        active tokens; 0.0 without ref_logp), ``ratio_mean``, ``ratio_min``,
+        ``ratio_max`` (over active tokens) and ``num_tokens``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+    if clip_eps_low < 0 or clip_eps_high < 0 or clip_eps_low >= 1:
+        raise ValueError(
+            f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low} and {clip_eps_high}"
+        )
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta = {beta} needs ref_logp (the reference model's log-probs); got None")
+    advantages = _check_shapes(logp, old_logp, ref_logp, advantages, mask)
+    if aggregation == "dr_grpo" and (max_completion_length is None or max_completion_length <= 0):
+        raise ValueError(
+            f"aggregation 'dr_grpo' divides by B * max_completion_length; pass max_completion_length > 0 "
+            f"(got {max_completion_length})"
+        )
+
+    # Loss math in float32 (or float64 if given): bf16 log-prob differences lose precision.
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp = logp.to(dtype)
+    old_logp = old_logp.detach().to(dtype)
+    adv = advantages.detach().to(dtype).unsqueeze(1)  # (B, 1)
+    m = mask.to(dtype)
+
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp.detach().to(dtype))
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    else:
+        kl = None
+
+    masked_sum = (per_token * m).sum()
+    n_tokens = m.sum()
+    if aggregation == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif aggregation == "bnpo":
+        loss = masked_sum / n_tokens.clamp(min=1.0)
+    elif aggregation == "dapo":
+        if num_items_in_batch is None:
+            normalizer = n_tokens.clamp(min=1.0)
+        else:
+            if not num_items_in_batch > 0:
+                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+            normalizer = num_items_in_batch
+        loss = masked_sum / normalizer
+    else:  # dr_grpo
+        loss = masked_sum / (per_token.shape[0] * max_completion_length)
+
+    with torch.no_grad():
+        denom = n_tokens.clamp(min=1.0)
+        r = ratio.detach()
+        low = (r < 1 - clip_eps_low) & (adv < 0)
+        high = (r > 1 + clip_eps_high) & (adv > 0)
+        active = m > 0
+        stats = {
+            "clip_frac_low": float((low * m).sum() / denom),
+            "clip_frac_high": float((high * m).sum() / denom),
+            "clip_frac": float(((low | high) * m).sum() / denom),
+            "kl": float((kl.detach() * m).sum() / denom) if kl is not None else 0.0,
+            "ratio_mean": float((r * m).sum() / denom),
+            "ratio_min": float(r[active].min()) if bool(active.any()) else 1.0,
+            "ratio_max": float(r[active].max()) if bool(active.any()) else 1.0,
+            "num_tokens": float(n_tokens),
+        }
+    return loss, stats
