@@ -177,7 +177,7 @@ def zero_shot(model, tokenizer) -> dict[str, float]:
 
     data = SyntheticSentiment()
     examples = data.examples("eval")
-    from plait.plugins.basics.sft import tokenize_split
+    from plait.plugins.basics.parts import tokenize_split
     items = tokenize_split(tokenizer, examples, 128)
 
     def forward(ids, mask):

@@ -17,8 +17,9 @@ import torch
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
 
-from .data import collate, tokenize_example
+from .data import collate
 from .evaluation import evaluate_lm
+from .parts import build_lm, check_positive, load_text_splits
 
 
 @dataclass
@@ -70,10 +71,6 @@ class BatchOrder:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]
 
 
-def tokenize_split(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
-    return [tokenize_example(tokenizer, e["prompt"], e["completion"], max_length) for e in examples]
-
-
 class SFTRecipe:
     """Builds model, data and optimizer from the run, then drives `train_loop`."""
 
@@ -86,25 +83,15 @@ class SFTRecipe:
         if c.schedule not in ("constant", "linear", "cosine"):
             raise ConfigError(f"recipe.schedule: {c.schedule!r} is not supported; allowed: constant, linear, "
                               f"cosine")
-        for key in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"recipe.{key}: must be at least 1, got {getattr(c, key)}")
+        check_positive(c, ("batch_size", "grad_accum", "max_length", "eval_batch_size"))
         if c.lr <= 0:
             raise ConfigError(f"recipe.lr: must be positive, got {c.lr}")
         self.device = run.device
-        bundle = run.build("model")
-        model = bundle.model
-        for transform in run.build_transforms():
-            model = transform(model)
+        model, self.tokenizer = build_lm(run)
         self.model = model.to(self.device)
-        self.tokenizer = bundle.tokenizer
-        self.data = run.build("data")
-        self.train_items = tokenize_split(self.tokenizer, self.data.examples("train"), c.max_length)
-        eval_examples = self.data.examples("eval")
-        if c.eval_examples:
-            eval_examples = eval_examples[:c.eval_examples]
-        self.eval_examples = eval_examples
-        self.eval_items = tokenize_split(self.tokenizer, eval_examples, c.max_length)
+        splits = load_text_splits(run, self.tokenizer, c.max_length, c.eval_examples)
+        self.data, self.train_items = splits.data, splits.train_items
+        self.eval_examples, self.eval_items = splits.eval_examples, splits.eval_items
         self.grad_transform = gt = run.build("grad_transform") if run.has("grad_transform") else None
         if gt is not None and hasattr(gt, "prepare"):  # e.g. DP: swap layers, size the noise
             try:

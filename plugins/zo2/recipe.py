@@ -16,7 +16,8 @@ import torch
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate
 from plait.plugins.basics.evaluation import evaluate_lm
-from plait.plugins.basics.sft import BatchOrder, tokenize_split
+from plait.plugins.basics.parts import build_lm, check_positive, load_text_splits
+from plait.plugins.basics.sft import BatchOrder
 from plait.run import Run, train_loop
 
 from .config import ZORecipeConfig
@@ -30,27 +31,20 @@ class ZORecipe:
         if c.grad_accum != 1:
             raise ConfigError(f"recipe.grad_accum: zo estimates one projected gradient per step from one batch; "
                               f"got {c.grad_accum}, allowed: 1 (raise recipe.batch_size instead)")
-        for key in ("batch_size", "max_length", "eval_batch_size"):
-            if getattr(c, key) < 1:
-                raise ConfigError(f"recipe.{key}: must be at least 1, got {getattr(c, key)}")
+        check_positive(c, ("batch_size", "max_length", "eval_batch_size"))
         self.device = run.device
-        bundle = run.build("model")
-        model = bundle.model
-        for transform in run.build_transforms():
-            model = transform(model)
+        model, self.tokenizer = build_lm(run)
         model.eval()  # ZO steps run without dropout, as MeZO does
-        model.requires_grad_(True) if not any(p.requires_grad for p in model.parameters()) else None
-        self.tokenizer = bundle.tokenizer
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("transforms: every parameter is frozen; zo has nothing to train")
         self.mezo = run.build("perturbation")
         if run.has("offload"):
             self.engine = run.build("offload", model=model, device=self.device, mezo=self.mezo, run_dir=run.dir)
         else:
             self.engine = InPlaceMeZO(model, self.device, self.mezo)
-        self.data = run.build("data")
-        self.train_items = tokenize_split(self.tokenizer, self.data.examples("train"), c.max_length)
-        eval_examples = self.data.examples("eval")
-        self.eval_examples = eval_examples[:c.eval_examples] if c.eval_examples else eval_examples
-        self.eval_items = tokenize_split(self.tokenizer, self.eval_examples, c.max_length)
+        splits = load_text_splits(run, self.tokenizer, c.max_length, c.eval_examples)
+        self.data, self.train_items = splits.data, splits.train_items
+        self.eval_examples, self.eval_items = splits.eval_examples, splits.eval_items
         self.order = BatchOrder(len(self.train_items), c.batch_size, run.cfg.run.seed)
         self.skipped = 0
 
