@@ -16,7 +16,6 @@ from plait.cli import main
 from plait.config import load_config
 from plait.run import execute
 
-from conftest import write_plugin_dist
 
 
 def _run_dir(out: Path) -> Path:
@@ -83,8 +82,8 @@ def on_log(run, step, metrics):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    site = write_plugin_dist(tmp_path / "site", "killer", KILLER)
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, plugin_site):
+    site = plugin_site("killer", KILLER)
     env = dict(os.environ, PYTHONPATH=str(site))
     cfg_a = tmp_path / "a.yaml"
     cfg_a.write_text(_cfg(tmp_path / "a"))
