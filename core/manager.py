@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.zo2",
     "plait.plugins.flashdp",
     "plait.plugins.infinite_sampling",
+    "plait.plugins.sam_if",
 )
 
 ENTRY_POINT_GROUP = "plait"

@@ -120,8 +120,10 @@ def test_ls_lists_entries_with_plugins(capsys, fresh_host):
     fresh_host()
     assert main(["ls", "data", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} >= {"jsonl", "synthetic-sentiment"}
-    assert all(r["plugin"] == "basics" and r["section"] == "data" for r in rows)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["jsonl"]["plugin"] == by_name["synthetic-sentiment"]["plugin"] == "basics"
+    assert all(r["section"] == "data" and r["kind"] == "datasets" for r in rows)
+    assert [r["name"] for r in rows] == sorted(by_name)
     assert main(["ls", "nonsense"]) == 2
     assert "unknown kind 'nonsense'" in capsys.readouterr().err
 

@@ -1,0 +1,94 @@
+"""Config dataclasses (schemas) of the sam_if plugin."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class SAMConfig:
+    """Gradient transform ``sam``: SAM (adaptive=false) or ASAM (adaptive=true)."""
+
+    rho: float = 0.05  # perturbation radius ρ (Foret et al.: 0.05 on CIFAR; ASAM typically 0.5-2)
+    adaptive: bool = False  # ASAM: e = ρ T²g/‖Tg‖, T = |w| + eta
+    eta: float = 0.01  # ASAM's η (Kwon et al. 0.01; davda54/sam uses 0)
+    eps: float = 1.0e-12  # added to the norm in the denominator
+    replay_forward: bool = True  # without a recipe-supplied loss closure, replay the step's recorded forwards
+
+
+@dataclass
+class IFConfig:
+    """Influence estimator ``if`` (Koh & Liang)."""
+
+    l2: float = 0.0  # the L2 coefficient of the training objective (must match training)
+    damping: float = 0.0  # λ in (H + λI)
+    solver: str = "explicit"  # explicit | cg | gmres | lissa
+    tol: float = 1.0e-8  # relative residual every solve must reach (else SolverError)
+    maxiter: int = 1000
+    restart: int = 60  # GMRES restart length
+    lissa_scale: Optional[float] = None  # None: 0.6 (λ_max + λ) by power iteration
+    lissa_depth: int = 20000
+    lissa_batch_size: Optional[int] = None  # None: deterministic full-batch HVPs
+    seed: int = 0
+
+
+@dataclass
+class SAMHessianConfig:
+    """Influence estimator ``sam_hessian``: implicit differentiation of SAM's fixed point at the final weights."""
+
+    rho: float = 0.05  # must match training
+    adaptive: bool = False
+    eta: float = 0.01
+    eps: float = 1.0e-12
+    m: Optional[int] = None  # m-sharpness group size used in training (None: one group, full-batch SAM)
+    variant: str = "full"  # full (data-dependent perturbation) | naive (e frozen: IF at w + e)
+    l2: float = 0.0
+    damping: float = 0.0
+    solver: str = "explicit"  # explicit | gmres | normal_cg
+    tol: float = 1.0e-8
+    maxiter: int = 1000
+    restart: int = 60
+    max_stationarity: Optional[float] = None  # refuse when ‖F(ŵ)‖ exceeds this (None: report only)
+
+
+@dataclass
+class TracInConfig:
+    """Influence estimators ``tracin`` / ``sam_trajectory`` over a trajectory recorded by train_sam."""
+
+    trajectory: str = ""  # directory holding trajectory.safetensors + trajectory.json
+    perturbed: bool = True  # training gradients at w_t + e_t (what SAM stepped with)
+    in_batch: bool = False  # count only steps whose batch holds the example (weight η_t·n/|B_t|)
+    coupling: bool = False  # add the perturbation's data-dependence term (one HVP per checkpoint and group)
+    l2: Optional[float] = None  # None: from the trajectory's metadata
+    every: int = 1  # use every k-th recorded checkpoint
+
+
+@dataclass
+class SAMTrajectoryConfig(TracInConfig):
+    """``sam_trajectory``: TracIn with the e-coupling term, counting in-batch steps."""
+
+    in_batch: bool = True
+    coupling: bool = True
+
+
+@dataclass
+class TabularConfig:
+    """Datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, no download)."""
+
+    n_train: Optional[int] = None  # None: 70% of the rows
+    n_test: Optional[int] = None  # None: the rest
+    flip_fraction: float = 0.0  # fraction of training labels replaced by another class
+    seed: int = 0  # shuffle, split and flips
+    standardize: bool = True
+    dtype: str = "float64"
+
+
+@dataclass
+class TabularMLPConfig:
+    """Model family ``tabular-mlp``: logistic regression (hidden: []) or a tanh MLP returning logits."""
+
+    n_features: int = 64
+    n_classes: int = 10
+    hidden: List[int] = field(default_factory=list)
+    dtype: str = "float64"
+    seed: int = 0

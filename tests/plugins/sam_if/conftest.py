@@ -1,0 +1,11 @@
+"""sam_if tests: tiny float64 problems; one intra-op thread (small ops are far slower with contended threads)."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
