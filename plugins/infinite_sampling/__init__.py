@@ -14,14 +14,22 @@ Objects come from the factories (``g``, ``cache_capacity`` … from the config) 
                                 sampling={"temperature": 1.0, "top_k": 0}, eos_id=tok.eos_token_id,
                                 pad_id=tok.pad_token_id)
 
+Also registers recipe ``grpo`` (rollouts from the ``sampler:`` section -> rewards -> group advantages ->
+clipped policy loss, optional k3 KL to a frozen reference; rewards are listed in the recipe's ``rewards:`` option)
+and the bundled verifiable tasks as datasets ``addition`` and ``copy``::
+
+    plait run configs/grpo/addition.yaml
+
 Modules: ``schedule`` (plans, dispatchers, simulator; pure Python), ``kv_cache`` (slot KV cache over HF models),
-``samplers`` (the schedulers and `Rollouts`), ``config`` (schemas).
+``samplers`` (the schedulers and `Rollouts`), ``grpo_loss``, ``rewards``, ``tasks``, ``recipe`` (``grpo``),
+``config`` (schemas).
 """
 from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import ContinuousConfig, FullGroupConfig, LengthAwareConfig, MicroGroupConfig
+from .config import (AdditionConfig, ContinuousConfig, CopyConfig, FullGroupConfig, GRPORecipeConfig,
+                     LengthAwareConfig, MicroGroupConfig)
 
 
 def build_full_group(**kwargs):
@@ -58,3 +66,36 @@ def register_sampler_schedulers(register):
              doc="g slots kept busy: a finished row is refilled at once from the same or the next prompt's group")
     register("length_aware", build_length_aware, config=LengthAwareConfig,
              doc="continuous sampling planned from predicted lengths: FPTAS lanes (LPT fallback), SJF refill")
+
+
+def build_addition(**kwargs):
+    from .tasks import AdditionTask
+
+    return AdditionTask(**kwargs)
+
+
+def build_copy(**kwargs):
+    from .tasks import CopyTask
+
+    return CopyTask(**kwargs)
+
+
+def build_grpo(run, **kwargs):
+    from .recipe import GRPORecipe
+
+    return GRPORecipe(run, **kwargs)
+
+
+@hookimpl
+def register_datasets(register):
+    register("addition", build_addition, config=AdditionConfig,
+             doc="bundled verifiable task: '3+4=' -> '7' (prompt / answer / completion; for grpo and sft)")
+    register("copy", build_copy, config=CopyConfig,
+             doc="bundled verifiable task: 'copy: a b c =' -> ' a b c' (prompt / answer / completion)")
+
+
+@hookimpl
+def register_recipes(register):
+    register("grpo", build_grpo, config=GRPORecipeConfig,
+             doc="GRPO: G sampled completions per prompt, rewards, group advantages, clipped loss (+ k3 KL)",
+             requires=("model", "data", "sampler"))

@@ -1,4 +1,5 @@
-"""Config dataclasses of the infinite_sampling plugin (the schemas of its sampler registry entries).
+"""Config dataclasses of the infinite_sampling plugin: the schemas of its sampler, dataset (``addition``,
+``copy``) and recipe (``grpo``) registry entries.
 
 ``cache_capacity`` is the KV positions per row (0: sized per ``generate`` call as the longest prompt plus
 ``max_new_tokens - 1``); ``share_prompt_kv`` prefills each prompt once and copies its KV into every row that
@@ -7,7 +8,8 @@ starts one of its samples (False: prefill again for each row); ``seed`` enters e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -49,3 +51,67 @@ class LengthAwareConfig:
     cache_capacity: int = 0
     share_prompt_kv: bool = True
     seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+@dataclass
+class AdditionConfig:
+    """Dataset ``addition``: ``"3+4="`` -> ``"7"`` (`tasks.AdditionTask`); default 44 train / 11 eval problems."""
+
+    n_train: Optional[int] = None  # None: every problem not in eval
+    n_eval: int = 11
+    seed: int = 0
+    max_operand: int = 9
+    max_sum: Optional[int] = 9  # None: no cap (two-digit answers appear)
+    n_operands: int = 2
+
+
+@dataclass
+class CopyConfig:
+    """Dataset ``copy``: ``"copy: a b c ="`` -> ``" a b c"`` (`tasks.CopyTask`)."""
+
+    n_train: int = 256
+    n_eval: int = 64
+    seed: int = 0
+    alphabet: str = "abcdefgh"  # distinct characters whose " x" is one token of the bundled tokenizer
+    min_len: int = 1
+    max_len: int = 3
+
+
+# --------------------------------------------------------------------------------------------------- recipe
+def _default_rewards() -> List[Dict[str, Any]]:
+    return [{"name": "exact_match", "weight": 1.0}]
+
+
+@dataclass
+class GRPORecipeConfig:
+    """Recipe ``grpo``: prompts -> G completions (``sampler:``) -> rewards -> advantages -> clipped loss.
+
+    ``rewards`` is a list of reward specs, each a mapping with ``name`` and an optional ``weight`` (default 1.0):
+    ``{name: exact_match, field: answer, strip: true}``, ``{name: regex, pattern: "[0-9]", reward: 1.0,
+    mode: fullmatch}`` (mode ``search`` accepts a match anywhere) and ``{name: python, path: "mymod:fn"}``
+    (``fn(prompts, completions, **example_fields) -> list[float | None]``). Rewards live here, not in a
+    registry of their own: core has no reward kind, and a reward only means something to this recipe.
+    """
+
+    group_size: int = 8  # G completions per prompt (>= 2)
+    prompts_per_step: int = 8  # B prompts per step, drawn from (run.seed, step)
+    max_new_tokens: int = 2  # generation cap per completion (EOS counts as a token)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: the whole vocabulary
+    rewards: List[Dict[str, Any]] = field(default_factory=_default_rewards)
+    reward_on_error: str = "fail"  # fail | skip (a raising / non-finite reward value counts 0 and is logged)
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    aggregation: str = "grpo"  # grpo | dapo | dr_grpo | bnpo
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
+    beta: float = 0.0  # k3 KL coefficient to a frozen reference (the model after warm-up); 0: no reference
+    num_iterations: int = 1  # optimizer updates per generation batch (mu); > 1 uses an old-policy snapshot
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    warmup_sft_steps: int = 0  # supervised steps on the task's `completion` before RL (not resumed mid-way)
+    warmup_batch_size: int = 16
+    warmup_lr: float = 1.0e-3
+    eval_examples: int = 0  # 0: the whole eval split
+    eval_max_new_tokens: int = 0  # 0: max_new_tokens
