@@ -115,3 +115,6 @@ class GRPORecipeConfig:
     warmup_lr: float = 1.0e-3
     eval_examples: int = 0  # 0: the whole eval split
     eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    predictor: str = "none"  # none | constant | running_mean | mlp: lengths passed to the sampler, scored per step
+    predictor_constant: float = 0.0  # constant's value / running_mean's start; 0: max_new_tokens
+    predictor_lr: float = 1.0e-2  # mlp: Adam learning rate

@@ -38,6 +38,7 @@ from plait.run import Run, train_loop
 
 from .config import GRPORecipeConfig
 from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss
+from .predictor import PREDICTORS, build_predictor, kendall_tau, smape
 from .rewards import ON_ERROR, REGEX_MODES, ExactMatch, PythonCallable, RegexFormat, evaluate_rewards
 
 REWARD_KINDS = {
@@ -176,6 +177,8 @@ class GRPORecipe:
         if c.beta > 0:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.skipped = 0
+        self.predictor = build_predictor(c.predictor, constant=c.predictor_constant or c.max_new_tokens,
+                                         lr=c.predictor_lr, seed=run.cfg.run.seed)
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _check_options(self) -> None:
@@ -205,7 +208,12 @@ class GRPORecipe:
                               f"{c.clip_eps_low} and {c.clip_eps_high}")
         if c.beta < 0:
             raise ConfigError(f"recipe.beta: must be >= 0, got {c.beta}")
-        for key in ("lr", "warmup_lr"):
+        if c.predictor not in PREDICTORS:
+            raise ConfigError(f"recipe.predictor: {c.predictor!r}; allowed: {', '.join(PREDICTORS)}")
+        if c.predictor_constant < 0:
+            raise ConfigError(f"recipe.predictor_constant: must be >= 0 (0: max_new_tokens), got "
+                              f"{c.predictor_constant}")
+        for key in ("lr", "warmup_lr", "predictor_lr"):
             if not getattr(c, key) > 0:
                 raise ConfigError(f"recipe.{key}: must be positive, got {getattr(c, key)}")
 
@@ -294,10 +302,23 @@ class GRPORecipe:
         c = self.cfg
         idx = self.order(step - 1)
         examples = [self.train_examples[i] for i in idx]
-        rollouts = self.sampler.generate(self.model, [self.train_prompts[i] for i in idx], group_size=c.group_size,
+        prompts = [self.train_prompts[i] for i in idx]
+        predicted = None
+        if self.predictor is not None:  # before generation: no prefix yet; one value per prompt, repeated G times
+            per_prompt = self.predictor.predict_batch(prompts, [[] for _ in prompts])
+            predicted = [[v] * c.group_size for v in per_prompt]
+        rollouts = self.sampler.generate(self.model, prompts, group_size=c.group_size,
                                          max_new_tokens=c.max_new_tokens, step=step,
                                          sampling={"temperature": c.temperature, "top_k": c.top_k},
-                                         eos_id=self.eos_id, pad_id=self.pad_id)
+                                         eos_id=self.eos_id, pad_id=self.pad_id, predicted_lengths=predicted)
+        pred_metrics: dict[str, float] = {}
+        if self.predictor is not None:
+            observed = [n for row in rollouts.lengths for n in row]
+            flat_pred = [v for row in predicted for v in row]
+            pred_metrics = {"predictor/smape": smape(flat_pred, observed),
+                            "predictor/kendall_tau": kendall_tau(flat_pred, observed)}
+            self.predictor.update([p for p in prompts for _ in range(c.group_size)],
+                                  [[] for _ in observed], observed)
         G = c.group_size
         flat_examples = [e for e in examples for _ in range(G)]
         texts = [self._decode(comp) for group in rollouts.completions for comp in group]
@@ -338,6 +359,7 @@ class GRPORecipe:
             "perf/decode_steps": float(st.decode_steps),
             "perf/rollout_s": float(st.wall_time_s),
             "mem/peak_kv_bytes": float(st.peak_kv_bytes),
+            **pred_metrics,
         }
 
     @torch.no_grad()
@@ -362,12 +384,16 @@ class GRPORecipe:
                  "reward_skipped": self.skipped}
         if self.ref is not None:
             state["ref"] = self.ref.state_dict()
+        if self.predictor is not None:
+            state["predictor"] = self.predictor.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.skipped = int(state.get("reward_skipped", 0))
+        if self.predictor is not None and "predictor" in state:
+            self.predictor.load_state_dict(state["predictor"])
         if self.ref is not None:
             if "ref" not in state:
                 raise ConfigError("run.resume: the checkpoint has no reference model (it was made with beta = 0); "
