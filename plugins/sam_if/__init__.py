@@ -5,7 +5,8 @@ Registers
 * grad transform ``sam`` (SAM / ASAM for first-order recipes such as ``sft``);
 * influence estimators ``if`` (Koh & Liang), ``sam_hessian`` (closed form at the final weights, with the
   perturbation's data dependence), ``tracin`` and ``sam_trajectory`` (from a recorded SAM trajectory);
-* datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, label flips) and model family ``tabular-mlp``.
+* datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, label flips) and model family ``tabular-mlp``;
+* recipe ``sam_train`` (`recipe`) and the CLI verb ``plait attribute RUN_DIR [estimator=…]`` (`attribute`).
 
 Python API::
 
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import (IFConfig, SAMConfig, SAMHessianConfig, SAMTrajectoryConfig, TabularConfig, TabularMLPConfig,
-                     TracInConfig)
+from .config import (IFConfig, SAMConfig, SAMHessianConfig, SAMTrainConfig, SAMTrajectoryConfig, TabularConfig,
+                     TabularMLPConfig, TracInConfig)
 
 
 def build_sam(**kwargs):
@@ -71,6 +72,12 @@ def build_breast_cancer(**kwargs):
     return load_tabular("breast-cancer", **kwargs)
 
 
+def build_sam_train(run, **kwargs):
+    from .recipe import SAMTrainRecipe
+
+    return SAMTrainRecipe(run, **kwargs)
+
+
 def build_tabular_mlp(**kwargs):
     from .data import build_tabular_mlp as build
 
@@ -107,3 +114,16 @@ def register_datasets(register):
 def register_model_families(register):
     register("tabular-mlp", build_tabular_mlp, config=TabularMLPConfig,
              doc="logistic regression or a small tanh MLP over tabular features (float64 by default)")
+
+
+@hookimpl
+def register_recipes(register):
+    register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"),
+             doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset; record_trajectory for trajectory influence")
+
+
+@hookimpl
+def register_commands(cli):
+    from .attribute import add_parser
+
+    add_parser(cli)

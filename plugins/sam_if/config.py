@@ -92,3 +92,22 @@ class TabularMLPConfig:
     hidden: List[int] = field(default_factory=list)
     dtype: str = "float64"
     seed: int = 0
+
+
+@dataclass
+class SAMTrainConfig:
+    """Recipe ``sam_train``: SAM / ASAM + SGD on a tabular dataset (steps: ``run.steps``)."""
+
+    rho: float = 0.05  # perturbation radius ρ (0: plain SGD)
+    adaptive: bool = False  # ASAM
+    eta: float = 0.01  # ASAM's η
+    eps: float = 1.0e-12
+    lr: float = 0.5
+    schedule: str = "constant"  # constant | linear | cosine (decay to lr·min_lr_ratio at run.steps)
+    min_lr_ratio: float = 0.0
+    momentum: float = 0.0
+    l2: float = 1.0e-2  # (l2/2)‖w‖² in the objective; the attribute verb uses the same value
+    batch_size: int = 0  # 0: full batch
+    m: Optional[int] = None  # m-sharpness group size (None: one perturbation per batch)
+    record_trajectory: bool = False  # write <run dir>/trajectory/ for the tracin / sam_trajectory estimators
+    record_every: int = 1

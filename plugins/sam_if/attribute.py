@@ -1,0 +1,234 @@
+"""CLI verb ``plait attribute RUN_DIR [estimator=NAME] [key=value …] [--top K]``: score a finished ``sam_train``
+run's eval split against its train split with a registered influence estimator.
+
+Writes ``RUN_DIR/attribution/<estimator>/``: ``scores.safetensors`` (``scores`` [n_train, n_test]),
+``self_influence.safetensors`` (``self_influence``, ``train_loss``, ``flip_mask`` [n_train]), ``report.json`` and
+``report.md`` (top-K proponents / opponents of the first test examples, the most self-influential training
+examples, and with flipped labels the mislabel-detection ROC-AUC and recall at 10 % against the training-loss
+ranking).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.errors import ConfigError, PlaitError
+
+DEFAULT_ESTIMATOR = "if"
+TRAJECTORY_ESTIMATOR_FIELD = "trajectory"
+
+
+def add_parser(cli) -> None:
+    p = cli.add_parser("attribute", help="score training examples of a finished sam_train run (influence)")
+    p.add_argument("run_dir", help="a run directory written by `plait run` (recipe sam_train)")
+    p.add_argument("options", nargs="*", metavar="key=value",
+                   help="estimator=if|sam_hessian|tracin|sam_trajectory, then that estimator's options")
+    p.add_argument("--top", type=int, default=5, help="proponents / opponents / self-influential rows listed")
+    p.add_argument("--examples", type=int, default=3, help="test examples whose proponents are listed")
+    p.set_defaults(func=cmd_attribute)
+
+
+def cmd_attribute(args) -> int:
+    report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples)
+    print(f"wrote {report['out_dir']}")
+    m = report.get("mislabel")
+    if m:
+        print(f"mislabel detection ({m['n_flipped']} flipped): ROC-AUC {m['auc']:.3f} "
+              f"(training loss {m['baseline_auc']:.3f}), recall@10% {m['recall_at_10pct']:.3f} "
+              f"(training loss {m['baseline_recall_at_10pct']:.3f})")
+    return 0
+
+
+def _parse_options(options: list[str]) -> tuple[str, dict[str, Any]]:
+    import yaml
+
+    est, opts = DEFAULT_ESTIMATOR, {}
+    for item in options:
+        if "=" not in item:
+            raise ConfigError(f"attribute: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed = yaml.safe_load(value) if value else ""
+        if key == "estimator":
+            est = str(value)
+        else:
+            opts[key] = parsed
+    return est, opts
+
+
+def roc_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC-AUC of ``score`` ranking the ``positive`` rows first (ties count half)."""
+    s = score.double()
+    pos, neg = s[positive], s[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = _average_ranks(s)
+    return float((ranks[positive].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _average_ranks(s: torch.Tensor) -> torch.Tensor:
+    order = torch.argsort(s, stable=True)
+    sorted_s = s[order]
+    ranks = torch.empty_like(s)
+    i, n = 0, len(s)
+    while i < n:
+        j = i
+        while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def recall_at(score: torch.Tensor, positive: torch.Tensor, fraction: float = 0.1) -> float:
+    k = max(1, int(round(fraction * len(score))))
+    top = torch.argsort(score, descending=True, stable=True)[:k]
+    return float(positive[top].sum()) / max(1, int(positive.sum()))
+
+
+def _load(run_dir: Path, host):
+    from plait.checkpoint import Checkpointer
+    from plait.config import load_config, validate
+
+    if not run_dir.is_dir():
+        raise PlaitError(f"attribute: '{run_dir}' is not a run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise PlaitError(f"attribute: '{run_dir}' has no config.yaml; is it a run directory written by plait run?")
+    latest = Checkpointer(run_dir / "checkpoints").latest()
+    if latest is None:
+        raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/ (did the run "
+                         f"finish? a sam_train run saves one at its last step)")
+    cfg = load_config(run_dir / "config.yaml")
+    comps = validate(cfg, host.registries)
+    if cfg.recipe.name != "sam_train":
+        raise PlaitError(f"attribute: '{run_dir}' is a {cfg.recipe.name!r} run; attribution needs a sam_train run")
+    _, state = Checkpointer.load(latest)
+
+    def build(section):
+        comp = comps[section]
+        try:
+            return comp.entry.factory(**comp.kwargs())
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{section} {comp.entry.name!r}: {exc}") from exc
+    data, model = build("data"), build("model")
+    model.load_state_dict(state["task"]["model"])
+    model.eval()
+    return cfg, data, model
+
+
+def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
+    from plait.config import _validate_node
+    from omegaconf import OmegaConf
+
+    registry = host.registries.for_section("influence")
+    if name not in registry:
+        raise ConfigError(f"attribute: unknown estimator {name!r}; available: {registry.describe_available()}")
+    fields = {f.name for f in dataclasses.fields(registry.get(name).config)}
+    rc = cfg.recipe
+    filled = dict(opts)
+    training = {"l2": rc.l2, "rho": rc.rho, "adaptive": rc.adaptive, "eta": rc.eta, "eps": rc.eps, "m": rc.m}
+    for key, value in training.items():  # the estimator must match training unless told otherwise
+        if key in fields and key not in filled:
+            filled[key] = value
+    if TRAJECTORY_ESTIMATOR_FIELD in fields and not filled.get(TRAJECTORY_ESTIMATOR_FIELD):
+        traj = run_dir / "trajectory"
+        if not (traj / "trajectory.safetensors").is_file():
+            raise PlaitError(f"attribute: estimator {name!r} needs a recorded trajectory and '{run_dir}' has none; "
+                             f"train with recipe.record_trajectory=true (plait run CONFIG "
+                             f"recipe.record_trajectory=true), or use estimator=if or sam_hessian")
+        filled[TRAJECTORY_ESTIMATOR_FIELD] = str(traj)
+    if TRAJECTORY_ESTIMATOR_FIELD in fields and "l2" in filled and "l2" not in opts:
+        filled.pop("l2")  # trajectory estimators read l2 from the trajectory's metadata
+    comp, _ = _validate_node("influence", OmegaConf.create({"name": name, **filled}), host.registries,
+                             "attribute")
+    try:
+        return comp.entry.factory(**comp.kwargs()), comp.kwargs()
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"attribute: estimator {name!r}: {exc}") from exc
+
+
+def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, examples: int = 3,
+              host=None) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from plait.manager import get_host
+
+    host = host or get_host()
+    run_dir = Path(run_dir)
+    name, opts = _parse_options(list(options))
+    cfg, data, model = _load(run_dir, host)
+    est, est_opts = _estimator(host, name, opts, cfg, run_dir)
+    dtype = next(model.parameters()).dtype
+    train = (data.train.X.to(dtype), data.train.y)
+    test = (data.test.X.to(dtype), data.test.y)
+    t0 = time.perf_counter()
+    try:
+        scores = est.scores(model, train, test).detach()
+        self_inf = est.self_influence(model, train).detach()
+    except ValueError as exc:
+        raise PlaitError(f"attribute: estimator {name!r}: {exc}") from exc
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        train_loss = torch.nn.functional.cross_entropy(model(train[0]), train[1], reduction="none")
+    flip = data.flip_mask
+    out = run_dir / "attribution" / name
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"scores": scores.contiguous()}, str(out / "scores.safetensors"))
+    save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous(),
+               "flip_mask": flip.contiguous()}, str(out / "self_influence.safetensors"))
+
+    def row(j: int, value: float) -> dict[str, Any]:
+        return {"train_index": j, "score": value, "label": int(data.train.y[j]), "flipped": bool(flip[j])}
+
+    k = max(0, min(top, scores.shape[0]))
+    per_test = []
+    for t in range(min(examples, scores.shape[1])):
+        col = scores[:, t]
+        pro = torch.argsort(col, descending=True, stable=True)[:k]
+        opp = torch.argsort(col, stable=True)[:k]
+        per_test.append({"test_index": t, "label": int(data.test.y[t]),
+                         "proponents": [row(int(j), float(col[j])) for j in pro],
+                         "opponents": [row(int(j), float(col[j])) for j in opp]})
+    most_self = torch.argsort(self_inf, descending=True, stable=True)[:k]
+    report: dict[str, Any] = {
+        "run_dir": str(run_dir), "out_dir": str(out), "estimator": name, "options": est_opts,
+        "n_train": int(scores.shape[0]), "n_test": int(scores.shape[1]), "seconds": round(seconds, 3),
+        "info": {k2: v for k2, v in getattr(est, "last_info", {}).items() if isinstance(v, (int, float, str))},
+        "test_examples": per_test,
+        "self_influence_top": [dict(row(int(j), float(self_inf[j])), train_loss=float(train_loss[j]))
+                               for j in most_self],
+    }
+    if bool(flip.any()):
+        report["mislabel"] = {
+            "n_flipped": int(flip.sum()), "auc": roc_auc(self_inf, flip), "recall_at_10pct": recall_at(self_inf, flip),
+            "baseline": "training loss", "baseline_auc": roc_auc(train_loss, flip),
+            "baseline_recall_at_10pct": recall_at(train_loss, flip)}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(_markdown(report))
+    return report
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    lines = [f"# Attribution: `{r['estimator']}` on `{r['run_dir']}`", "",
+             f"{r['n_train']} training × {r['n_test']} test examples, {r['seconds']} s. Score > 0: the training "
+             f"example helps (lowers the loss of) the test example.", ""]
+    m = r.get("mislabel")
+    if m:
+        lines += ["## Mislabel detection (self-influence ranking)", "",
+                  "| ranking | ROC-AUC | recall @ 10 % |", "|---|---|---|",
+                  f"| self-influence ({r['estimator']}) | {m['auc']:.3f} | {m['recall_at_10pct']:.3f} |",
+                  f"| training loss | {m['baseline_auc']:.3f} | {m['baseline_recall_at_10pct']:.3f} |", "",
+                  f"{m['n_flipped']} of {r['n_train']} training labels flipped.", ""]
+    lines += ["## Most self-influential training examples (likely mislabelled)", "",
+              "| train index | self-influence | label | flipped | training loss |", "|---|---|---|---|---|"]
+    lines += [f"| {x['train_index']} | {x['score']:.4g} | {x['label']} | {x['flipped']} | {x['train_loss']:.3f} |"
+              for x in r["self_influence_top"]]
+    for t in r["test_examples"]:
+        lines += ["", f"## Test example {t['test_index']} (label {t['label']})", "",
+                  "proponents: " + ", ".join(f"{x['train_index']} ({x['score']:.3g})" for x in t["proponents"]),
+                  "", "opponents: " + ", ".join(f"{x['train_index']} ({x['score']:.3g})" for x in t["opponents"])]
+    return "\n".join(lines) + "\n"
