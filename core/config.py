@@ -205,7 +205,8 @@ class Component:
         return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
 
 
-def _validate_node(section: str, node: Any, registries: Registries, where: str) -> tuple[Component, DictConfig]:
+def validate_section(section: str, node: Any, registries: Registries, where: str) -> tuple[Component, DictConfig]:
+    """Check one component node against its registry entry; returns (Component, the node with defaults filled)."""
     registry = registries.for_section(section)
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{where}: must be a mapping with a 'name' key; available: "
@@ -259,13 +260,13 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
                 raise ConfigError(f"{section}: must be a list of mappings with a 'name' key")
             comps, fulls = [], []
             for i, item in enumerate(node):
-                comp, full = _validate_node(section, item, registries, f"{section}[{i}]")
+                comp, full = validate_section(section, item, registries, f"{section}[{i}]")
                 comps.append(comp)
                 fulls.append(full)
             components[section] = comps
             cfg[section] = fulls
         else:
-            comp, full = _validate_node(section, node, registries, section)
+            comp, full = validate_section(section, node, registries, section)
             components[section] = comp
             cfg[section] = full
     recipe = components["recipe"]

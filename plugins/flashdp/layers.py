@@ -43,7 +43,6 @@ class DPContext:
     seed: int = 0  # noise seed of the current step
     flat: bool = False
     flat_threshold: float = 1.0
-    enabled: bool = True
     batch: int | None = None  # samples in the current forward (set by a model forward pre-hook)
     groups: list = field(default_factory=list)
     # flat mode book-keeping for the current step

@@ -121,7 +121,7 @@ def _load(run_dir: Path, host):
 
 
 def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
-    from plait.config import _validate_node
+    from plait.config import validate_section
     from omegaconf import OmegaConf
 
     registry = host.registries.for_section("influence")
@@ -143,7 +143,7 @@ def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
         filled[TRAJECTORY_ESTIMATOR_FIELD] = str(traj)
     if TRAJECTORY_ESTIMATOR_FIELD in fields and "l2" in filled and "l2" not in opts:
         filled.pop("l2")  # trajectory estimators read l2 from the trajectory's metadata
-    comp, _ = _validate_node("influence", OmegaConf.create({"name": name, **filled}), host.registries,
+    comp, _ = validate_section("influence", OmegaConf.create({"name": name, **filled}), host.registries,
                              "attribute")
     try:
         return comp.entry.factory(**comp.kwargs()), comp.kwargs()

@@ -15,7 +15,7 @@ from plait.errors import ConfigError
 from plait.run import Run, train_loop
 
 from .config import SAMTrainConfig
-from .sam import _params, lr_at, sam_gradient, save_trajectory
+from .sam import trainable_params, lr_at, sam_gradient, save_trajectory
 
 TRAJECTORY_DIR = "trajectory"
 
@@ -45,7 +45,7 @@ class SAMTrainRecipe:
         self.X, self.y = data.train.X.to(self.dtype), data.train.y
         self.Xt, self.yt = data.test.X.to(self.dtype), data.test.y
         self.n = self.X.shape[0]
-        self.params = _params(self.model)
+        self.params = trainable_params(self.model)
         self.optimizer = torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum)
         self.record = c.record_trajectory and run.resume_state is None
         self.rec: dict[str, list] = {"w": [], "e": [], "lr": [], "batch": [], "step": []}

@@ -27,7 +27,8 @@ from .functional import as_xy, perturbation
 LossFn = Callable[[], torch.Tensor]
 
 
-def _params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters SAM perturbs and the optimizer updates (requires_grad)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -66,7 +67,7 @@ def sam_gradient(model: torch.nn.Module, loss_fns: LossFn | Sequence[tuple[float
     ``perturbations`` (flat e_k, one row per group).
     """
     groups = [(1.0, loss_fns)] if callable(loss_fns) else list(loss_fns)
-    params = _params(model)
+    params = trainable_params(model)
     w = torch.cat([p.detach().reshape(-1) for p in params])
     total = torch.zeros_like(w)
     g_sum = torch.zeros_like(w)
@@ -135,7 +136,7 @@ def train_sam(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, rho: 
     """
     n = X.shape[0]
     c = torch.ones(n, dtype=X.dtype) if sample_weight is None else torch.as_tensor(sample_weight, dtype=X.dtype)
-    params = _params(model)
+    params = trainable_params(model)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     gen = torch.Generator().manual_seed(seed)
     order: list[torch.Tensor] = []
@@ -279,7 +280,7 @@ class SAMTransform:
         return torch.tensor(total)
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        params = [p for p in _params(model)]
+        params = [p for p in trainable_params(model)]
         g = _flat_grad(params)
         w = torch.cat([p.detach().reshape(-1) for p in params]).to(g.dtype)
         e = perturbation(w, g, self.rho, self.adaptive, self.eta, self.eps)

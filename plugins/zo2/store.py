@@ -157,7 +157,8 @@ class BlockStore:
                 blk.mm.madvise(mmap.MADV_DONTNEED)  # the pages just read are not needed until the write-back
 
         if self.cuda:
-            self.upload_stream.wait_stream(torch.cuda.current_stream(self.device)) if blk.offload_done is None else None
+            if blk.offload_done is None:  # the first upload must see the compute stream's writes
+                self.upload_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.upload_stream):
                 if isinstance(blk.offload_done, torch.cuda.Event):
                     self.upload_stream.wait_event(blk.offload_done)
