@@ -37,6 +37,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.flashdp",
     "plait.plugins.infinite_sampling",
     "plait.plugins.sam_if",
+    "plait.plugins.distzo2",
+    "plait.plugins.capsule",
+    "plait.plugins.wip",
 )
 
 ENTRY_POINT_GROUP = "plait"
