@@ -23,9 +23,11 @@ Paths
 * Pure PyTorch (:func:`clip_sum_reference`): any device, fp32/fp16/bf16/fp64 inputs. Per-sample norms
   either by instantiation — G_b formed for a block of samples at a time (``block_size``, about 16 MB of
   fp32 per block, so B×d_out×d_in is never held at once) and clipped/summed in the same pass — or by the
-  ghost norm ‖G_b‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) (2BT²(d_in+d_out) FLOPs instead of 2BT·d_in·d_out; cheaper
-  when 2T² < d_in·d_out, the switch used by private-transformers and FastDP) followed by one GEMM over the
-  B·T rows, W_grad = (f ⊙ g)ᵀ a (book-keeping trick). Accumulation is fp32 (fp64 for fp64 inputs); the
+  ghost norm ‖G_b‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) (2BT²(d_in+d_out) FLOPs instead of 2BT·d_in·d_out)
+  followed by one GEMM over the B·T rows, W_grad = (f ⊙ g)ᵀ a (book-keeping trick). For norms alone the
+  ghost norm is cheaper when 2T² < d_in·d_out (:func:`use_ghost_norm`); when the clipped sum is wanted too,
+  instantiation gets the sum for free and wins unless T²(d_in+d_out) < 8·d_in·d_out
+  (:func:`use_ghost_for_clip_sum`). Accumulation is fp32 (fp64 for fp64 inputs); the
   result is fp32 (fp64 for fp64 inputs) and the caller casts.
 * Triton (:func:`clip_sum_triton`): two kernels, neither of which writes a per-sample gradient.
 
@@ -76,6 +78,7 @@ __all__ = [
     "HAVE_TRITON",
     "clip_factors",
     "use_ghost_norm",
+    "use_ghost_for_clip_sum",
     "per_sample_norms_reference",
     "ghost_norms",
     "per_sample_norms",
@@ -143,8 +146,24 @@ def clip_factors(norms: torch.Tensor, C: float) -> torch.Tensor:
 
 
 def use_ghost_norm(T: int, d_in: int, d_out: int) -> bool:
-    """True when the ghost norm (2T²(d_in+d_out) FLOPs/sample) beats instantiation (2T·d_in·d_out)."""
+    """Norms only (flat mode): True when the ghost norm (2T²(d_in+d_out) FLOPs/sample) beats instantiation
+    (2T·d_in·d_out). The switch used by private-transformers and FastDP."""
     return 2 * T * T < d_in * d_out
+
+
+GHOST_SUM_FACTOR = 8  # a memory pass over G_b costs about this many GEMM FLOPs per element on a CPU
+
+
+def use_ghost_for_clip_sum(T: int, d_in: int, d_out: int) -> bool:
+    """Norms *and* the clipped sum (per-layer mode): ghost only when its extra work is below instantiation's.
+
+    Instantiation forms G_b anyway, so the clipped sum Σ_b f_b G_b costs memory passes over B·d_in·d_out
+    elements and no extra GEMM; the ghost path adds 2BT²(d_in+d_out) FLOPs of Gram matrices on top of the
+    (f ⊙ g)ᵀ a GEMM. Ghost wins when T²(d_in+d_out) < GHOST_SUM_FACTOR·d_in·d_out, i.e. for short
+    sequences (T ≲ 8 at width 256). Measured on 2 CPU cores (docs/flashdp.md): at B=8, T=128, width 256
+    instantiation costs 1.5× the plain weight-gradient GEMM and the ghost path 2.5–7×.
+    """
+    return T * T * (d_in + d_out) < GHOST_SUM_FACTOR * d_in * d_out
 
 
 def _block(B: int, d_in: int, d_out: int, block_size: int | None) -> int:
@@ -218,14 +237,14 @@ def clip_sum_reference(
     (B,) is given, in which case no norm is computed and grad = Σ_b factors_b G_b (+ noise) in one GEMM.
     ``norm_method``: ``"instantiate"`` forms G_b for ``block_size`` samples at a time and clips and sums
     them in the same pass; ``"ghost"`` takes ghost norms and then one GEMM (f ⊙ g)ᵀ a over all B·T rows;
-    ``"auto"`` picks by :func:`use_ghost_norm`. ``generator`` seeds the noise (on ``a``'s device).
+    ``"auto"`` picks by :func:`use_ghost_for_clip_sum`. ``generator`` seeds the noise (on ``a``'s device).
     """
     a, g = _check(a, g, C, noise_std, factors, _REFERENCE_DTYPES, "reference")
     acc = _acc_dtype(a, g)
     B, T, d_in = a.shape
     d_out = g.shape[2]
     if norm_method == "auto":
-        norm_method = "ghost" if use_ghost_norm(T, d_in, d_out) else "instantiate"
+        norm_method = "ghost" if use_ghost_for_clip_sum(T, d_in, d_out) else "instantiate"
     if norm_method not in ("ghost", "instantiate"):
         raise ValueError(f"norm_method must be 'auto', 'ghost' or 'instantiate', got {norm_method!r}")
 

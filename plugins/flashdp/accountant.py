@@ -333,16 +333,23 @@ class RDPAccountant:
 
 # ----------------------------------------------------------------------------------------------- σ search
 def _epsilon(sigma: float, q: float, steps: int, delta: float, conversion: str,
-             alphas: Sequence[float]) -> float:
+             alphas: Sequence[float], accountant: str = "rdp") -> float:
+    if accountant == "prv":
+        from .prv import compose_epsilon
+
+        return compose_epsilon([(sigma, q, steps)], delta)[2]
     return get_privacy_spent(alphas, compute_rdp(q, sigma, steps, alphas), delta, conversion)[0]
 
 
 def get_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          epsilon_tolerance: float = 0.01, conversion: str = "opacus",
-                         alphas: Sequence[float] | None = None) -> float:
+                         alphas: Sequence[float] | None = None, accountant: str = "rdp") -> float:
     """Smallest σ (up to the bisection tolerance) whose ε after ``steps`` steps at rate ``sample_rate`` is at
-    most ``target_epsilon``; Opacus' search (see the module docstring). Raises ValueError if it is unreachable."""
+    most ``target_epsilon``; Opacus' search (see the module docstring). Raises ValueError if it is unreachable.
+    ``accountant="prv"`` measures ε with :mod:`.prv` (its upper bound) instead of RDP."""
     _check_conversion(conversion)
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"accountant {accountant!r}; allowed: rdp, prv")
     delta = check_delta(delta)
     q = check_sample_rate(sample_rate)
     steps = _check_steps(steps)
@@ -362,10 +369,10 @@ def get_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float
             raise ValueError(
                 f"target_epsilon={target:g} is unreachable for delta={delta:g}, sample_rate={q:g}, steps={steps}: "
                 f"sigma would exceed {MAX_SIGMA:g} (eps at sigma={sigma_high / 2:g} is {eps_high:.4g})")
-        eps_high = _epsilon(sigma_high, q, steps, delta, conversion, orders)
+        eps_high = _epsilon(sigma_high, q, steps, delta, conversion, orders, accountant)
     while target - eps_high > epsilon_tolerance:
         sigma = (sigma_low + sigma_high) / 2.0
-        eps = _epsilon(sigma, q, steps, delta, conversion, orders)
+        eps = _epsilon(sigma, q, steps, delta, conversion, orders, accountant)
         if eps < target:
             sigma_high, eps_high = sigma, eps
         else:

@@ -19,3 +19,4 @@ class FlashDPConfig:
     allow_no_privacy: bool = False  # permit noise_multiplier 0 (a clipping-only run; ε = inf)
     poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes)
     conversion: str = "opacus"  # RDP -> (ε, δ) conversion: opacus | classic
+    accountant: str = "rdp"  # rdp (Rényi DP) | prv (privacy loss random variables: tighter ε, same guarantee)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
+from .prv import PRVAccountant
 from .layers import DPContext, Group, make_private_layer, supported_kind, total_threshold
 
 
@@ -32,7 +33,7 @@ class FlashDP:
 
     def __init__(self, mode: str, max_grad_norm: float, thresholds: dict, noise_multiplier, target_epsilon,
                  delta: float, skip: list, unsupported: str, allow_no_privacy: bool, poisson: bool,
-                 conversion: str):
+                 conversion: str, accountant: str = "rdp"):
         if mode not in ("per_layer", "flat"):
             raise ValueError(f"grad_transform mode {mode!r}; allowed: per_layer, flat")
         if not max_grad_norm > 0:
@@ -51,10 +52,13 @@ class FlashDP:
                              "grad_transform.allow_no_privacy=true to run clipping only")
         if conversion not in ("opacus", "classic"):
             raise ValueError(f"grad_transform.conversion {conversion!r}; allowed: opacus, classic")
+        if accountant not in ("rdp", "prv"):
+            raise ValueError(f"grad_transform.accountant {accountant!r}; allowed: rdp, prv")
         self.mode, self.max_grad_norm, self.thresholds = mode, max_grad_norm, dict(thresholds)
         self.sigma, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.skip, self.unsupported, self.poisson, self.conversion = list(skip), unsupported, poisson, conversion
-        self.accountant = RDPAccountant()
+        self.accountant_kind = accountant
+        self.accountant = RDPAccountant() if accountant == "rdp" else PRVAccountant()
         self.ctx = DPContext(flat=mode == "flat", flat_threshold=max_grad_norm)
         self.groups: list[Group] = []
         self.frozen: list[str] = []
@@ -75,7 +79,7 @@ class FlashDP:
         model.register_forward_pre_hook(self._note_batch, with_kwargs=True)
         if self.sigma is None:
             self.sigma = get_noise_multiplier(self.target_epsilon, self.delta, self.q, steps,
-                                              conversion=self.conversion)
+                                              conversion=self.conversion, accountant=self.accountant_kind)
         c_total = self.max_grad_norm if self.mode == "flat" else total_threshold(self.groups)
         self.ctx.noise_std = self.sigma * c_total
         return model

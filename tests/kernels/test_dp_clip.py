@@ -30,6 +30,7 @@ from plait.kernels.dp_clip import (
     ghost_norms,
     per_sample_norms,
     per_sample_norms_reference,
+    use_ghost_for_clip_sum,
     use_ghost_norm,
 )
 
@@ -138,6 +139,16 @@ def test_sensitivity_bound_with_huge_canary():
 # ----------------------------------------------------------------------------------------------------------
 # Ghost norms
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "T,d_in,d_out,ghost",
+    [(128, 256, 256, False), (128, 256, 2048, False), (4, 256, 256, True), (32, 256, 256, False),
+     (31, 256, 256, True), (1, 1, 1, True), (3, 1, 1, False)],
+)
+def test_clip_sum_switch_counts_ghost_work_against_free_sum(T, d_in, d_out, ghost):
+    # closed form: ghost iff T²(d_in + d_out) < 8·d_in·d_out
+    assert use_ghost_for_clip_sum(T, d_in, d_out) is ghost
+
+
 @pytest.mark.parametrize(
     "T,d_in,d_out,ghost_cheaper",
     [(2, 8, 8, True), (4, 16, 12, True), (16, 4, 4, False), (12, 6, 3, False), (1, 5, 7, True), (1, 1, 1, False)],
