@@ -361,8 +361,9 @@ def main(argv=None) -> None:
         "goals": goals,
         "first_losses_agree": (max(first.values()) - min(first.values()) < 1e-4) if first else None,
         "notes": ["step_ms lists every round, warm-up included; median/min/mean and ratios use the timed rounds",
-                  "CPU: FlashDP runs its PyTorch path (ghost norm where 2T^2 < d_in*d_out, else blocks of "
-                  "instantiated per-sample grads); the Triton kernels are GPU-only",
+                  "CPU: FlashDP runs its PyTorch path (per-layer: blocks of instantiated per-sample grads clipped and "
+                  "summed in one pass unless T^2(d_in+d_out) < 8 d_in d_out; flat: ghost norms where "
+                  "2T^2 < d_in*d_out); the Triton kernels are GPU-only",
                   "Opacus variants do no accounting here; FlashDP's step includes its RDP accountant step",
                   "shared machine: step times vary round to round; differences under ~10% are noise"],
         "total_wall_s": round(time.perf_counter() - t_start, 1),
