@@ -1,0 +1,147 @@
+"""Config dataclasses (schemas) of the capsule plugin."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+@dataclass
+class TubeConfig:
+    """Dataset ``capsule_tube``: synthetic capsule in a textured tube (depth, pose, IMU, vibration)."""
+
+    height: int = 64
+    width: int = 80
+    vibration: str = "low"  # none | low | high (collision rate, amplitude, image noise)
+    train_sequences: int = 4
+    test_sequences: int = 2
+    num_frames: int = 40  # per sequence
+    seed: int = 0
+    fps: float = 10.0
+    imu_rate: float = 100.0  # a whole multiple of fps; the IMU window has imu_rate/fps samples
+    fold: float = 0.12  # radial fold amplitude (fraction of the radius)
+    blur_subframes: int = 3  # renders averaged over the exposure (motion blur)
+    far: float = 8.0  # rays beyond this depth see the dark lumen (invalid depth)
+
+
+@dataclass
+class VideoIMUConfig:
+    """Dataset ``capsule_video``: real frames + IMU CSV (layout in docs/capsule.md)."""
+
+    root: str = "???"
+    height: int = 64
+    width: int = 80
+    imu_rate: float = 100.0  # expected IMU sampling rate (Hz); checked against the CSV timestamps
+    test_fraction: float = 0.25  # trailing frames held out
+
+
+@dataclass
+class LesionConfig:
+    """Dataset ``capsule_lesions``: synthetic 14-class long-tailed capsule images (Kvasir-Capsule proportions)."""
+
+    num_images: int = 1400  # total; classes follow Kvasir-Capsule proportions with a floor of min_per_class
+    image_size: int = 32
+    min_per_class: int = 10
+    test_fraction: float = 0.3  # stratified
+    difficulty: float = 0.5  # 0: large high-contrast lesions … 1: small faint ones
+    seed: int = 0
+
+
+@dataclass
+class RedLesionConfig:
+    """Dataset ``capsule_red_lesions``: synthetic binary red lesion (angiectasia/bleeding) vs normal, ~1:2."""
+
+    num_images: int = 600
+    image_size: int = 32
+    test_fraction: float = 0.3
+    difficulty: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class ImageFolderConfig:
+    """Dataset ``capsule_image_folder``: root/<class>/<image> (Kvasir-Capsule layout), PNG/JPEG/PPM/BMP."""
+
+    root: str = "???"
+    image_size: int = 64
+    test_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class V2SfMLearnerConfig:
+    """Model family ``v2_sfmlearner``: depth net + pose net (+ vibration branch and Fourier fusion)."""
+
+    depth_width: int = 64  # 64 with blocks [2,2,2,2] is ResNet-18
+    depth_blocks: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    pose_width: int = 64
+    pose_blocks: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    decoder_channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    scales: int = 4
+    vibration: bool = True  # false: the vision-only ablation
+    vibration_dim: int = 32
+    lstm_hidden: int = 16
+    seed: int = 0
+
+
+@dataclass
+class PiTConfig:
+    """Model family ``pit``: preset ti | xs | s | b, or '' for the custom sizes below."""
+
+    preset: str = ""
+    image_size: int = 32
+    num_classes: int = 14
+    patch: int = 4
+    stride: int = 2
+    base_dims: List[int] = field(default_factory=lambda: [16, 16, 16])
+    depth: List[int] = field(default_factory=lambda: [1, 2, 1])
+    heads: List[int] = field(default_factory=lambda: [1, 2, 4])
+    drop_path: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ViTConfig:
+    """Model family ``vit``: plain ViT ablation (one token grid, no pooling)."""
+
+    image_size: int = 32
+    num_classes: int = 14
+    patch: int = 4
+    stride: int = 4
+    dim: int = 32
+    depth: int = 4
+    heads: int = 2
+    drop_path: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class DepthRecipeConfig:
+    """Recipe ``depth``: self-supervised depth + ego-motion (steps: ``run.steps``)."""
+
+    lr: float = 1.0e-3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    lr_step: int = 0  # StepLR step in steps (0: constant), γ 0.1
+    ssim_weight: float = 0.85
+    smoothness: float = 1.0e-3  # divided by 2^scale
+    automask: bool = True
+    multiscale: bool = True  # false: scale 0 only
+    eval_snippet: int = 5  # frames per ATE snippet
+    log_images: bool = True  # depth maps and warped frames in TensorBoard at each evaluation
+
+
+@dataclass
+class ClassifyRecipeConfig:
+    """Recipe ``classify``: from-scratch image classification with imbalance handling (steps: ``run.steps``)."""
+
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    warmup_steps: int = 20
+    loss: str = "ce"  # ce | weighted_ce | focal
+    class_weighting: str = "inverse"  # inverse (1/n_c) | effective (Cui et al., β below); for weighted_ce/focal
+    beta: float = 0.999
+    focal_gamma: float = 2.0
+    sampler: str = "uniform"  # uniform | weighted (each class drawn equally often)
+    label_smoothing: float = 0.0
+    augment: bool = True  # random flips and 90° rotations (capsule images have no canonical orientation)

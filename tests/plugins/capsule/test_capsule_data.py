@@ -1,0 +1,130 @@
+"""Dataset checks: synthetic tube (determinism, IMU consistent with the pose), lesion proportions, metrics
+against scikit-learn, and the real-data loaders on small files written in their layouts (incl. bad input)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import balanced_accuracy_score, f1_score, matthews_corrcoef
+
+from plait.plugins.capsule.lesions import KVASIR_CAPSULE_COUNTS, class_counts, make_red_lesions
+from plait.plugins.capsule.metrics import ate, best_constant_abs_rel, classification_metrics
+from plait.plugins.capsule.real import load_image_folder, load_video_imu
+from plait.plugins.capsule.tube import _log_rot, generate_split
+
+SMALL = dict(num_sequences=1, num_frames=6, height=16, width=20, blur_subframes=1)
+
+
+def test_tube_is_seeded_and_vibration_levels_differ():
+    a = generate_split(vibration="high", seed=1, **SMALL)
+    b = generate_split(vibration="high", seed=1, **SMALL)
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.imu, b.imu)
+    low = generate_split(vibration="low", seed=1, **{**SMALL, "num_frames": 30})
+    high = generate_split(vibration="high", seed=1, **{**SMALL, "num_frames": 30})
+    assert high.intensity.mean() > low.intensity.mean()
+    assert a.imu.shape == (1, 5, 6, 10)
+    with pytest.raises(ValueError, match="whole multiple"):
+        generate_split(vibration="low", seed=0, imu_rate=95.0, **SMALL)
+
+
+def test_imu_gyro_integrates_to_the_ground_truth_rotation():
+    # smooth motion only: 100 Hz rectangle-rule integration cannot follow 8-30 Hz collision ringing
+    s = generate_split(vibration="none", seed=2, **{**SMALL, "num_frames": 8})
+    c2w = s.c2w.numpy()[0]
+    errs, mags = [], []
+    for i in range(7):
+        rel = np.linalg.inv(c2w[i])[:3, :3] @ c2w[i + 1][:3, :3]  # R_i^T R_{i+1}
+        gyro = s.imu[0, i, 3:].numpy().astype(np.float64)  # (3, T) rad/s, 100 Hz
+        integrated = gyro.sum(1) / 100.0
+        errs.append(np.linalg.norm(integrated - _log_rot(rel)))
+        mags.append(np.linalg.norm(_log_rot(rel)))
+    # bias + noise (σ 0.02 rad/s) and first-order integration leave a small residual
+    assert np.mean(errs) < 0.2 * np.mean(mags)
+    # a sign or frame error (world-frame rates, or R_{i+1} R_iᵀ) would not integrate to the body rotation
+
+
+def test_lesion_counts_follow_kvasir_capsule_with_floor():
+    counts = class_counts(1400, 10)
+    assert counts.sum() >= 1400 and counts.min() == 10 and len(counts) == 14
+    p = np.array(list(KVASIR_CAPSULE_COUNTS.values()), dtype=float)
+    assert abs(counts[0] / counts.sum() - p[0] / p.sum()) < 0.02  # normal ≈ 72.7 %
+    red = make_red_lesions(num_images=60, image_size=16, seed=0)
+    y = torch.cat([red.train.y, red.test.y])
+    assert abs(float(y.float().mean()) - 1 / 3) < 0.02
+
+
+def test_classification_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    pred = np.where(rng.random(300) < 0.6, y, rng.integers(0, 5, 300))
+    m = classification_metrics(y, pred, 5)
+    assert m["accuracy"] == pytest.approx((y == pred).mean())
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["mcc"] == pytest.approx(matthews_corrcoef(y, pred))
+
+
+def test_ate_and_best_constant_against_brute_force():
+    g = np.cumsum(np.random.default_rng(1).normal(size=(5, 3)), 0)
+    assert ate(g, 2.5 * g) == pytest.approx(0.0, abs=1e-12)  # scale is aligned away
+    p = g + np.random.default_rng(2).normal(size=(5, 3))
+    scales = np.linspace(0, 3, 30001)
+    gg, pp = g - g[0], p - p[0]
+    brute = min(np.sqrt(((s * pp - gg) ** 2).sum()) / 5 for s in scales)
+    assert ate(g, p) == pytest.approx(brute, rel=1e-4)
+    gt = torch.rand(2, 6, 7) * 5 + 0.5
+    valid = torch.ones_like(gt, dtype=torch.bool)
+    brute_c = np.mean([min(float(((g_ - c).abs() / g_).mean()) for c in torch.linspace(0.5, 5.5, 5001))
+                       for g_ in gt.flatten(1)])
+    assert best_constant_abs_rel(gt, valid) == pytest.approx(brute_c, abs=1e-3)
+
+
+def _png(path, colour, size=(12, 10)):
+    Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_loader_and_errors(tmp_path):
+    for name, colour in [("angiectasia", (200, 10, 10)), ("normal", (180, 120, 100))]:
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            _png(tmp_path / name / f"{i}.png", colour)
+    data = load_image_folder(root=str(tmp_path), image_size=8, test_fraction=0.25)
+    assert data.classes == ["angiectasia", "normal"] and data.train.x.shape[1:] == (3, 8, 8)
+    assert len(data.train.y) + len(data.test.y) == 8 and set(data.test.y.tolist()) == {0, 1}
+    assert torch.allclose(data.train.x[data.train.y == 0][0, :, 0, 0], torch.tensor([200, 10, 10]) / 255.0)
+    (tmp_path / "normal" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"bad\.png' is unreadable"):
+        load_image_folder(root=str(tmp_path))
+    (tmp_path / "normal" / "bad.png").unlink()
+    (tmp_path / "polyp").mkdir()
+    with pytest.raises(ValueError, match=r"class directory '.*polyp' holds no images"):
+        load_image_folder(root=str(tmp_path))
+
+
+def _video(root, n=8, fps=10, rate=100, drop=None, intrinsics=True):
+    (root / "frames").mkdir(parents=True)
+    for i in range(n):
+        _png(root / "frames" / f"{i:04d}.png", (10 * i, 100, 100), size=(20, 16))
+    (root / "frames.csv").write_text("t\n" + "".join(f"{i / fps}\n" for i in range(n)))
+    rows = [f"{j / rate},{j},0,0,0,0,{j % 3}\n" for j in range(int((n - 1) * rate / fps) + 1) if j != drop]
+    (root / "imu.csv").write_text("t,ax,ay,az,gx,gy,gz\n" + "".join(rows))
+    if intrinsics:
+        (root / "intrinsics.json").write_text(json.dumps({"fx": 0.8, "fy": 1.0, "cx": 0.5, "cy": 0.5}))
+
+
+def test_video_imu_loader_and_errors(tmp_path):
+    _video(tmp_path / "ok")
+    d = load_video_imu(root=str(tmp_path / "ok"), height=16, width=20, imu_rate=100)
+    assert d.imu_window == 10 and d.train.imu.shape[1:] == (2, 6, 10) and d.test.frames.shape[1] == 5
+    assert torch.equal(d.train.imu[0, 1, 0], torch.arange(10, 20).float())  # acc x column of frames 1→2
+    with pytest.raises(ValueError, match="sampled at 100 Hz but imu_rate is 200 Hz"):
+        load_video_imu(root=str(tmp_path / "ok"), imu_rate=200)
+    _video(tmp_path / "gap", drop=35)
+    with pytest.raises(ValueError, match="IMU window of frames 3-4 .* has 9 samples, expected 10"):
+        load_video_imu(root=str(tmp_path / "gap"))
+    _video(tmp_path / "nok", intrinsics=False)
+    with pytest.raises(FileNotFoundError, match="intrinsics"):
+        load_video_imu(root=str(tmp_path / "nok"))

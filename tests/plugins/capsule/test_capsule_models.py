@@ -1,0 +1,111 @@
+"""Model checks: V2 == vision-only at init, input validation, PiT shapes and parameter counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.plugins.capsule.depthnet import FourierFusion, build_v2_sfmlearner
+from plait.plugins.capsule.pit import PRESETS, build_pit, build_vit, count_parameters
+
+TINY = dict(height=32, width=48, depth_width=8, depth_blocks=[1, 1, 1], pose_width=8, pose_blocks=[1, 1, 1],
+            decoder_channels=[8, 8, 16, 32], imu_window=10)
+
+
+def test_v2_equals_vision_only_exactly_at_init():
+    v2 = build_v2_sfmlearner(vibration=True, seed=0, **TINY).eval()
+    vision = build_v2_sfmlearner(vibration=False, seed=0, **TINY).eval()
+    # same seed → same depth/pose weights; copy them to be independent of parameter creation order
+    missing = vision.load_state_dict({k: v for k, v in v2.state_dict().items() if k in vision.state_dict()})
+    assert not missing.missing_keys
+    torch.manual_seed(1)
+    a, b, imu = torch.rand(3, 3, 32, 48), torch.rand(3, 3, 32, 48), torch.randn(3, 6, 10) * 50
+    assert torch.equal(v2.pose(a, b, imu), vision.pose(a, b))
+    assert torch.equal(v2.depth(a).depth, vision.depth(a).depth)
+    # once γ moves, the IMU changes the pose (the branch is wired in)
+    with torch.no_grad():
+        v2.pose_net.fusion.gamma.fill_(0.5)
+        v2.pose_net.fusion.amp[-1].bias.normal_()
+    assert not torch.equal(v2.pose(a, b, imu), vision.pose(a, b))
+
+
+def test_fourier_fusion_spectral_path_reconstructs_input_at_init():
+    f = FourierFusion(channels=4, dim=8)
+    feat = torch.randn(2, 4, 5, 6)
+    with torch.no_grad():
+        f.gamma.fill_(1.0)
+        f.proj.weight.copy_(torch.eye(4)[:, :, None, None])
+        f.proj.bias.zero_()
+    # gates 1 and DC shift 0 at init: irfft2(rfft2(F)) = F, so output = F + F
+    assert torch.allclose(f(feat, torch.randn(2, 8)), 2 * feat, atol=1e-5)
+    with torch.no_grad():  # a DC shift b adds b to every pixel of its channel
+        f.dc[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0]))
+    with torch.no_grad():
+        shift = f(feat, torch.zeros(2, 8)) - 2 * feat
+    assert torch.allclose(shift[:, 0], torch.ones(2, 5, 6) * shift[0, 0, 0, 0], atol=1e-5)
+    assert float(shift[0, 0, 0, 0]) > 0 and shift[:, 1:].abs().max() < 1e-5
+
+
+def test_depth_bounds_and_scales():
+    m = build_v2_sfmlearner(vibration=False, seed=0, min_depth=0.1, max_depth=10.0, **{**TINY})
+    out = m.depth(torch.rand(2, 3, 32, 48))
+    assert set(out.disp) == {0, 1, 2, 3}
+    for s, d in out.disp.items():
+        assert d.shape == (2, 1, 32 // 2**s, 48 // 2**s)
+    assert out.depth.min() >= 0.1 * (1 - 1e-6) and out.depth.max() <= 10.0 * (1 + 1e-6)
+
+
+def test_bad_inputs_are_one_line_errors():
+    with pytest.raises(ValueError, match="not divisible by the network stride 16"):
+        build_v2_sfmlearner(**{**TINY, "width": 50})
+    m = build_v2_sfmlearner(**TINY)
+    x = torch.rand(1, 3, 32, 48)
+    with pytest.raises(ValueError, match=r"IMU window must have shape \(B, 6, 10\)"):
+        m.pose(x, x, torch.randn(1, 6, 12))
+    with pytest.raises(ValueError, match=r"IMU window must have shape"):
+        m.pose(x, x, torch.randn(1, 3, 10))
+
+
+def _closed_form_pit(patch, stride, base_dims, depth, heads, image=224, classes=1000, cin=3):
+    """Hand count: patch conv, pos embed, cls token, 12C²+13C per block, pooling conv+fc, norm, head."""
+    dims = [b * h for b, h in zip(base_dims, heads)]
+    g = (image - patch) // stride + 1
+    n = cin * patch * patch * dims[0] + dims[0] + dims[0] * g * g + dims[0]
+    for i, (c, d) in enumerate(zip(dims, depth)):
+        n += d * (12 * c * c + 13 * c)
+        if i < len(dims) - 1:
+            c2 = dims[i + 1]
+            n += c2 * 9 + c2 + c * c2 + c2
+    return n + 2 * dims[-1] + dims[-1] * classes + classes
+
+
+# PiT paper (Heo et al. 2021), Table: ImageNet parameter counts in millions
+PUBLISHED_M = {"ti": 4.9, "xs": 10.6, "s": 23.5, "b": 73.8}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_pit_parameter_count_matches_closed_form_and_published(preset):
+    model = build_pit(preset=preset, image_size=224, num_classes=1000)
+    n = count_parameters(model)
+    assert n == _closed_form_pit(**PRESETS[preset])
+    # published figures are rounded: Ti is 4.847M (timm's table lists 4.85M; the paper prints 4.9M)
+    assert abs(n / 1e6 - PUBLISHED_M[preset]) <= 0.055
+
+
+@pytest.mark.slow
+def test_pit_token_grids_per_stage():
+    assert build_pit(preset="ti").token_grids(224) == [(27, 27), (14, 14), (7, 7)]
+    assert build_pit(preset="b").token_grids(224) == [(31, 31), (16, 16), (8, 8)]
+    tiny = build_pit(image_size=64, num_classes=14, patch=8, stride=4, base_dims=[8, 8, 8], depth=[1, 1, 1],
+                     heads=[1, 2, 4])
+    assert tiny.token_grids(64) == [(15, 15), (8, 8), (4, 4)]
+    assert tiny(torch.rand(2, 3, 64, 64)).shape == (2, 14)
+    with pytest.raises(ValueError, match="token grid"):
+        tiny(torch.rand(1, 3, 32, 32))
+
+
+def test_vit_ablation_has_one_grid_and_matches_closed_form():
+    vit = build_vit(image_size=32, num_classes=14, patch=4, stride=4, dim=32, depth=3, heads=2)
+    assert vit.token_grids(32) == [(8, 8)]
+    assert count_parameters(vit) == _closed_form_pit(4, 4, [16], [3], [2], image=32, classes=14)
+    with pytest.raises(ValueError, match="divisible"):
+        build_vit(dim=30, heads=4)
