@@ -1,6 +1,7 @@
 """The ``plait`` command line.
 
     plait run CONFIG [key=value …] [~key …]     compose and perform a run
+    plait run --nproc N CONFIG […]               the same on N local processes (starts torchrun for you)
     plait validate CONFIG [key=value …]          resolve and check every section's schema, build nothing
     plait config CONFIG [key=value …]            print the resolved config as YAML
     plait plugins [--json]                       loaded plugins, versions, hooks, load errors
@@ -55,11 +56,26 @@ def cmd_run(args) -> int:
     from .config import load_config
     from .run import execute
 
+    if args.nproc is not None and args.nproc != 1:
+        return _launch_torchrun(args)
     path, overrides = _split_config_arg(args)
     cfg = load_config(path, overrides)
     run = execute(cfg)
-    _print_report(run)
+    if run.rank == 0:
+        _print_report(run)
     return 130 if run.status == "interrupted" else 0
+
+
+def _launch_torchrun(args) -> int:
+    """``plait run --nproc N …``: ``torchrun --standalone --nproc-per-node N -m plait run …`` (one node)."""
+    import subprocess
+
+    if args.nproc < 1:
+        raise PlaitError(f"--nproc: must be at least 1, got {args.nproc}")
+    argv = [a for a in (args.config, *args.overrides) if a is not None]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "plait", "run", *argv]
+    return subprocess.run(cmd).returncode
 
 
 def _print_report(run) -> None:
@@ -184,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("config", cmd_config, "print the resolved config")):
         p = sub.add_parser(name, help=help_)
         _compose_args(p)
+        if name == "run":
+            p.add_argument("--nproc", type=int, default=None, metavar="N",
+                           help="run on N local processes through torchrun (for a parallel: strategy)")
         p.set_defaults(func=func)
     p = sub.add_parser("plugins", help="list loaded plugins")
     p.add_argument("--json", action="store_true")

@@ -91,7 +91,13 @@ class InfluenceEstimator(Protocol):
 
 @runtime_checkable
 class ParallelStrategy(Protocol):
-    """How work is split across processes (rank, world size, the collectives a recipe needs)."""
+    """How work is split across processes (rank, world size, the collectives a recipe needs).
+
+    Optional members the core uses when present: ``check_config(text)`` (refuse ranks whose resolved configs
+    differ), ``broadcast_object(obj)`` (rank 0 hands the run directory to the others) and ``close()`` (end the
+    process group). Optional members the ``zo`` recipe uses: ``wrap_perturbation``, ``wrap_engine``,
+    ``local_batch`` and ``metrics`` (plugins/distzo2). Only rank 0 writes the run directory.
+    """
 
     rank: int
     world_size: int

@@ -65,6 +65,12 @@ class Run:
     resume_state: tuple[int, dict] | None = None  # (step, state) of the checkpoint resumed from
     status: str = "running"
     summary: dict[str, Any] = field(default_factory=dict)
+    parallel: Any = None  # the ``parallel:`` strategy, built before anything else (None without the section)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank; only rank 0 writes the run directory, metrics and checkpoints."""
+        return int(getattr(self.parallel, "rank", 0))
 
     def has(self, section: str) -> bool:
         return section in self.components
@@ -119,12 +125,56 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _NullLogger:
+    """The metrics logger of ranks other than 0: they compute the same metrics but write nothing."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.last.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NoCheckpoints(Checkpointer):
+    """The checkpointer of ranks other than 0: reads like rank 0's (resume), never writes."""
+
+    def save(self, step: int, state: dict) -> Path:
+        return self.dir / f"step_{step:08d}"
+
+
+def _start_parallel(cfg: DictConfig, components: dict[str, Any]) -> Any:
+    """Build the ``parallel:`` strategy first (it may start a process group) and let it check that every rank
+    runs the same resolved config (its optional ``check_config(text)``)."""
+    if "parallel" not in components:
+        return None
+    parallel = _call_factory(components["parallel"], {})
+    check = getattr(parallel, "check_config", None)
+    if check is not None:
+        check(OmegaConf.to_yaml(cfg))
+    return parallel
+
+
 def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
-    """Validate, seed, and set up the run directory. Nothing is written before validation passes."""
+    """Validate, seed, and set up the run directory. Nothing is written before validation passes.
+
+    With a ``parallel:`` strategy of several ranks, rank 0 creates the run directory and hands its path to the
+    others (the strategy's optional ``broadcast_object``); only rank 0 writes metrics and checkpoints.
+    """
     host = host or get_host()
     host.check_healthy()
     components = validate(cfg, host.registries)
     device = resolve_device(cfg.run.device)
+    parallel = _start_parallel(cfg, components)
+    main = int(getattr(parallel, "rank", 0)) == 0
     resume_state = None
     if cfg.run.resume:
         run_dir = Path(cfg.run.resume)
@@ -135,14 +185,21 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
             raise CheckpointError(f"run.resume: '{run_dir}' has no complete checkpoint under checkpoints/")
         resume_state = Checkpointer.load(latest)
     else:
-        run_dir = _new_run_dir(cfg.run.out_dir, cfg.run.name)
-        _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        run_dir = _new_run_dir(cfg.run.out_dir, cfg.run.name) if main else Path(cfg.run.out_dir) / cfg.run.name
+        if main:
+            _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        share = getattr(parallel, "broadcast_object", None)
+        if share is not None:
+            run_dir = Path(share(str(run_dir)))
     seed_everything(cfg.run.seed)
     observers = [(lambda step, metrics, f=f: f(run=run, step=step, metrics=metrics))
                  for f in host.observers("on_log")]
-    logger = MetricsLogger(run_dir, purge_after=resume_state[0] if resume_state else None, observers=observers)
-    run = Run(cfg, components, host, run_dir, device, logger,
-              Checkpointer(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints), resume_state)
+    if main:
+        logger = MetricsLogger(run_dir, purge_after=resume_state[0] if resume_state else None, observers=observers)
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    else:
+        logger, checkpointer = _NullLogger(), _NoCheckpoints(run_dir / "checkpoints")
+    run = Run(cfg, components, host, run_dir, device, logger, checkpointer, resume_state, parallel=parallel)
     return run
 
 
@@ -156,8 +213,9 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
     except PlaitError:
         # a bad value found while building (before any step): leave no half-made run directory behind
         run.logger.close()
-        if run.resume_state is None:
+        if run.resume_state is None and run.rank == 0:
             shutil.rmtree(run.dir, ignore_errors=True)
+        _close_parallel(run)
         raise
     hook.on_run_start(run=run)
     try:
@@ -174,8 +232,16 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
                             "wall_seconds": round(time.time() - t0, 3)})
         run.summary.setdefault("final", dict(run.logger.last))
         run.logger.close()
-        _write_atomic(run.dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
+        if run.rank == 0:
+            _write_atomic(run.dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
+        _close_parallel(run)
     return run
+
+
+def _close_parallel(run: Run) -> None:
+    close = getattr(run.parallel, "close", None)
+    if close is not None:
+        close()
 
 
 class Task(Protocol):
@@ -223,7 +289,7 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
         run.checkpointer.save(step, {"task": task.state_dict(), "rng": rng_state(),
                                      "loop": {"window": window, "first_eval": first_eval}})
 
-    progress = Progress(rc.steps, initial=start, enabled=rc.progress)
+    progress = Progress(rc.steps, initial=start, enabled=rc.progress and getattr(run, "rank", 0) == 0)
     step, final_eval, t_window = start, None, time.perf_counter()
     with _stop_on_sigint() as stop:
         try:

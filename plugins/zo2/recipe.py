@@ -4,6 +4,9 @@ The ZO step is done by an engine chosen by the ``offload:`` section: ``none`` (p
 parameter on the device; the default) or ``zo2`` (fused dual forward with blocks streamed from host memory or
 disk). Both give the same numbers; ``zo2`` needs a fraction of the device memory.
 
+A ``parallel:`` strategy that adapts the ZO step (DistZO2's ``zo_ddp`` / ``pertp`` / ``2d``: optional members
+``wrap_perturbation``, ``wrap_engine``, ``local_batch``, ``metrics``) splits each step across processes.
+
     plait run configs/zo2/opt.yaml
 """
 from __future__ import annotations
@@ -38,10 +41,16 @@ class ZORecipe:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("transforms: every parameter is frozen; zo has nothing to train")
         self.mezo = run.build("perturbation")
+        self.parallel = run.parallel if hasattr(run.parallel, "wrap_perturbation") else None
+        if self.parallel is not None:
+            self.mezo = self.parallel.wrap_perturbation(self.mezo)
         if run.has("offload"):
             self.engine = run.build("offload", model=model, device=self.device, mezo=self.mezo, run_dir=run.dir)
         else:
             self.engine = InPlaceMeZO(model, self.device, self.mezo)
+        if self.parallel is not None:
+            self.engine = self.parallel.wrap_engine(self.engine, self.mezo)
+        self.world_size = int(getattr(run.parallel, "world_size", 1))
         splits = load_text_splits(run, self.tokenizer, c.max_length, c.eval_examples)
         self.data, self.train_items = splits.data, splits.train_items
         self.eval_examples, self.eval_items = splits.eval_examples, splits.eval_items
@@ -58,7 +67,10 @@ class ZORecipe:
     def train_step(self, step: int) -> dict[str, float]:
         rc = self.run.cfg.run
         lr = self.mezo.lr_at(step, rc.steps)
-        items = [self.train_items[i] for i in self.order(step - 1)]
+        indices = self.order(step - 1)
+        if self.parallel is not None:
+            indices = self.parallel.local_batch(indices)
+        items = [self.train_items[i] for i in indices]
         batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
         losses, grads = self.engine.step(batch, step_seed(rc.seed, step), lr)
         finite = all(math.isfinite(g) for g in grads)
@@ -72,6 +84,8 @@ class ZORecipe:
             metrics["perf/upload_mib"] = stats.bytes_up / 2**20
             metrics["perf/offload_mib"] = stats.bytes_down / 2**20
             metrics["mem/max_resident_blocks"] = float(stats.max_resident)
+        if self.parallel is not None:
+            metrics.update(self.parallel.metrics())
         return metrics
 
     def evaluate(self) -> dict[str, float]:
@@ -85,8 +99,12 @@ class ZORecipe:
                            self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.engine.state_dict(), "skipped": self.skipped}
+        return {"model": self.engine.state_dict(), "skipped": self.skipped, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = int(state.get("world_size", 1))
+        if saved != self.world_size:
+            raise ConfigError(f"run.resume: the checkpoint was written by {saved} process(es); resume with the "
+                              f"same world size (this run has {self.world_size})")
         self.engine.load_state_dict(state["model"])
         self.skipped = int(state.get("skipped", 0))

@@ -1,0 +1,319 @@
+"""Parallel strategies ``zo_ddp``, ``pertp`` and ``2d``: the ZO step of the ``zo`` recipe on several processes.
+
+The world is laid out as ``dp`` data-parallel groups of ``pert`` consecutive ranks (rank ``r`` is member
+``r % pert`` of group ``r // pert``):
+
+=========  ======  ==============  ==================================================================
+strategy   pert    dp              what a rank does in a step
+=========  ======  ==============  ==================================================================
+zo_ddp     1       world           every chunk (f⁺ and f⁻) on its own micro-batch (1/world of the batch)
+pertp      2       1               member 0 the f⁺ chunks, member 1 the f⁻ chunks, on the whole batch
+2d         2       world / 2       pertp inside a group, on the group's micro-batch (1/dp of the batch)
+=========  ======  ==============  ==================================================================
+
+Every rank holds the same parameters and follows the same step seed, and applies *every* in-place shift of the
+MeZO step (+εz, -2εz, +εz), but runs only the forwards it owns. Its parameters therefore go through exactly the
+floating-point sequence of the single-process step, restore drift included. The step's one collective is an
+all-gather of each rank's chunk losses (a few float64 scalars); from it every rank rebuilds each group's
+losses, g_d = estimate(losses_d), and g = Σ_d g_d / dp in rank order, so all ranks compute bit-identical g and
+apply bit-identical updates. Parameters never travel.
+
+This works with any engine that drives the step through the perturbation object (``n_chunks``, ``shifts``,
+``chunk_of``, ``estimate``): `DistMeZO` wraps ``mezo`` and reports only the rank's own chunks, so the plain
+in-place engine and the ``zo2`` fused, streamed engine run unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from plait.errors import ConfigError, PlaitError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class DistributedError(PlaitError):
+    """A collective failed: a peer died, hung past the timeout, or the rendezvous never completed."""
+
+    exit_code = 3
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+class DistZO:
+    """Base of the DistZO2 strategies: the process group, the rank layout and the ZO step adapters."""
+
+    name = "dist"
+    pert = 1  # ranks sharing one perturbation group (the two sides of the difference split across them)
+
+    def __init__(self, backend: str = "auto", timeout_s: float = 300.0):
+        if backend not in BACKENDS:
+            raise ConfigError(f"parallel.backend: {backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
+        if not timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s: must be > 0, got {timeout_s}")
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("parallel.backend: 'nccl' needs CUDA, which is not available here; use gloo (CPU) "
+                              "or auto")
+        self.backend, self.timeout_s = backend, float(timeout_s)
+        self.rank = _env_int("RANK", 0)
+        self.world_size = _env_int("WORLD_SIZE", 1)
+        self.local_rank = _env_int("LOCAL_RANK", self.rank)
+        self._check_world(self.world_size)
+        self.dp = self.world_size // self.pert
+        self.group, self.member = divmod(self.rank, self.pert)
+        if backend == "nccl":
+            torch.cuda.set_device(self.local_rank)  # "cuda" then means this rank's GPU
+        self.device = torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
+        self.collectives = 0  # collectives issued since start (start-up and per step)
+        self.step_bytes = 0  # bytes this rank sent and received in the last step's collective
+        self._owned_pg = not dist.is_initialized()
+        if self._owned_pg:
+            timeout = timedelta(seconds=self.timeout_s)
+            try:
+                if "MASTER_ADDR" in os.environ or self.world_size > 1:
+                    dist.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=timeout)
+                else:  # a plain `plait run` without torchrun: a group of one, no network
+                    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                            timeout=timeout)
+            except ValueError as exc:  # missing MASTER_ADDR / MASTER_PORT
+                raise ConfigError(f"parallel {self.name!r}: cannot start torch.distributed ({exc}); launch with "
+                                  f"torchrun --nproc-per-node N -m plait run CONFIG") from None
+            except (RuntimeError, dist.DistError) as exc:
+                raise DistributedError(f"parallel {self.name!r}: rank {self.rank} could not join the process "
+                                       f"group within {self.timeout_s:g} s: {_first_line(exc)}") from None
+        elif dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self._check_world(self.world_size)
+            self.dp = self.world_size // self.pert
+            self.group, self.member = divmod(self.rank, self.pert)
+
+    # --- checks ----------------------------------------------------------------------------------------
+    def _check_world(self, world: int) -> None:
+        if world < 1:
+            raise ConfigError(f"parallel {self.name!r}: WORLD_SIZE must be at least 1, got {world}")
+
+    # --- collectives (every one goes through `_collective`, which turns failures into one-line errors) ----
+    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        self.collectives += 1
+        try:
+            return fn()
+        except (RuntimeError, dist.DistError) as exc:
+            raise DistributedError(f"parallel {self.name!r}: rank {self.rank} lost its peers during {what} (a rank "
+                                   f"died or did not answer within parallel.timeout_s={self.timeout_s:g}): "
+                                   f"{_first_line(exc)}") from None
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        out = value.detach().clone()
+        self._collective("all_reduce", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM))
+        return out / self.world_size
+
+    def all_gather_scalars(self, values: list[float]) -> list[list[float]]:
+        """Every rank's ``values`` (same length everywhere), as float64, in rank order."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        self._collective("the step's loss all-gather", lambda: dist.all_gather(parts, t))
+        self.step_bytes = t.numel() * t.element_size() * self.world_size  # own part out, the others' in
+        return [p.tolist() for p in parts]
+
+    def _gather_objects(self, obj: Any, what: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        self._collective(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (the core uses it for the run directory)."""
+        box = [obj]
+        self._collective("the start-up broadcast", lambda: dist.broadcast_object_list(box, src=0))
+        return box[0]
+
+    def check_config(self, text: str) -> None:
+        """Every rank must run the same resolved config: compare SHA-256 digests, fail on every rank if not."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        digests = self._gather_objects(digest, "the start-up config check")
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            self.close()
+            raise ConfigError(f"parallel {self.name!r}: the resolved config differs between ranks (rank {bad[0]} "
+                              f"has sha256 {digests[bad[0]][:12]}, rank 0 has {digests[0][:12]}); launch every "
+                              f"rank with the same config file and overrides")
+
+    def close(self) -> None:
+        if self._owned_pg and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- the zo recipe's adapters ----------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Per-step metrics the zo recipe logs: the bytes of the step's collective (sent + received)."""
+        return {"perf/comm_bytes": float(self.step_bytes)}
+
+    def local_batch(self, indices: list[int]) -> list[int]:
+        """This rank's share of the step's global batch: its data-parallel group's contiguous slice."""
+        n = len(indices)
+        if n % self.dp:
+            raise ConfigError(f"recipe.batch_size: {n} is not divisible by the {self.dp} data-parallel groups of "
+                              f"parallel {self.name!r} (world size {self.world_size}); choose a multiple of "
+                              f"{self.dp}")
+        k = n // self.dp
+        return list(indices[self.group * k:(self.group + 1) * k])
+
+    def wrap_perturbation(self, mezo: Any) -> "DistMeZO":
+        if self.pert > 1:
+            if getattr(mezo, "one_sided", False):
+                raise ConfigError(f"perturbation.one_sided: parallel {self.name!r} splits f(θ+εz) and f(θ-εz) "
+                                  f"across a rank pair; use the central difference (one_sided: false) or zo_ddp")
+            if mezo.n_chunks % self.pert:
+                raise ConfigError(f"parallel {self.name!r}: {mezo.n_chunks} forward chunks per step cannot be "
+                                  f"split across {self.pert} ranks")
+        return DistMeZO(mezo, self)
+
+    def wrap_engine(self, engine: Any, mezo: "DistMeZO") -> "DistEngine":
+        self._check_same_parameters(engine)
+        return DistEngine(engine, mezo)
+
+    def _check_same_parameters(self, engine: Any) -> None:
+        """Ranks must start from identical parameters (same seed, deterministic init): compare digests once."""
+        digest = state_digest(engine.state_dict())
+        digests = self._gather_objects(digest, "the start-up parameter check")
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise PlaitError(f"parallel {self.name!r}: rank {bad[0]} built different initial parameters than rank "
+                             f"0 (model initialisation is not deterministic here); load a checkpoint "
+                             f"(model.path) instead of a random init")
+
+    def combine(self, local: list[float]) -> tuple[list[float], list[list[float]]]:
+        """One all-gather of the local chunk losses → (per-chunk losses averaged over groups, per-group losses).
+
+        Member ``m`` of a group of ``pert`` holds chunks ``m, m + pert, …`` of the single-process order.
+        """
+        parts = self.all_gather_scalars(local)
+        per_group = []
+        for d in range(self.dp):
+            members = parts[d * self.pert:(d + 1) * self.pert]
+            n = sum(len(m) for m in members)
+            per_group.append([members[c % self.pert][c // self.pert] for c in range(n)])
+        mean = []
+        for c in range(len(per_group[0])):
+            total = 0.0
+            for d in range(self.dp):
+                total += per_group[d][c]
+            mean.append(total / self.dp)
+        return mean, per_group
+
+
+class ZoDDP(DistZO):
+    """``zo_ddp``: same z everywhere, both losses on each rank's micro-batch, g averaged over ranks."""
+
+    name = "zo_ddp"
+    pert = 1
+
+
+class PertP(DistZO):
+    """``pertp``: a rank pair shares θ and the seed; one evaluates f(θ+εz), the other f(θ-εz)."""
+
+    name = "pertp"
+    pert = 2
+
+    def _check_world(self, world: int) -> None:
+        if world < 2 or world % 2:
+            raise ConfigError(f"parallel 'pertp': needs an even world size (rank pairs), got WORLD_SIZE={world}; "
+                              f"use torchrun --nproc-per-node 2, or 2d / zo_ddp for other sizes")
+        if world > 2:
+            raise ConfigError(f"parallel 'pertp': one rank pair only, got WORLD_SIZE={world}; use parallel.name=2d "
+                              f"to add data parallelism across {world // 2} pairs")
+
+
+class TwoD(DistZO):
+    """``2d``: PertP pairs × data-parallel groups (world = 2 × dp)."""
+
+    name = "2d"
+    pert = 2
+
+    def _check_world(self, world: int) -> None:
+        if world < 2 or world % 2:
+            raise ConfigError(f"parallel '2d': the world size must be a multiple of 2 (PertP pairs × data-parallel "
+                              f"groups), got WORLD_SIZE={world}")
+
+
+class DistMeZO:
+    """A perturbation that reports only this rank's forward chunks and estimates g across all ranks.
+
+    Everything else (z, shifts, update, schedule, counters) is the wrapped ``mezo``'s, so every rank perturbs and
+    updates exactly as the single-process step does.
+    """
+
+    def __init__(self, inner: Any, strategy: DistZO):
+        self.inner, self.strategy = inner, strategy
+        pert, member = strategy.pert, strategy.member
+        self._local = {c: c // pert for c in range(inner.n_chunks) if c % pert == member}
+        self.last_losses: list[float] = []
+        self.last_group_losses: list[list[float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self._local)
+
+    def chunk_of(self, sample: int, shift_index: int) -> int | None:
+        c = self.inner.chunk_of(sample, shift_index)
+        return None if c is None else self._local.get(c)
+
+    def estimate(self, losses: list[float]) -> list[float]:
+        """g from every rank's losses: one all-gather, then Σ_d g_d / dp in rank order (identical everywhere)."""
+        self.last_losses, self.last_group_losses = self.strategy.combine([float(x) for x in losses])
+        per_group = [self.inner.estimate(ls) for ls in self.last_group_losses]
+        grads = []
+        for j in range(len(per_group[0])):
+            total = 0.0
+            for g in per_group:
+                total += g[j]
+            grads.append(total / self.strategy.dp)
+        return grads
+
+
+class DistEngine:
+    """The engine of the zo recipe, returning the step's global losses (mean over groups) instead of local ones."""
+
+    def __init__(self, inner: Any, mezo: DistMeZO):
+        self.inner, self.mezo = inner, mezo
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def step(self, batch: dict[str, torch.Tensor], seed: int, lr: float) -> tuple[list[float], list[float]]:
+        _, grads = self.inner.step(batch, seed, lr)
+        return list(self.mezo.last_losses), grads
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (order-independent of dict order)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = ["DistZO", "ZoDDP", "PertP", "TwoD", "DistMeZO", "DistEngine", "DistributedError", "state_digest"]
