@@ -9,6 +9,7 @@ ranking).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -30,12 +31,23 @@ def add_parser(cli) -> None:
                    help="estimator=if|sam_hessian|tracin|sam_trajectory, then that estimator's options")
     p.add_argument("--top", type=int, default=5, help="proponents / opponents / self-influential rows listed")
     p.add_argument("--examples", type=int, default=3, help="test examples whose proponents are listed")
+    p.add_argument("--remove", type=int, default=0, metavar="K",
+                   help="model editing: remove the K most harmful training examples (one-step influence update and "
+                        "same-schedule retraining) against K random ones")
+    p.add_argument("--random-draws", type=int, default=3, help="random K-subsets retrained for --remove")
     p.set_defaults(func=cmd_attribute)
 
 
 def cmd_attribute(args) -> int:
-    report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples)
+    report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples, remove=args.remove,
+                       random_draws=args.random_draws)
     print(f"wrote {report['out_dir']}")
+    e = report.get("editing")
+    if e:
+        one = f", one-step update {e['harmful']['one_step']:+.4g}" if "one_step" in e["harmful"] else ""
+        print(f"model editing (remove {e['k']}): test loss {e['test_loss']:.4g}; harmful retrained "
+              f"{e['harmful']['retrained']:+.4g} (predicted {e['harmful']['predicted']:+.4g}{one}); random retrained "
+              f"{e['random']['retrained_mean']:+.4g}")
     m = report.get("mislabel")
     if m:
         print(f"mislabel detection ({m['n_flipped']} flipped): ROC-AUC {m['auc']:.3f} "
@@ -115,9 +127,20 @@ def _load(run_dir: Path, host):
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{section} {comp.entry.name!r}: {exc}") from exc
     data, model = build("data"), build("model")
+    init = copy.deepcopy(model)  # the factories are seeded: these are the run's initial weights
     model.load_state_dict(state["task"]["model"])
     model.eval()
-    return cfg, data, model
+    return cfg, data, model, init
+
+
+def _replay_options(cfg) -> dict[str, Any]:
+    """`sam.train_sam` keyword arguments that replay a full-batch sam_train run."""
+    rc = cfg.recipe
+    if rc.batch_size:
+        raise PlaitError(f"attribute --remove: retraining replays full-batch runs only; this run has "
+                         f"recipe.batch_size={rc.batch_size}")
+    return dict(rho=rc.rho, adaptive=rc.adaptive, eta=rc.eta, eps=rc.eps, l2=rc.l2, lr=rc.lr, steps=cfg.run.steps,
+                m=rc.m, schedule=rc.schedule, min_lr_ratio=rc.min_lr_ratio, momentum=rc.momentum)
 
 
 def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
@@ -152,7 +175,7 @@ def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
 
 
 def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, examples: int = 3,
-              host=None) -> dict[str, Any]:
+              host=None, remove: int = 0, random_draws: int = 3) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from plait.manager import get_host
@@ -160,7 +183,8 @@ def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, exampl
     host = host or get_host()
     run_dir = Path(run_dir)
     name, opts = _parse_options(list(options))
-    cfg, data, model = _load(run_dir, host)
+    cfg, data, model, init = _load(run_dir, host)
+    replay = _replay_options(cfg) if remove else None
     est, est_opts = _estimator(host, name, opts, cfg, run_dir)
     dtype = next(model.parameters()).dtype
     train = (data.train.X.to(dtype), data.train.y)
@@ -207,9 +231,30 @@ def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, exampl
             "n_flipped": int(flip.sum()), "auc": roc_auc(self_inf, flip), "recall_at_10pct": recall_at(self_inf, flip),
             "baseline": "training loss", "baseline_auc": roc_auc(train_loss, flip),
             "baseline_recall_at_10pct": recall_at(train_loss, flip)}
+    if remove:
+        report["editing"] = _edit(model, init, train, test, scores, est, remove, replay, random_draws,
+                                  cfg.run.seed)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
     return report
+
+
+def _edit(model, init, train, test, scores, est, k, replay, draws, seed) -> dict[str, Any]:
+    from .editing import edit, replay_training
+    from .functional import FlatModel
+
+    w = FlatModel(model).flat()
+    err = float((replay_training(init, train, replay) - w).abs().max())
+    if not err <= 1e-9 * max(1.0, float(w.abs().max())):
+        raise PlaitError(f"attribute --remove: replaying the run's training does not reproduce its weights (max abs "
+                         f"difference {err:.3e}); retraining would not be comparable")
+    if not 0 < k < scores.shape[0]:
+        raise ConfigError(f"attribute --remove: K must be in 1..{scores.shape[0] - 1}, got {k}")
+    out = edit(model, train, test, scores, k, lambda rows: replay_training(init, train, replay, rows),
+               estimator=est, random_draws=draws, seed=seed)
+    out["retraining"] = "same schedule from the run's initial weights, removed rows weighted 0"
+    out["replay_max_abs_error"] = err
+    return out
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -227,6 +272,14 @@ def _markdown(r: dict[str, Any]) -> str:
               "| train index | self-influence | label | flipped | training loss |", "|---|---|---|---|---|"]
     lines += [f"| {x['train_index']} | {x['score']:.4g} | {x['label']} | {x['flipped']} | {x['train_loss']:.3f} |"
               for x in r["self_influence_top"]]
+    e = r.get("editing")
+    if e:
+        lines += ["", f"## Model editing: remove {e['k']} examples (test loss {e['test_loss']:.4g})", "",
+                  "| removed | predicted Δ | one-step update Δ | retrained Δ |", "|---|---|---|---|",
+                  f"| {e['k']} most harmful | {e['harmful']['predicted']:+.4g} | "
+                  f"{e['harmful'].get('one_step', float('nan')):+.4g} | {e['harmful']['retrained']:+.4g} |",
+                  f"| {e['k']} random (mean of {len(e['random']['draws'])}) | {e['random']['predicted_mean']:+.4g} "
+                  f"| | {e['random']['retrained_mean']:+.4g} |"]
     for t in r["test_examples"]:
         lines += ["", f"## Test example {t['test_index']} (label {t['label']})", "",
                   "proponents: " + ", ".join(f"{x['train_index']} ({x['score']:.3g})" for x in t["proponents"]),

@@ -3,6 +3,9 @@ ASAM (`sam.sam_gradient`, the step of `sam.train_sam`) inside `plait.run.train_l
 trajectory (``record_trajectory: true`` → ``<run dir>/trajectory/``, the format of `sam.save_trajectory`) for the
 trajectory estimators. ``summary.json`` gets a ``sam_if`` block that ``plait attribute`` reads.
 
+The records recorded so far travel in every checkpoint (``state_dict()["trajectory"]``: T × p weights plus the
+perturbations), so a resumed run writes the same trajectory as an uninterrupted one.
+
     plait run configs/sam_if/digits.yaml
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ class SAMTrainRecipe:
         self.n = self.X.shape[0]
         self.params = trainable_params(self.model)
         self.optimizer = torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum)
-        self.record = c.record_trajectory and run.resume_state is None
+        self.record = c.record_trajectory
         self.rec: dict[str, list] = {"w": [], "e": [], "lr": [], "batch": [], "step": []}
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -121,8 +124,21 @@ class SAMTrainRecipe:
                 "eval/accuracy": float((logits.argmax(1) == self.yt).double().mean())}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.record:
+            r = self.rec
+            state["trajectory"] = {"w": list(r["w"]), "e": list(r["e"]), "batch": list(r["batch"]),
+                                   "lr": [float(v) for v in r["lr"]], "step": [int(v) for v in r["step"]]}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.record:
+            if "trajectory" not in state:
+                raise ConfigError("recipe.record_trajectory: the checkpoint being resumed recorded no trajectory "
+                                  "(it was trained with record_trajectory=false); resume with "
+                                  "recipe.record_trajectory=false or retrain from scratch")
+            t = state["trajectory"]
+            self.rec = {"w": list(t["w"]), "e": list(t["e"]), "batch": list(t["batch"]), "lr": list(t["lr"]),
+                        "step": list(t["step"])}

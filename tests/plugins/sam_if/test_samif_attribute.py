@@ -104,3 +104,49 @@ def test_roc_auc_ties():
     pos = torch.tensor([False, True, False, True, False, True])
     assert roc_auc(s, pos) == pytest.approx(roc_auc_score(pos.numpy(), s.numpy()))
     assert recall_at(s, pos, 0.2) == pytest.approx(1 / 3)
+
+
+def test_resumed_run_keeps_its_trajectory(tmp_path, fresh_host):
+    """3 steps, then resume to 6: the trajectory equals an uninterrupted 6-step run's, record for record."""
+    from safetensors.torch import load_file
+
+    from plait.config import load_config
+    from plait.run import execute
+
+    fresh_host()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.format(steps=6, out=tmp_path / "runs", traj="true"))
+    full = execute(load_config(cfg, ["run.name=full"]))
+    part = execute(load_config(cfg, ["run.name=part", "run.steps=3"]))
+    assert json.loads((part.dir / "trajectory" / "trajectory.json").read_text())["records"] == 3
+    resumed = execute(load_config(cfg, ["run.name=part", f"run.resume={part.dir}"]))
+    assert resumed.dir == part.dir
+    a = load_file(str(full.dir / "trajectory" / "trajectory.safetensors"))
+    b = load_file(str(part.dir / "trajectory" / "trajectory.safetensors"))
+    assert a["weights"].shape[0] == 6 and set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((part.dir / "trajectory" / "trajectory.json").read_text())["records"] == 6
+
+
+def test_resume_without_recorded_trajectory_is_refused(tmp_path, fresh_host, capsys):
+    fresh_host()
+    run_dir = _train(tmp_path, traj=False, steps=2)
+    cfg = tmp_path / "c.yaml"
+    capsys.readouterr()
+    assert main(["run", str(cfg), f"run.resume={run_dir}", "recipe.record_trajectory=true", "run.steps=4"]) == 2
+    assert "recorded no trajectory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_attribute_remove_harmful_examples(tmp_path, fresh_host, capsys):
+    """``--remove K``: replaying the run reproduces its weights; harmful removal is reported against random."""
+    fresh_host()
+    run_dir = _train(tmp_path, steps=10)
+    capsys.readouterr()
+    assert main(["attribute", str(run_dir), "estimator=sam_hessian", "--remove", "3", "--random-draws", "2"]) == 0
+    assert "model editing (remove 3)" in capsys.readouterr().out
+    e = json.loads((run_dir / "attribution" / "sam_hessian" / "report.json").read_text())["editing"]
+    assert e["replay_max_abs_error"] <= 1e-9 and len(e["removed"]) == 3 and len(e["random"]["draws"]) == 2
+    assert e["harmful"]["predicted"] < 0 and {"one_step", "retrained"} <= set(e["harmful"])
+    assert main(["attribute", str(run_dir), "--remove", "500"]) == 2
+    assert "K must be in 1..119" in capsys.readouterr().err
