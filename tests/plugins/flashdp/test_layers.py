@@ -291,3 +291,27 @@ def test_poisson_sampling_rate_and_determinism():
     assert abs(sum(sizes) / len(sizes) - 50) < 3  # E = qN = 50, sd of the mean ≈ 0.5
     assert len(set(sizes)) > 5  # variable batch size
     assert t.batch_indices(3) == t.batch_indices(3)
+
+
+def test_autocast_bf16_backward_matches_fp32():
+    # mixed precision: fp32 master weights, bf16 compute under autocast; the DP backward must accept bf16 output
+    # grads and give the fp32 result up to bf16 rounding (σ = 0: no noise; clipping active)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def grads(autocast: bool):
+        torch.manual_seed(0)
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+        t = FlashDP("per_layer", 1.0, {}, 0.0, None, 1e-3, [], "freeze", True, False, "opacus")
+        t.prepare(m, dataset_size=100, batch_size=4, steps=1, seed=0)
+        ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = m(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64), ids.reshape(-1), reduction="sum").backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    ref, mixed = grads(False), grads(True)
+    assert ref.keys() == mixed.keys() and len(ref) > 5
+    for name in ref:
+        assert mixed[name].dtype == torch.float32
+        rel = (mixed[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
+        assert rel < 0.05, (name, float(rel))
