@@ -135,8 +135,8 @@ class ZO2Engine:
         self.by_module = {id(u.module): u for u in self.units}
         self.mode = "eval"
         self.pending: Pending | None = None
-        self.shared_values: dict[int, list[torch.Tensor]] = {}
-        self.shared_final: dict[int, torch.Tensor] = {}
+        self.shared_origin: dict[int, torch.Tensor] = {}  # tied parameters: their value at the step's start
+        self.shared_z: dict[tuple[int, int], torch.Tensor] = {}  # and their z of sample j, drawn once per step
         self.seed = 0
         self.stats = self.store.stats
         if self.order:
@@ -220,48 +220,38 @@ class ZO2Engine:
         outs: list = [None] * n
 
         def run(c: int):
-            saved = []
-            for p, sub, attr in u.shared:
-                saved.append((sub, attr, sub._parameters[attr]))
-                sub._parameters[attr] = self._shared_value(p, c)
-            try:
-                outs[c] = base_call(module, *chunk_args[c], **chunk_kwargs[c])
-            finally:
-                for sub, attr, orig in saved:
-                    sub._parameters[attr] = orig
+            outs[c] = base_call(module, *chunk_args[c], **chunk_kwargs[c])
             u.calls += 1
 
+        # A tied parameter (OPT's embedding = LM head) is used by several units. Each use runs MeZO's in-place
+        # shifts from the value the step started with (restored from one saved copy) with the same z (drawn
+        # once, kept for the step), so every use sees the same perturbed values and the value left behind — the
+        # in-place shifts' rounding included — is exactly plain MeZO's. Two tensors of the parameter's size
+        # (start value, z) instead of one per chunk plus a running copy (4 GB at OPT-13B's embedding).
+        shared = [p for p, _, _ in u.shared]
+        for p in shared:
+            origin = self.shared_origin.get(p.index)
+            if origin is None:
+                self.shared_origin[p.index] = p.tensor.data.clone()
+            else:
+                p.tensor.data.copy_(origin)
+        shifted = list(u.own) + shared
         if m.one_sided:
             run(0)
         for j, shifts in m.shifts():
             zs = [m.z(p.tensor.data, p.index, self.seed, j) for p in u.own]
+            for p in shared:
+                if (p.index, j) not in self.shared_z:
+                    self.shared_z[p.index, j] = m.z(p.tensor.data, p.index, self.seed, j)
+                zs.append(self.shared_z[p.index, j])
             for k, s in enumerate(shifts):
-                for p, z in zip(u.own, zs):
+                for p, z in zip(shifted, zs):
                     p.tensor.data.add_(z, alpha=s * eps)
                 c = m.chunk_of(j, k)
                 if c is not None:
                     run(c)
             del zs
         return _concat(outs)
-
-    def _shared_value(self, p: Param, chunk: int) -> torch.Tensor:
-        """The value a shared parameter takes in ``chunk``, computed once per step in MeZO's in-place order."""
-        if p.index not in self.shared_values:
-            m, eps = self.mezo, self.mezo.eps
-            cur = p.tensor.data.clone()
-            values: list[torch.Tensor | None] = [None] * m.n_chunks
-            if m.one_sided:
-                values[0] = p.tensor.data
-            for j, shifts in m.shifts():
-                z = m.z(cur, p.index, self.seed, j)
-                for k, s in enumerate(shifts):
-                    cur.add_(z, alpha=s * eps)
-                    c = m.chunk_of(j, k)
-                    if c is not None:
-                        values[c] = cur.clone()
-            self.shared_values[p.index] = values
-            self.shared_final[p.index] = cur
-        return self.shared_values[p.index][chunk]
 
     # --- updates ---------------------------------------------------------------------------------------------
     def _apply_pending(self, u: Unit) -> None:
@@ -314,10 +304,8 @@ class ZO2Engine:
                     self._apply_pending(u)
         finally:
             self.mode = "eval"
-        for index, final in self.shared_final.items():
-            self.params[index].tensor.data.copy_(final)
-        self.shared_values.clear()
-        self.shared_final.clear()
+        self.shared_origin.clear()  # tied parameters keep the value their last use's shifts left (MeZO's)
+        self.shared_z.clear()
         grads = m.estimate(losses)
         self.pending = Pending(seed, grads, lr)
         for u in self.units:
