@@ -47,7 +47,9 @@ class LengthAwareConfig:
 
     g: int = 4  # concurrent slots, 1 <= g <= G
     fptas_eps: float = 0.1  # makespan of the plan <= (1 + eps) x optimum over the predicted lengths
-    max_states: int = 200_000  # FPTAS DP states before falling back to LPT
+    max_states: int = 20_000  # FPTAS DP states built before falling back to LPT
+    lane_order: str = "longest_first"  # order within a lane: longest_first | shortest_first (SJF)
+    prefix_tokens: int = 0  # k > 0: probe the first k tokens of every job, then predict the rest (needs predictor)
     cache_capacity: int = 0
     share_prompt_kv: bool = True
     seed: int = 0
@@ -108,6 +110,9 @@ class GRPORecipeConfig:
     beta: float = 0.0  # k3 KL coefficient to a frozen reference (the model after warm-up); 0: no reference
     num_iterations: int = 1  # optimizer updates per generation batch (mu); > 1 uses an old-policy snapshot
     lr: float = 1.0e-3
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at run.steps)
+    lr_warmup_steps: int = 0  # linear LR warm-up steps of the RL phase (not the SFT warm-up)
+    micro_batch_size: int = 0  # rows of the B*G rollouts per loss forward (gradient accumulation); 0: all
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     warmup_sft_steps: int = 0  # supervised steps on the task's `completion` before RL (not resumed mid-way)

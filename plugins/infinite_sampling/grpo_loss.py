@@ -235,3 +235,33 @@ def grpo_loss(
             "num_tokens": float(n_tokens),
         }
     return loss, stats
+
+
+def grpo_loss_part(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    total_rows: int,
+    total_tokens: float,
+    aggregation: str = "grpo",
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of the full-batch `grpo_loss` (gradient accumulation).
+
+    For micro-batches that partition a batch of ``total_rows`` completions with ``total_tokens`` active tokens,
+    the shares sum to the one-batch loss (so their gradients sum to its gradient), for every aggregation:
+    ``grpo`` and ``dr_grpo`` divide by the row count, so the micro-batch loss is scaled by
+    ``rows / total_rows``; ``dapo`` and ``bnpo`` become ``sum / total_tokens`` (TRL's ``num_items_in_batch``).
+    Unlike TRL's ``bnpo`` (normalised per micro-batch), micro-batching here never changes the objective.
+    ``kwargs`` go to `grpo_loss` (clip, beta, max_completion_length).
+    """
+    if total_rows < 1:
+        raise ValueError(f"total_rows must be >= 1, got {total_rows}")
+    if aggregation in ("dapo", "bnpo"):
+        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, aggregation="dapo",
+                         num_items_in_batch=max(float(total_tokens), 1.0), **kwargs)
+    loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, aggregation=aggregation, **kwargs)
+    return loss * (logp.shape[0] / total_rows), stats

@@ -19,8 +19,9 @@ Metrics (numpy): `smape` (symmetric mean absolute percentage error as a fraction
 values 0 counts 0) and `kendall_tau` (tau-b, tie-corrected as ``scipy.stats.kendalltau``; NaN when either side is
 constant).
 
-In the ``grpo`` recipe (``predictor: constant | running_mean | mlp``) predictions are made before generation, so
-the prefix is empty there; the prefix is for predictors queried mid-decode.
+In the ``grpo`` recipe (``predictor: constant | running_mean | mlp``) predictions are made before generation (empty
+prefix), or, with the ``length_aware`` sampler's ``prefix_tokens: k`` > 0, after a k-token probe of every job
+(partial decode: the prediction is the remaining length, conditioned on the prompt and those k tokens).
 """
 from __future__ import annotations
 
@@ -233,9 +234,9 @@ class LengthPredictor(_Predictor):
 PREDICTORS = ("none", "constant", "running_mean", "mlp")
 
 
-def build_predictor(kind: str, *, constant: float = 1.0, lr: float = 1.0e-2, seed: int = 0):
+def build_predictor(kind: str, *, constant: float = 1.0, lr: float = 1.0e-2, seed: int = 0, prefix_tokens: int = 0):
     """``none`` -> None; ``constant`` -> `ConstantPredictor` (``constant``); ``running_mean`` (starts at
-    ``constant``); ``mlp`` -> `LengthPredictor`."""
+    ``constant``); ``mlp`` -> `LengthPredictor` reading the first ``prefix_tokens`` generated tokens."""
     if kind == "none":
         return None
     if kind == "constant":
@@ -243,5 +244,5 @@ def build_predictor(kind: str, *, constant: float = 1.0, lr: float = 1.0e-2, see
     if kind == "running_mean":
         return RunningMeanPredictor(constant)
     if kind == "mlp":
-        return LengthPredictor(lr=lr, seed=seed)
+        return LengthPredictor(lr=lr, seed=seed, prefix_tokens=prefix_tokens)
     raise ValueError(f"unknown predictor {kind!r}; allowed: {', '.join(PREDICTORS)}")

@@ -10,7 +10,12 @@ Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run 
 4. advantages `grpo_loss.group_advantages` (scale group / batch / none);
 5. ``num_iterations`` AdamW updates on `grpo_loss.grpo_loss` (clip, k3 KL to a frozen reference when
    ``beta > 0``). The old-policy log-probs are computed once per step, before the first update, without
-   gradient (the snapshot); with ``num_iterations = 1`` they equal the current ones (ratio 1).
+   gradient (the snapshot); with ``num_iterations = 1`` they equal the current ones (ratio 1). With
+   ``micro_batch_size`` > 0 every forward (loss, snapshot, reference) takes that many of the ``B * G`` rows,
+   each trimmed to its longest row, and the gradients accumulate (`accumulate_grpo_gradients`: the sum of
+   the micro-batch shares is the one-batch loss for every aggregation). The LR follows ``lr_schedule``
+   (constant / linear / cosine to 0 at ``run.steps``, after ``lr_warmup_steps`` linear warm-up steps), set
+   from the step number, so a resumed run follows the same schedule.
 
 The policy runs in eval mode throughout (no dropout): sampling, old log-probs and the loss then see the same
 function, so the ratio is exactly 1 on the first pass. ``warmup_sft_steps`` > 0 first trains on the task's
@@ -33,14 +38,15 @@ import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
-from plait.plugins.basics.sft import BatchOrder
+from plait.plugins.basics.sft import BatchOrder, lr_factor
 from plait.run import Run, train_loop
 
 from .config import GRPORecipeConfig
-from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss
+from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss_part
 from .predictor import PREDICTORS, build_predictor, kendall_tau, smape
 from .rewards import ON_ERROR, REGEX_MODES, ExactMatch, PythonCallable, RegexFormat, evaluate_rewards
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
 REWARD_KINDS = {
     "exact_match": ("field", "strip"),
     "regex": ("pattern", "reward", "mode"),
@@ -95,10 +101,63 @@ def build_rewards(specs: list[dict]) -> tuple[list, list[float]]:
 
 def completion_logp(model, seqs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of each next token ``[N, T-1]`` and the completion mask aligned with them."""
-    logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, :-1].float()
+    logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     targets = seqs["input_ids"][:, 1:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return logp, seqs["completion_mask"][:, 1:]
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Row slices of at most ``size`` rows (``size`` 0: one slice of all ``n``)."""
+    size = size if size > 0 else n
+    return [slice(k, min(k + size, n)) for k in range(0, n, size)]
+
+
+def take_rows(seqs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """Rows of `Rollouts.sequences`, trimmed to their longest row (right padding only, so the causal logits of
+    the kept positions do not change)."""
+    width = int(seqs["attention_mask"][rows].sum(1).max())
+    return {k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in seqs.items()}
+
+
+@torch.no_grad()
+def batched_logp(model, seqs: dict[str, torch.Tensor], micro_batch_size: int = 0) -> torch.Tensor:
+    """`completion_logp` ``[N, T-1]`` computed ``micro_batch_size`` rows at a time (0 at padded positions past a
+    micro-batch's longest row), for the old-policy snapshot and the reference model."""
+    n, t = seqs["input_ids"].shape
+    out = torch.zeros((n, t - 1), dtype=torch.float32, device=seqs["input_ids"].device)
+    for rows in micro_batches(n, micro_batch_size):
+        logp = completion_logp(model, take_rows(seqs, rows))[0]
+        out = out.to(logp.dtype)
+        out[rows, :logp.shape[1]] = logp
+    return out
+
+
+def accumulate_grpo_gradients(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
+                              old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                              micro_batch_size: int = 0, **loss_kwargs) -> tuple[float, dict[str, float]]:
+    """Backward of the GRPO loss of all ``N`` rows, ``micro_batch_size`` rows per forward (gradient
+    accumulation; 0: one forward). Each micro-batch adds its `grpo_loss_part`, so the accumulated gradient is the
+    one-batch gradient for every aggregation. ``old_logp`` None means the current policy (ratio 1, μ = 1).
+    Returns the loss value and the token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean``."""
+    n = seqs["input_ids"].shape[0]
+    total_tokens = float(seqs["completion_mask"][:, 1:].sum())
+    loss_value, sums, tokens = 0.0, {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}, 0.0
+    for rows in micro_batches(n, micro_batch_size):
+        part = take_rows(seqs, rows)
+        logp, mask = completion_logp(model, part)
+        width = logp.shape[1]
+        old = logp.detach() if old_logp is None else old_logp[rows, :width]
+        ref = None if ref_logp is None else ref_logp[rows, :width]
+        loss, stats = grpo_loss_part(logp, old, ref, advantages[rows], mask, total_rows=n,
+                                     total_tokens=total_tokens, **loss_kwargs)
+        loss.backward()
+        loss_value += float(loss.detach())
+        tokens += stats["num_tokens"]
+        for k in sums:
+            sums[k] += stats[k] * stats["num_tokens"]
+    return loss_value, {k: v / tokens if tokens else 0.0 for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -177,8 +236,12 @@ class GRPORecipe:
         if c.beta > 0:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.skipped = 0
+        self.prefix_tokens = int(getattr(self.sampler, "prefix_tokens", 0) or 0)
+        if self.prefix_tokens and c.predictor == "none":
+            raise ConfigError(f"sampler.prefix_tokens: {self.prefix_tokens} probed tokens need a length predictor; "
+                              "set recipe.predictor to constant, running_mean or mlp (or prefix_tokens: 0)")
         self.predictor = build_predictor(c.predictor, constant=c.predictor_constant or c.max_new_tokens,
-                                         lr=c.predictor_lr, seed=run.cfg.run.seed)
+                                         lr=c.predictor_lr, seed=run.cfg.run.seed, prefix_tokens=self.prefix_tokens)
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _check_options(self) -> None:
@@ -213,6 +276,11 @@ class GRPORecipe:
         if c.predictor_constant < 0:
             raise ConfigError(f"recipe.predictor_constant: must be >= 0 (0: max_new_tokens), got "
                               f"{c.predictor_constant}")
+        if c.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"recipe.lr_schedule: {c.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+        for key in ("micro_batch_size", "lr_warmup_steps"):
+            if getattr(c, key) < 0:
+                raise ConfigError(f"recipe.{key}: must be >= 0, got {getattr(c, key)}")
         for key in ("lr", "warmup_lr", "predictor_lr"):
             if not getattr(c, key) > 0:
                 raise ConfigError(f"recipe.{key}: must be positive, got {getattr(c, key)}")
@@ -304,7 +372,9 @@ class GRPORecipe:
         examples = [self.train_examples[i] for i in idx]
         prompts = [self.train_prompts[i] for i in idx]
         predicted = None
-        if self.predictor is not None:  # before generation: no prefix yet; one value per prompt, repeated G times
+        if self.prefix_tokens:  # partial decode: the sampler probes k tokens, then asks the predictor
+            predicted = self.predictor
+        elif self.predictor is not None:  # before generation: no prefix; one value per prompt, repeated G times
             per_prompt = self.predictor.predict_batch(prompts, [[] for _ in prompts])
             predicted = [[v] * c.group_size for v in per_prompt]
         rollouts = self.sampler.generate(self.model, prompts, group_size=c.group_size,
@@ -312,7 +382,18 @@ class GRPORecipe:
                                          sampling={"temperature": c.temperature, "top_k": c.top_k},
                                          eos_id=self.eos_id, pad_id=self.pad_id, predicted_lengths=predicted)
         pred_metrics: dict[str, float] = {}
-        if self.predictor is not None:
+        if self.prefix_tokens:  # score and train on the remaining lengths of the jobs that outlived the probe
+            k, planned = self.prefix_tokens, self.sampler.last_predictions
+            left = sorted(planned)
+            if left:
+                observed = [rollouts.lengths[b][i] - k for b, i in left]
+                flat_pred = [planned[j] for j in left]
+                pred_metrics = {"predictor/smape": smape(flat_pred, observed),
+                                "predictor/kendall_tau": kendall_tau(flat_pred, observed),
+                                "perf/probe_steps": float(rollouts.stats.probe_steps)}
+                self.predictor.update([prompts[b] for b, _ in left],
+                                      [rollouts.completions[b][i][:k] for b, i in left], observed)
+        elif self.predictor is not None:
             observed = [n for row in rollouts.lengths for n in row]
             flat_pred = [v for row in predicted for v in row]
             pred_metrics = {"predictor/smape": smape(flat_pred, observed),
@@ -327,22 +408,24 @@ class GRPORecipe:
         r = torch.tensor(rewards, dtype=torch.float32).view(len(examples), G)
         adv = group_advantages(r, scale=c.advantage_scale).reshape(-1).to(self.device)
         seqs = self._sequences(rollouts)
-        with torch.no_grad():
-            old_logp = completion_logp(self.model, seqs)[0] if c.num_iterations > 1 else None
-            ref_logp = completion_logp(self.ref, seqs)[0] if self.ref is not None else None
+        lr = c.lr * lr_factor(step, self.run.cfg.run.steps, c.lr_schedule, c.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mb = c.micro_batch_size
+        old_logp = batched_logp(self.model, seqs, mb) if c.num_iterations > 1 else None
+        ref_logp = batched_logp(self.ref, seqs, mb) if self.ref is not None else None
         stats_sum: dict[str, float] = {}
         losses = []
         for _ in range(c.num_iterations):
-            logp, mask = completion_logp(self.model, seqs)
-            loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask,
-                                    clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high, beta=c.beta,
-                                    aggregation=c.aggregation, max_completion_length=c.max_new_tokens)
-            loss.backward()
+            loss, stats = accumulate_grpo_gradients(
+                self.model, seqs, adv, old_logp, ref_logp, micro_batch_size=mb, clip_eps_low=c.clip_eps_low,
+                clip_eps_high=c.clip_eps_high, beta=c.beta, aggregation=c.aggregation,
+                max_completion_length=c.max_new_tokens)
             if c.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             for k in ("kl", "clip_frac", "ratio_mean"):
                 stats_sum[k] = stats_sum.get(k, 0.0) + stats[k]
         st = rollouts.stats
@@ -355,6 +438,7 @@ class GRPORecipe:
             "train/clip_frac": stats_sum["clip_frac"] / c.num_iterations,
             "train/ratio_mean": stats_sum["ratio_mean"] / c.num_iterations,
             "train/completion_len": sum(lengths) / len(lengths),
+            "train/lr": lr,
             "train/reward_skipped": float(skipped),
             "perf/decode_steps": float(st.decode_steps),
             "perf/rollout_s": float(st.wall_time_s),

@@ -10,15 +10,24 @@ completions for each of the ``B`` prompts (``N = B * G`` jobs ``(prompt_idx, sam
   Steps = ``sum over rounds of max L``; peak KV ≤ ``g (P + L_max)`` tokens whatever G is.
 * ``continuous``  — ``g`` slots kept busy: a finished row is evicted and refilled in the next step with the next
   pending sample (same prompt, then the next prompt's group). Steps = makespan of the slot lanes.
-* ``length_aware`` — continuous with predicted lengths: FPTAS lanes (LPT fallback) + SJF refill
-  (`schedule.PlannedDispatcher`). Predictions come from ``predicted_lengths`` (a list, flat ``[N]`` or nested
-  ``[B][G]``, or a callable ``(prompt_idx, sample_idx, prompt_ids) -> int``).
+* ``length_aware`` — continuous with predicted lengths: FPTAS lanes (LPT fallback), longest predicted job first
+  within a lane, SJF refill by stealing (`schedule.PlannedDispatcher`). Predictions come from
+  ``predicted_lengths`` (a list, flat ``[N]`` or nested ``[B][G]``, or a callable
+  ``(prompt_idx, sample_idx, prompt_ids) -> int``).
 
 Every step follows the semantics in ``schedule.py`` (a job's first token comes from its prompt's prefill logits,
 later tokens from one batched decode forward over the slot cache of ``kv_cache.py``), so `schedule.simulate_*`
 predict ``decode_steps`` and the live-KV trace exactly. Each job samples with its own ``torch.Generator`` seeded by
 ``(seed, step, prompt_idx, sample_idx)``, one draw per token, so completions do not depend on the scheduler (up
 to float rounding of batched matmuls, which greedy/argmax and inverse-CDF draws are insensitive to in practice).
+
+Partial decode (``length_aware`` with ``prefix_tokens = k > 0``, the paper's token-conditioned prediction): every
+job first decodes its first ``k`` tokens in probe rounds of ``g`` rows (barrier rounds that stop at ``k`` tokens;
+the KV is freed after each round, so memory stays bounded by ``g`` rows); then a predictor
+(``predict_batch(prompts, prefixes)``, `predictor.py`) gives each unfinished job's remaining length from its
+prompt and those ``k`` tokens, and the remaining tokens run on the planned slots. A resumed job re-prefills its
+prompt and prefix (one batch-1 forward; its own generator continues), so completions stay the same as with any
+other scheduler. Decode steps = probe steps (``stats.probe_steps``) + the makespan of the remaining lengths.
 
 Tests force lengths with ``forced_lengths={(p, i): L}`` (or a callable): EOS is banned before token L and forced
 at token L (``max_new_tokens`` still truncates).
@@ -33,7 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from .kv_cache import PromptKV, SlotKVCache, prefill
-from .schedule import FifoDispatcher, PlannedDispatcher
+from .schedule import LANE_ORDERS, FifoDispatcher, PlannedDispatcher
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -44,6 +53,7 @@ class RolloutStats:
     prefills: int = 0  # prompt prefills (batch 1)
     tokens_generated: int = 0  # sum of completion lengths
     idle_slot_steps: int = 0  # row-steps that emitted nothing useful (pad rows, empty slots)
+    probe_steps: int = 0  # length_aware with prefix_tokens k > 0: steps of the k-token probe rounds (included)
     peak_kv_bytes: int = 0  # peak live KV of the slot caches, measured each step
     peak_prompt_kv_bytes: int = 0  # peak KV held by shared prompt prefills waiting to be copied into rows
     peak_allocated_kv_bytes: int = 0  # largest preallocated slot cache
@@ -169,6 +179,11 @@ class _Run:
             self._shared.pop(p, None)
         return kv
 
+    def resume(self, job: _Job) -> PromptKV:
+        """KV of a probed job (prompt + its tokens so far, one prefill); its logits give the next token."""
+        self.stats.prefills += 1
+        return prefill(self.model, self.prompts[job.p] + job.tokens)
+
     def emit(self, job: _Job, logits: torch.Tensor) -> None:
         """Append one token to ``job`` from ``logits`` [V]; mark it done at EOS or max_new_tokens."""
         j = len(job.tokens) + 1
@@ -191,10 +206,14 @@ class _Run:
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, live)
         self.stats.peak_allocated_kv_bytes = max(self.stats.peak_allocated_kv_bytes, cache.allocated_bytes())
 
-    def run_barrier_round(self, round_jobs: list[tuple[int, int]]) -> None:
-        """HF-generate-style batch: rows stay (decoding pad) until every job of the round is done; then the
-        round's cache is freed."""
+    def run_barrier_round(self, round_jobs: list[tuple[int, int]], limit: int = 0) -> None:
+        """HF-generate-style batch: rows stay (decoding pad) until every job of the round is done (or, with
+        ``limit`` > 0, has ``limit`` tokens: a probe round); then the round's cache is freed."""
         jobs = [self.jobs[k] for k in round_jobs]
+
+        def stopped(job: _Job) -> bool:
+            return job.done or (limit > 0 and len(job.tokens) >= limit)
+
         cache = SlotKVCache(self.model, len(jobs), self.capacity)
         first = []
         for r, job in enumerate(jobs):
@@ -203,7 +222,7 @@ class _Run:
             first.append(kv.last_logits)
         fed = [self.pad_id] * len(jobs)
         t = 0
-        while not all(job.done for job in jobs):
+        while not all(stopped(job) for job in jobs):
             t += 1
             logits = None
             if t > 1:
@@ -212,7 +231,7 @@ class _Run:
             self.stats.decode_steps += 1
             self.measure(cache)
             for r, job in enumerate(jobs):
-                if job.done:
+                if stopped(job):
                     self.stats.idle_slot_steps += 1
                     fed[r] = self.pad_id
                     continue
@@ -231,7 +250,7 @@ class _Run:
                     key = dispatcher.next_job(s)
                     if key is not None:
                         slot[s] = self.jobs[key]
-                        kv = self.take_prompt(slot[s].p)
+                        kv = self.resume(slot[s]) if slot[s].tokens else self.take_prompt(slot[s].p)
                         cache.fill(s, kv)
                         fresh[s] = kv.last_logits
             if all(job is None for job in slot):
@@ -386,12 +405,20 @@ class LengthAwareScheduler(ContinuousScheduler):
     name = "length_aware"
 
     def __init__(self, g: int = 4, cache_capacity: int = 0, share_prompt_kv: bool = True, seed: int = 0,
-                 fptas_eps: float = 0.1, max_states: int = 200_000, predictor: Callable | None = None):
+                 fptas_eps: float = 0.1, max_states: int = 20_000, lane_order: str = "longest_first",
+                 prefix_tokens: int = 0, predictor: Callable | None = None):
         super().__init__(g=g, cache_capacity=cache_capacity, share_prompt_kv=share_prompt_kv, seed=seed)
+        if prefix_tokens < 0:
+            raise ValueError(f"length_aware: prefix_tokens must be >= 0, got {prefix_tokens}")
         if fptas_eps <= 0:
             raise ValueError(f"length_aware: fptas_eps must be > 0, got {fptas_eps}")
-        self.fptas_eps, self.max_states, self.predictor = fptas_eps, max_states, predictor
+        if lane_order not in LANE_ORDERS:
+            raise ValueError(f"length_aware: lane_order {lane_order!r} is not allowed; allowed: "
+                             f"{', '.join(LANE_ORDERS)}")
+        self.fptas_eps, self.max_states, self.lane_order = fptas_eps, max_states, lane_order
+        self.prefix_tokens, self.predictor = prefix_tokens, predictor
         self.last_plan = None  # the FptasResult of the latest generate call
+        self.last_predictions: dict = {}  # job -> the length planned with (remaining after the probe if k > 0)
 
     def predictions(self, prompts, group_size: int, max_new: int, predicted_lengths=None) -> list[int]:
         """Predicted length per job in prompt-major order, clamped to [1, max_new]; max_new when unknown."""
@@ -413,13 +440,27 @@ class LengthAwareScheduler(ContinuousScheduler):
     def schedule(self, prompts, group_size, predicted_lengths=None, max_new_tokens: int = 1):
         jobs = super().schedule(prompts, group_size)[0]
         pred = self.predictions(prompts, group_size, max_new_tokens, predicted_lengths)
-        plan = PlannedDispatcher(jobs, pred, self.g, self.fptas_eps, self.max_states).plan
+        plan = PlannedDispatcher(jobs, pred, self.g, self.fptas_eps, self.max_states, self.lane_order).plan
         return [[jobs[k] for k in lane] for lane in plan.lanes]
 
     def _execute(self, run, B, G, max_new, predicted_lengths=None):
         jobs = super().schedule(run.prompts, G)[0]
-        pred = self.predictions(run.prompts, G, max_new, predicted_lengths)
-        dispatcher = PlannedDispatcher(jobs, pred, self.g, self.fptas_eps, self.max_states)
+        k = self.prefix_tokens
+        if k > 0:
+            source = predicted_lengths if predicted_lengths is not None else self.predictor
+            if not hasattr(source, "predict_batch"):
+                raise ValueError(f"length_aware: prefix_tokens = {k} needs a predictor with predict_batch(prompts, "
+                                 f"prefixes) (see predictor.py), got {type(source).__name__}")
+            for r in range(0, len(jobs), self.g):  # probe: the first k tokens of every job, rounds of g
+                run.run_barrier_round(jobs[r:r + self.g], limit=k)
+            run.stats.probe_steps = run.stats.decode_steps
+            jobs = [j for j in jobs if not run.jobs[j].done]
+            rem = source.predict_batch([run.prompts[b] for b, _ in jobs], [list(run.jobs[j].tokens) for j in jobs])
+            pred = [min(max(int(round(v)), 1), max(max_new - k, 1)) for v in rem]
+        else:
+            pred = self.predictions(run.prompts, G, max_new, predicted_lengths)
+        self.last_predictions = dict(zip(jobs, pred))
+        dispatcher = PlannedDispatcher(jobs, pred, self.g, self.fptas_eps, self.max_states, self.lane_order)
         self.last_plan = dispatcher.plan
         run.run_slots(self.g, dispatcher)
 

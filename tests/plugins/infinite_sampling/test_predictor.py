@@ -148,8 +148,12 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("predictor", ["mlp", "running_mean"])
-def test_recipe_logs_predictor_metrics_and_resumes(tmp_path, fresh_host, one_thread, predictor):
+@pytest.mark.parametrize("predictor,options", [
+    ("mlp", ()), ("running_mean", ()),
+    # partial decode (probe 1 token, predict the rest) + loss micro-batches + cosine LR, resumed exactly
+    ("mlp", ("sampler.prefix_tokens=1", "recipe.micro_batch_size=5", "recipe.lr_schedule=cosine")),
+], ids=["mlp", "running_mean", "mlp-prefix-microbatch"])
+def test_recipe_logs_predictor_metrics_and_resumes(tmp_path, fresh_host, one_thread, predictor, options):
     from plait.config import load_config
     from plait.run import execute
 
@@ -158,7 +162,7 @@ def test_recipe_logs_predictor_metrics_and_resumes(tmp_path, fresh_host, one_thr
     def cfg(steps, name, extra=()):
         p = tmp_path / f"{name}-{steps}.yaml"
         p.write_text(CFG.format(steps=steps, out=tmp_path / "runs", predictor=predictor))
-        return load_config(p, [f"run.name={name}", *extra])
+        return load_config(p, [f"run.name={name}", *options, *extra])
 
     full = execute(cfg(3, "full"))
     rows = [r for r in _rows(full.dir) if "train/loss" in r]
@@ -166,6 +170,7 @@ def test_recipe_logs_predictor_metrics_and_resumes(tmp_path, fresh_host, one_thr
     for r in rows:
         assert 0.0 <= r["predictor/smape"] <= 2.0
         assert "predictor/kendall_tau" in r
+        assert ("perf/probe_steps" in r) == bool(options)
     part = execute(cfg(2, "part"))
     resumed = execute(cfg(3, "part", [f"run.resume={part.dir}"]))
     key = lambda rows: [(r["predictor/smape"], r["train/loss"]) for r in rows if "train/loss" in r]  # noqa: E731

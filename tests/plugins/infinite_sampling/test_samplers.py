@@ -178,3 +178,36 @@ def test_schedulers_are_registered_with_default_configs(fresh_host):
         entry = reg.get(name)
         obj = entry.factory(**dataclasses.asdict(entry.config()))
         assert isinstance(obj, cls) and hasattr(obj, "schedule") and hasattr(obj, "generate")
+
+
+@pytest.mark.parametrize("sampling", [{"greedy": True}, {"temperature": 1.0, "top_k": 50}],
+                         ids=["greedy", "seeded"])
+def test_partial_decode_probe_then_plan_matches_the_simulator(lm, sampling):
+    from plait.plugins.infinite_sampling.predictor import LengthPredictor
+
+    model, _ = lm
+    bpt, k, g, G = kv_bytes_per_token(model), 3, 2, 5
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]  # equal P: one prompt length per probe round
+    forced = scripted(2, G, seed=3)
+    predictor = LengthPredictor(prefix_tokens=k, seed=0)
+    predictor.update([prompts[0], prompts[1]], [[1, 2, 3], [4, 5, 6]], [2.0, 6.0])  # any fixed predictor will do
+    sched = LengthAwareScheduler(g=g, prefix_tokens=k)
+    r = run(sched, lm, prompts, G, forced, sampling=sampling, predicted_lengths=predictor)
+    ref = run(ContinuousScheduler(g=g), lm, prompts, G, forced, sampling=sampling)
+    assert r.completions == ref.completions  # probing and resuming does not change a single token
+    jobs = [(b, i) for b in range(2) for i in range(G)]
+    probe = [[min(forced[j], k) for j in jobs[s:s + g]] for s in range(0, len(jobs), g)]
+    sim_probe = simulate_barrier(probe, [4] * len(probe))
+    left = [j for j in jobs if forced[j] > k]
+    assert sorted(sched.last_predictions) == sorted(left)
+    want = predictor.predict_batch([prompts[b] for b, _ in left], [r.completions[b][i][:k] for b, i in left])
+    pred = [sched.last_predictions[j] for j in left]
+    assert pred == [min(max(int(round(v)), 1), MAX_NEW - k) for v in want]
+    sim_rest = simulate_slots({j: forced[j] - k for j in left}, g, PlannedDispatcher(left, pred, g),
+                              {j: 4 + k for j in left})
+    assert r.stats.probe_steps == sim_probe.steps
+    assert r.stats.decode_steps == sim_probe.steps + sim_rest.steps
+    assert r.stats.live_kv_trace == [t * bpt for t in sim_probe.live_tokens + sim_rest.live_tokens]
+    assert r.stats.prefills == 2 + len(left)  # one shared prefill per prompt, one resume per unfinished job
+    with pytest.raises(ValueError, match="prefix_tokens = 3 needs a predictor"):
+        run(sched, lm, prompts, G, forced, predicted_lengths=[4] * 10)

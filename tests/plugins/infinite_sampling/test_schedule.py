@@ -63,18 +63,36 @@ def test_fptas_is_within_one_plus_eps_of_the_optimum(eps):
     for _ in range(60):
         n, m = rng.randint(1, 12), rng.randint(1, 3)
         lengths = [rng.choice([rng.randint(1, 10), rng.randint(1, 200)]) for _ in range(n)]
-        res = fptas_makespan(lengths, m, eps)
-        assert res.exact_dp
-        assert sorted(i for lane in res.lanes for i in lane) == list(range(n)) and len(res.lanes) == m
-        assert res.makespan == makespan([[lengths[i] for i in lane] for lane in res.lanes])
         opt = brute_force_makespan(lengths, m)
-        assert opt <= res.makespan <= (1 + eps) * opt + 1e-9
+        for shortcut in (True, False):  # False: the rounded DP always runs
+            res = fptas_makespan(lengths, m, eps, lpt_shortcut=shortcut)
+            assert res.guaranteed and (res.exact_dp or shortcut)
+            assert sorted(i for lane in res.lanes for i in lane) == list(range(n)) and len(res.lanes) == m
+            assert res.makespan == makespan([[lengths[i] for i in lane] for lane in res.lanes])
+            assert opt <= res.makespan <= (1 + eps) * opt + 1e-9
+
+
+def test_fptas_beats_lpt_where_lpt_is_off_by_more_than_eps():
+    lengths = [3, 3, 2, 2, 2]  # LPT: {3, 2, 2} {3, 2} = 7; optimum {3, 3} {2, 2, 2} = 6
+    assert makespan([[lengths[i] for i in lane] for lane in lpt(lengths, 2)]) == 7
+    res = fptas_makespan(lengths, 2, eps=0.1)
+    assert res.exact_dp and res.guaranteed and res.makespan == 6
+
+
+def test_fptas_skips_the_dp_when_lpt_already_meets_the_bound():
+    lengths = [random.Random(6).randint(1, 256) for _ in range(128)]
+    res = fptas_makespan(lengths, 8, eps=0.1)  # m = 8: the DP would build millions of states
+    span = makespan([[lengths[i] for i in lane] for lane in lpt(lengths, 8)])
+    assert span <= 1.1 * makespan_lower_bound(lengths, 8)
+    assert res.lanes == lpt(lengths, 8) and res.guaranteed and not res.exact_dp and res.states == 0
 
 
 def test_fptas_falls_back_to_lpt_when_the_state_space_is_too_large():
-    lengths = [random.Random(2).randint(1, 500) for _ in range(30)]
+    lengths = [3, 3, 2, 2, 2] * 6  # LPT is 2 over LB = 18 (> 1 %), so the DP starts
+    assert makespan([[lengths[i] for i in lane] for lane in lpt(lengths, 4)]) > 1.01 * makespan_lower_bound(
+        lengths, 4)
     res = fptas_makespan(lengths, 4, eps=0.01, max_states=10)
-    assert not res.exact_dp
+    assert not res.exact_dp and not res.guaranteed and res.states == 11
     assert res.lanes == lpt(lengths, 4)
 
 
@@ -126,7 +144,28 @@ def test_planned_dispatch_with_noisy_predictions_still_runs_every_job_once():
     rng = random.Random(5)
     lengths = [rng.randint(1, 60) for _ in range(24)]
     noisy = [max(1, int(l * rng.uniform(0.5, 1.5))) for l in lengths]
-    d = PlannedDispatcher(list(range(24)), noisy, 4)
-    res = simulate_slots(dict(enumerate(lengths)), 4, d)
-    assert sorted(j for lane in res.slot_jobs for j in lane) == list(range(24))
-    assert res.steps >= makespan_lower_bound(lengths, 4)
+    for order in ("longest_first", "shortest_first"):
+        d = PlannedDispatcher(list(range(24)), noisy, 4, lane_order=order)
+        res = simulate_slots(dict(enumerate(lengths)), 4, d)
+        assert sorted(j for lane in res.slot_jobs for j in lane) == list(range(24))
+        assert res.steps >= makespan_lower_bound(lengths, 4)
+
+
+def test_lane_order_and_sjf_stealing_by_hand():
+    # predictions: lanes {10, 1, 1} and {6, 6} (makespan 12); within a lane the longest predicted job goes first
+    jobs, pred = ["a", "b", "c", "d", "e"], [10, 6, 6, 1, 1]
+    d = PlannedDispatcher(jobs, pred, 2)
+    lanes = [[jobs[i] for i in lane] for lane in d.plan.lanes]
+    assert sorted(map(sorted, lanes)) == [["a", "d", "e"], ["b", "c"]]
+    la, lb = (0, 1) if "a" in lanes[0] else (1, 0)
+    assert d.next_job(la) == "a" and d.next_job(lb) in ("b", "c")
+    d.next_job(lb)  # lane b is now empty
+    assert d.next_job(lb) == "d"  # steals the shortest job of the lane with the most work left
+    sjf = PlannedDispatcher(jobs, pred, 2, lane_order="shortest_first")
+    assert sjf.next_job(la) == "d"
+    # "a" really takes 20: SJF lanes start it last (at step 2), longest-first at step 0
+    true = {"a": 20, "b": 6, "c": 6, "d": 1, "e": 1}
+    assert simulate_slots(true, 2, PlannedDispatcher(jobs, pred, 2)).steps == 20
+    assert simulate_slots(true, 2, PlannedDispatcher(jobs, pred, 2, lane_order="shortest_first")).steps == 22
+    with pytest.raises(ValueError, match="lane_order"):
+        PlannedDispatcher(jobs, pred, 2, lane_order="random")
