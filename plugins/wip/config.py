@@ -1,0 +1,24 @@
+"""Config schemas of the wip plugin's registry entries (the recipe's lives in recipe.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class WipAttentionConfig:
+    operator: str = "minprod"  # exact | l1 | pot | minprod | mitchell
+    mixer: str = "exact"  # A·V: exact | pot
+    key_bias: bool = False  # calibration also fits γ·‖k‖₁ per head
+    balance: bool = False  # calibration also balances |q_d| and |k_d| per head/dim (q·c, k/c; q·k unchanged)
+
+
+@dataclass
+class WipLMConfig:
+    path: Optional[str] = None  # a checkpoint written by scripts/train_wip_lm.py; default: the bundled one
+    dtype: str = "float32"
+
+
+@dataclass
+class WipHeldoutConfig:
+    path: Optional[str] = None  # a heldout.jsonl; default: the one bundled with the LM

@@ -1,0 +1,179 @@
+"""Accuracy recovery after the swap: closed-form per-head calibration, then a few-step fine-tune.
+
+Calibration (no gradients). For every head, on a few calibration batches, fit the exact logits
+y = q·k·scale with the operator's x = s(q, k)·scale (and, with ``key_bias``, n = ‖k‖₁·scale):
+
+    y ≈ α·x + γ·n + β
+
+by least squares over the causal (unmasked) entries. Softmax ignores anything constant along a query's
+row, so α and γ are fitted on row-centred values (each query's mean over its valid keys subtracted): that
+is exactly the part of the logits softmax sees; β is then the mean residual (it cancels in softmax but
+completes the affine fit). The normal equations are accumulated as sufficient statistics, so memory does
+not grow with the amount of calibration data. During collection every layer computes the *exact*
+attention, so each layer is fitted on the original model's activations (one forward pass in all).
+
+Fine-tune (≤ 100 steps). Only α, β, γ and the normalisation layers' weights train (everything else is
+frozen), with AdamW on the next-token loss of the calibration blocks; the eval split is never used.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .attention import WipAttention, wip_modules
+
+
+class CalibrationStats:
+    """Per-head sufficient statistics of the row-centred least-squares fit, for every WipAttention."""
+
+    def __init__(self):
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def add(self, wip: WipAttention, sim: torch.Tensor, knorm: torch.Tensor, exact: torch.Tensor,
+            mask: torch.Tensor | None, query: torch.Tensor | None = None, key: torch.Tensor | None = None) -> None:
+        x, y = sim.double(), exact.double()
+        n = knorm.double().expand_as(x)
+        valid = torch.ones_like(x, dtype=torch.bool) if mask is None else (mask == 0).expand_as(x)
+        w = valid.double()
+        count = w.sum(-1, keepdim=True).clamp_min(1.0)
+
+        def centred(t):
+            return (t - (t * w).sum(-1, keepdim=True) / count) * w
+
+        xc, nc, yc = centred(x), centred(n), centred(y)
+        dims = (0, 2, 3)
+        s = self.stats.setdefault(id(wip), {})
+        if query is not None and key is not None:  # mean |q_d|, |k_d| per head and dimension, for balancing
+            for name, t in (("q_abs", query), ("k_abs", key)):
+                total = t.detach().double().abs().sum((0, 2))
+                s[name] = s[name] + total if name in s else total
+        for key, value in (("xx", xc * xc), ("xn", xc * nc), ("nn", nc * nc), ("xy", xc * yc), ("ny", nc * yc),
+                           ("x", x * w), ("n", n * w), ("y", y * w), ("count", w)):
+            total = value.sum(dims)
+            s[key] = s[key] + total if key in s else total
+
+    def solve(self, wip: WipAttention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(α, β, γ) per head; γ = 0 without ``key_bias``."""
+        s = self.stats.get(id(wip))
+        if s is None:
+            raise ValueError("no calibration data reached this attention layer")
+        eps = 1e-12
+        if wip.key_bias:
+            det = s["xx"] * s["nn"] - s["xn"] ** 2
+            ok = det.abs() > eps * (s["xx"] * s["nn"]).clamp_min(eps)
+            alpha = torch.where(ok, (s["xy"] * s["nn"] - s["ny"] * s["xn"]) / det.where(ok, torch.ones_like(det)),
+                                s["xy"] / s["xx"].clamp_min(eps))
+            gamma = torch.where(ok, (s["ny"] * s["xx"] - s["xy"] * s["xn"]) / det.where(ok, torch.ones_like(det)),
+                                torch.zeros_like(det))
+        else:
+            alpha = s["xy"] / s["xx"].clamp_min(eps)
+            gamma = torch.zeros_like(alpha)
+        cnt = s["count"].clamp_min(1.0)
+        beta = (s["y"] - alpha * s["x"] - gamma * s["n"]) / cnt
+        return alpha, beta, gamma
+
+
+def _batches(blocks: torch.Tensor, batch_size: int):
+    for i in range(0, len(blocks), batch_size):
+        yield blocks[i:i + batch_size]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16, min_blocks: int = 1) -> dict:
+    """Fit α, β, γ of every WipAttention of ``model`` on ``blocks`` [n, T] and switch calibration on.
+
+    Returns {"alpha": [[per head] per layer], ...} for logging. ValueError if the model was not swapped or
+    there are fewer than ``min_blocks`` blocks.
+    """
+    wips = wip_modules(model)
+    if not wips:
+        raise ValueError("the model has no swapped attention; apply the wip_attention transform first")
+    if blocks.dim() != 2 or len(blocks) < max(1, min_blocks) or blocks.shape[1] < 2:
+        raise ValueError(f"calibration needs at least {max(1, min_blocks)} token blocks of length ≥ 2, got a "
+                         f"tensor of shape {tuple(blocks.shape)}")
+    for w in wips:
+        w.calibrated.fill_(False)
+        w.balance_scale.fill_(1.0)
+    if any(w.balance for w in wips):  # first pass: magnitudes → c = sqrt(E|k_d| / E|q_d|)
+        stats = _collect(model, wips, blocks, batch_size)
+        for w in wips:
+            s = stats.stats[id(w)]
+            c = (s["k_abs"] / s["q_abs"].clamp_min(1e-12)).clamp_min(1e-12).sqrt()
+            w.balance_scale.copy_(c.to(w.balance_scale.dtype) if w.balance else torch.ones_like(c))
+    stats = _collect(model, wips, blocks, batch_size)
+    fitted = {"alpha": [], "beta": [], "gamma": []}
+    for w in wips:
+        for name, value in zip(("alpha", "beta", "gamma"), stats.solve(w)):
+            getattr(w, name).data.copy_(value.to(getattr(w, name).dtype))
+            fitted[name].append([round(float(v), 5) for v in value])
+        w.calibrated.fill_(True)
+    return fitted
+
+
+def _collect(model: nn.Module, wips: list[WipAttention], blocks: torch.Tensor, batch_size: int) -> CalibrationStats:
+    stats = CalibrationStats()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for w in wips:
+            w.collector = stats
+        for batch in _batches(blocks, batch_size):
+            model(input_ids=batch.to(device))
+    finally:
+        for w in wips:
+            w.collector = None
+        model.train(was_training)
+    return stats
+
+
+def recovery_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """α, β, γ of every WipAttention (γ only with key_bias) and the weights of every normalisation layer."""
+    params: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, WipAttention):
+            params += [m.alpha, m.beta] + ([m.gamma] if m.key_bias else [])
+        elif "norm" in type(m).__name__.lower():
+            params += list(m.parameters(recurse=False))
+    return params
+
+
+def finetune(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 3e-3, batch_size: int = 16,
+             seed: int = 0, progress: bool = False) -> list[float]:
+    """``steps`` AdamW steps on α, β, γ and the norms only (the rest is frozen); returns the losses.
+
+    The model must be calibrated (or at least swapped): α, β, γ are used only once calibration is on,
+    so an uncalibrated swapped model is switched to calibrated at the identity (α=1, β=γ=0) first.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    wips = wip_modules(model)
+    if not wips:
+        raise ValueError("the model has no swapped attention; apply the wip_attention transform first")
+    for w in wips:
+        w.calibrated.fill_(True)
+    train = recovery_parameters(model)
+    keep = {id(p) for p in train}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    opt = torch.optim.AdamW(train, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    model.train()
+    try:
+        for _ in tqdm(range(steps), desc="fine-tune", disable=not progress, mininterval=5):
+            batch = blocks[torch.randint(len(blocks), (min(batch_size, len(blocks)),), generator=gen)].to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.eval()
+    return losses
