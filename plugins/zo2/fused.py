@@ -275,7 +275,9 @@ class ZO2Engine:
             if u.updated:
                 continue
             if u.block in self.streamed:
-                self.store.wait(u.block)
+                # the forward's streaming discipline: prefetch the next block, wait for the offloads before this
+                # one, so ≤ 3 compute copies exist (without it every block's copy stayed alive until the end)
+                self._arrive(u.block)
                 self._apply_pending(u)
                 self.store.offload(u.block, write_back=True)
             else:
@@ -334,6 +336,14 @@ class ZO2Engine:
                 self.store.wait(b)
                 self.store.offload(b, write_back=False)
         self.store.finish_offloads()
+
+    def set_block_fill(self, fill) -> None:
+        """Fill streamed blocks' buckets on upload with ``fill`` (a `store.BucketFill`, e.g. DistZO2's sliced
+        upload) from now on: transfers are settled, then the first block is prefetched through it."""
+        self._settle()
+        self.store.set_fill(fill)
+        if self.order:
+            self.store.upload(self.order[0])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Current parameters (pending update applied) in the compute dtype, on the host."""

@@ -133,6 +133,10 @@ def test_counts_forwards_transfers_residency_and_draws():
         assert s.per_block == {b: [1, 1] for b in range(6)}  # one upload and one offload per block per step
         assert s.max_resident <= 3
         assert s.bytes_up == block_bytes and s.bytes_down == block_bytes
+    eng.stats.reset()
+    eng.flush()  # the pending update streams every block through the device once more, with the same bound
+    assert eng.stats.max_resident <= 3
+    assert eng.stats.per_block == {b: [1, 1] for b in range(6)} and eng.stats.bytes_down == block_bytes
     eng.logits(batch())
     assert set(counts.values()) == {1}  # 1 forward per module per eval step
     assert eng.stats.bytes_down == 0  # eval writes nothing back
