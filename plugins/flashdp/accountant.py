@@ -266,16 +266,13 @@ def get_privacy_spent(orders: float | Sequence[float], rdp: float | Sequence[flo
 
 
 # ----------------------------------------------------------------------------------------------- accountant
-class RDPAccountant:
-    """Running RDP accountant: record steps with :meth:`step`, read ε with :meth:`get_epsilon`.
+class StepHistory:
+    """The steps an accountant has seen: ``history`` is a list of ``[noise_multiplier, sample_rate, steps]``;
+    consecutive steps with the same ``(σ, q)`` are merged into one entry. Shared by the RDP and PRV accountants."""
 
-    ``history`` is a list of ``[noise_multiplier, sample_rate, steps]``; consecutive steps with the same
-    ``(σ, q)`` are merged into one entry."""
+    mechanism = ""
 
-    DEFAULT_ALPHAS = DEFAULT_ALPHAS
-
-    def __init__(self, alphas: Sequence[float] | None = None):
-        self.alphas = list(alphas) if alphas is not None else list(DEFAULT_ALPHAS)
+    def __init__(self) -> None:
         self.history: list[list] = []
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
@@ -288,6 +285,38 @@ class RDPAccountant:
             self.history[-1][2] += n
         else:
             self.history.append([sigma, q, n])
+
+    def _history_state(self) -> dict:
+        return {"mechanism": self.mechanism, "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "history" not in state:
+            raise ValueError("accountant state must be a dict with a 'history' list of [sigma, q, steps]")
+        if state.get("mechanism", "rdp") != self.mechanism:
+            raise ValueError(f"accountant state is for mechanism {state.get('mechanism')!r}, not {self.mechanism!r}")
+        history: list[list] = []
+        for entry in state["history"]:
+            if len(entry) != 3:
+                raise ValueError(f"accountant history entry {entry!r} must be [sigma, q, steps]")
+            history.append([_check_sigma(entry[0]), check_sample_rate(entry[1]), _check_steps(entry[2])])
+        self.history = history
+
+    def __len__(self) -> int:
+        return sum(int(n) for _, _, n in self.history)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={len(self)}, history={self.history})"
+
+
+class RDPAccountant(StepHistory):
+    """Running RDP accountant: record steps with :meth:`step`, read ε with :meth:`get_epsilon`."""
+
+    DEFAULT_ALPHAS = DEFAULT_ALPHAS
+    mechanism = "rdp"
+
+    def __init__(self, alphas: Sequence[float] | None = None):
+        super().__init__()
+        self.alphas = list(alphas) if alphas is not None else list(DEFAULT_ALPHAS)
 
     def get_rdp(self, alphas: Sequence[float] | None = None) -> np.ndarray:
         orders = self.alphas if alphas is None else list(alphas)
@@ -310,25 +339,7 @@ class RDPAccountant:
         return self.get_privacy_spent(delta, conversion, alphas)[0]
 
     def state_dict(self) -> dict:
-        return {"mechanism": "rdp", "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "history" not in state:
-            raise ValueError("accountant state must be a dict with a 'history' list of [sigma, q, steps]")
-        if state.get("mechanism", "rdp") != "rdp":
-            raise ValueError(f"accountant state is for mechanism {state.get('mechanism')!r}, not 'rdp'")
-        history: list[list] = []
-        for entry in state["history"]:
-            if len(entry) != 3:
-                raise ValueError(f"accountant history entry {entry!r} must be [sigma, q, steps]")
-            history.append([_check_sigma(entry[0]), check_sample_rate(entry[1]), _check_steps(entry[2])])
-        self.history = history
-
-    def __len__(self) -> int:
-        return sum(int(n) for _, _, n in self.history)
-
-    def __repr__(self) -> str:
-        return f"RDPAccountant(steps={len(self)}, history={self.history})"
+        return self._history_state()
 
 
 # ----------------------------------------------------------------------------------------------- σ search

@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 from scipy import fft, integrate, special
 
-from .accountant import DEFAULT_ALPHAS, _check_sigma, _check_steps, check_delta, check_sample_rate, compute_rdp
+from .accountant import DEFAULT_ALPHAS, StepHistory, check_delta, compute_rdp
 
 __all__ = ["PRVAccountant", "prv_cdf", "prv_mean", "gaussian_delta", "compose_epsilon"]
 
@@ -178,26 +178,19 @@ def compose_epsilon(phases: Sequence[tuple[float, float, int]], delta: float, ep
     return estimate, lower, upper
 
 
-class PRVAccountant:
+class PRVAccountant(StepHistory):
     """Running PRV accountant with the interface of :class:`~.accountant.RDPAccountant`.
 
     :meth:`get_epsilon` returns the upper bound of :func:`compose_epsilon` (a guarantee, not an estimate)."""
 
+    mechanism = "prv"
+
     def __init__(self, eps_error: float = 0.01, delta_error: float | None = None):
+        super().__init__()
         if not eps_error > 0:
             raise ValueError(f"eps_error={eps_error!r} must be > 0")
         self.eps_error = float(eps_error)
         self.delta_error = delta_error
-        self.history: list[list] = []
-
-    def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        sigma, q, n = _check_sigma(noise_multiplier), check_sample_rate(sample_rate), _check_steps(num_steps)
-        if n == 0:
-            return
-        if self.history and self.history[-1][0] == sigma and self.history[-1][1] == q:
-            self.history[-1][2] += n
-        else:
-            self.history.append([sigma, q, n])
 
     def get_privacy_spent(self, delta: float, **_: object) -> tuple[float, float]:
         """``(ε_upper, ε_estimate)`` at ``delta``; ``(0, 0)`` before any step."""
@@ -211,18 +204,4 @@ class PRVAccountant:
         return self.get_privacy_spent(delta)[0]
 
     def state_dict(self) -> dict:
-        return {"mechanism": "prv", "eps_error": self.eps_error,
-                "history": [[float(s), float(q), int(n)] for s, q, n in self.history]}
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "history" not in state:
-            raise ValueError("accountant state must be a dict with a 'history' list of [sigma, q, steps]")
-        if state.get("mechanism") != "prv":
-            raise ValueError(f"accountant state is for mechanism {state.get('mechanism')!r}, not 'prv'")
-        self.history = [[_check_sigma(s), check_sample_rate(q), _check_steps(n)] for s, q, n in state["history"]]
-
-    def __len__(self) -> int:
-        return sum(int(n) for _, _, n in self.history)
-
-    def __repr__(self) -> str:
-        return f"PRVAccountant(steps={len(self)}, history={self.history})"
+        return {**self._history_state(), "eps_error": self.eps_error}
