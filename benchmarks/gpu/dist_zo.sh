@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DistZO2 on several GPUs of one node (NCCL): steps/s of pertp (2 GPUs), zo_ddp and 2d (NGPU GPUs) relative to
 # one GPU at the same global batch, in-GPU MeZO and with ZO2 streaming (fp16 host copies), on OPT-1.3B and
-# OPT-2.7B shapes (random init). Each configuration writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object
+# OPT-2.7B shapes (random init). With ZO2 also the sliced block upload (pertp_sliced, zo_ddp_sliced[, 2d_sliced]:
+# each GPU uploads 1/k of a block over PCIe, an NCCL all-gather over NVLink completes it). Each configuration writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object
 # from benchmarks/dist_zo.py). Needs at least 2 GPUs; 2d needs 4. Not runnable on a single-GPU machine.
 #
 #   OUT=/some/dir bash benchmarks/gpu/dist_zo.sh            # from the repository root, on the multi-GPU machine
@@ -32,8 +33,14 @@ declare -A SHAPES=(
 status=0
 for shape in opt1.3b opt2.7b; do
   for offload in none zo2; do
-    log "$shape offload=$offload variants=$VARIANTS nproc=$NGPU"
-    "$PY" benchmarks/dist_zo.py --device cuda --backend nccl --nproc "$NGPU" --variants "$VARIANTS" \
+    variants=$VARIANTS
+    if [ "$offload" = zo2 ]; then   # the sliced upload needs the streamed engine
+      for v in ${VARIANTS//,/ }; do
+        if [ "$v" != single ]; then variants="$variants,${v}_sliced"; fi
+      done
+    fi
+    log "$shape offload=$offload variants=$variants nproc=$NGPU"
+    "$PY" benchmarks/dist_zo.py --device cuda --backend nccl --nproc "$NGPU" --variants "$variants" \
         --offload "$offload" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --size small \
         --model-config "${SHAPES[$shape]}" > "$OUT/dist_zo_${shape}_${offload}.json" || { status=$?; log "failed"; }
   done

@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from _results import Results  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[2]
 T_START = time.perf_counter()
 
@@ -105,20 +107,6 @@ FlashDP = import_flashdp()
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-class Results:
-    """The JSON document, rewritten atomically after every change."""
-
-    def __init__(self, path: str | None, doc: dict):
-        self.path, self.doc = path, doc
-
-    def save(self) -> None:
-        self.doc["elapsed_s"] = round(time.perf_counter() - T_START, 1)
-        if not self.path:
-            return
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=2)
-        os.replace(tmp, self.path)
 
 
 def err(exc: BaseException) -> dict:

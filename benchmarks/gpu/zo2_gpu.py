@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from _results import Results  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[2]
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
@@ -91,20 +93,6 @@ ZO2Engine, InPlaceMeZO, MeZO, lm_loss, step_seed = import_plait()
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-class Results:
-    """The JSON document, rewritten atomically after every change."""
-
-    def __init__(self, path: str | None, doc: dict):
-        self.path, self.doc = path, doc
-
-    def save(self) -> None:
-        self.doc["elapsed_s"] = round(time.perf_counter() - T_START, 1)
-        if not self.path:
-            return
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.doc, f, indent=2)
-        os.replace(tmp, self.path)
 
 
 def opt_config(shape, vocab=VOCAB):
