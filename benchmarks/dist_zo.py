@@ -8,8 +8,14 @@ one uses one: the ratio is the scaling of the method, not of the thread pool. St
 ``perf/comm_bytes`` rank 0 logs (what it sent and received in the step's one collective). Also checks that
 ``pertp`` logged exactly the single process's losses. Nothing is asserted.
 
+A variant ``<strategy>_sliced`` (e.g. ``pertp_sliced``, with ``--offload zo2``) adds ``parallel.sliced_upload:
+true``: each rank uploads 1/k of a block, an all-gather completes it. It also reports ``upload_mib_per_step``
+(host bytes rank 0 read per step) and whether its losses equal the unsliced variant's. On CPU/gloo "upload" is a
+host memcpy and the gather goes through loopback TCP, so expect no gain there; the point is GPUs with NVLink.
+
     .venv/bin/python benchmarks/dist_zo.py                         # OPT "small", batch 16, 25 steps
     .venv/bin/python benchmarks/dist_zo.py --size tiny --steps 15
+    .venv/bin/python benchmarks/dist_zo.py --size tiny --offload zo2 --variants single,pertp,pertp_sliced
     python benchmarks/dist_zo.py --device cuda --backend nccl --nproc 4 --variants single,pertp,zo_ddp,2d \
         --model-config '{"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192}'
                                                     # several GPUs (benchmarks/gpu/dist_zo.sh); pertp uses 2
@@ -40,14 +46,14 @@ perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-4}}
 """
 
 
-def run_variant(name: str, nproc: int, strategy: str | None, args, root: Path) -> dict:
+def run_variant(name: str, nproc: int, strategy: str | None, args, root: Path, sliced: bool = False) -> dict:
     cfg = root / f"{name}.yaml"
     text = CFG.format(name=name, steps=args.steps, window=args.window, out=root / "runs", batch=args.batch,
                       seq=args.seq, size=args.size, device=args.device, model_config=args.model_config)
     if args.offload != "none":
         text += f"offload: {{name: {args.offload}, storage_dtype: fp16}}\n"
     if strategy:
-        text += f"parallel: {{name: {strategy}, backend: {args.backend}}}\n"
+        text += f"parallel: {{name: {strategy}, backend: {args.backend}, sliced_upload: {str(sliced).lower()}}}\n"
     cfg.write_text(text)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if nproc == 1:
@@ -64,8 +70,10 @@ def run_variant(name: str, nproc: int, strategy: str | None, args, root: Path) -
     windows = [r["perf/steps_per_sec"] for r in rows if "perf/steps_per_sec" in r][1:]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     comm = [r["perf/comm_bytes"] for r in rows if "perf/comm_bytes" in r]
+    up = [r["perf/upload_mib"] for r in rows if "perf/upload_mib" in r]
     return {"steps_per_sec": round(statistics.median(windows), 3), "windows": [round(w, 3) for w in windows],
-            "comm_bytes_per_step": comm[-1] if comm else 0.0, "losses": losses}
+            "comm_bytes_per_step": comm[-1] if comm else 0.0, "losses": losses,
+            "upload_mib_per_step": round(up[-1], 4) if up else None}
 
 
 def main() -> None:
@@ -83,11 +91,15 @@ def main() -> None:
     ap.add_argument("--model-config", default="{}", help="HF config overrides (JSON), e.g. an OPT-1.3B shape")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    nproc = {"single": 1, "pertp": 2, "zo_ddp": args.nproc, "2d": args.nproc}
+    procs = {"single": 1, "pertp": 2, "zo_ddp": args.nproc, "2d": args.nproc}
+    nproc = {v: procs[v.removesuffix("_sliced")] for v in ["single"] + variants}
+    if any(v.endswith("_sliced") for v in variants) and args.offload != "zo2":
+        raise SystemExit("the *_sliced variants slice zo2 block uploads: add --offload zo2")
     with tempfile.TemporaryDirectory(prefix="dist_zo-") as tmp:
         root = Path(tmp)
-        res = {v: run_variant(v, nproc[v], None if v == "single" else v, args, root) for v in ["single"] +
-               [v for v in variants if v != "single"]}
+        res = {v: run_variant(v, nproc[v], None if v == "single" else v.removesuffix("_sliced"), args, root,
+                              sliced=v.endswith("_sliced"))
+               for v in ["single"] + [v for v in variants if v != "single"]}
     base = res["single"]["steps_per_sec"]
     out = {"model": f"opt-{args.size}", "model_config": json.loads(args.model_config), "global_batch": args.batch,
            "seq": args.seq, "steps": args.steps, "device": args.device, "backend": args.backend,
@@ -96,6 +108,11 @@ def main() -> None:
         out[name] = {"processes": nproc[name], "steps_per_sec": r["steps_per_sec"], "windows": r["windows"],
                      "ratio_to_single": round(r["steps_per_sec"] / base, 3),
                      "comm_bytes_per_step": r["comm_bytes_per_step"]}
+        if r["upload_mib_per_step"] is not None:
+            out[name]["upload_mib_per_step"] = r["upload_mib_per_step"]
+        plain = name.removesuffix("_sliced")
+        if plain != name and plain in res:
+            out[name]["same_losses_as_unsliced"] = r["losses"] == res[plain]["losses"]
     if "pertp" in res:
         out["pertp"]["same_losses_as_single"] = res["pertp"]["losses"] == res["single"]["losses"]
     emit(out)

@@ -74,7 +74,7 @@ def _launch_torchrun(args) -> int:
         raise PlaitError(f"--nproc: must be at least 1, got {args.nproc}")
     argv = [a for a in (args.config, *args.overrides) if a is not None]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "plait", "run", *argv]
+           "-m", "plait", *(["--debug"] if getattr(args, "debug", False) else []), "run", *argv]
     return subprocess.run(cmd).returncode
 
 
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(a in ("-h", "--help", "--version") for a in argv[:1]):
             _add_plugin_commands(parser)
         args = parser.parse_args(argv)
+        args.debug = debug  # `plait run --nproc N` hands it on to the ranks
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

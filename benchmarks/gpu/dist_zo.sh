@@ -2,8 +2,9 @@
 # DistZO2 on several GPUs of one node (NCCL): steps/s of pertp (2 GPUs), zo_ddp and 2d (NGPU GPUs) relative to
 # one GPU at the same global batch, in-GPU MeZO and with ZO2 streaming (fp16 host copies), on OPT-1.3B and
 # OPT-2.7B shapes (random init). With ZO2 also the sliced block upload (pertp_sliced, zo_ddp_sliced[, 2d_sliced]:
-# each GPU uploads 1/k of a block over PCIe, an NCCL all-gather over NVLink completes it). Each configuration writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object
-# from benchmarks/dist_zo.py). Needs at least 2 GPUs; 2d needs 4. Not runnable on a single-GPU machine.
+# each GPU uploads 1/k of a block over PCIe, an NCCL all-gather over NVLink completes it). Each configuration
+# writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object from benchmarks/dist_zo.py). Needs at least 2
+# GPUs; 2d needs 4. Not runnable on a single-GPU machine.
 #
 #   OUT=/some/dir bash benchmarks/gpu/dist_zo.sh            # from the repository root, on the multi-GPU machine
 #   NGPU=8 STEPS=30 OUT=/some/dir bash benchmarks/gpu/dist_zo.sh

@@ -10,3 +10,4 @@ class DistZOConfig:
 
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 300.0  # a collective (or the start-up rendezvous) waiting longer than this fails the run
+    sliced_upload: bool = False  # with offload zo2: each rank of a node uploads 1/k of a block, an all-gather completes it

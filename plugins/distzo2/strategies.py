@@ -21,6 +21,10 @@ apply bit-identical updates. Parameters never travel.
 This works with any engine that drives the step through the perturbation object (``n_chunks``, ``shifts``,
 ``chunk_of``, ``estimate``): `DistMeZO` wraps ``mezo`` and reports only the rank's own chunks, so the plain
 in-place engine and the ``zo2`` fused, streamed engine run unchanged.
+
+``sliced_upload`` (``zo2`` only): the ranks of a node share each block upload (`sliced.SlicedUpload`): each
+copies 1/k of the block's flat bucket from its host copy and an all-gather on a dedicated process group (so the
+step's one loss collective stays alone on the default group) completes it.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ class DistZO:
     name = "dist"
     pert = 1  # ranks sharing one perturbation group (the two sides of the difference split across them)
 
-    def __init__(self, backend: str = "auto", timeout_s: float = 300.0):
+    def __init__(self, backend: str = "auto", timeout_s: float = 300.0, sliced_upload: bool = False):
         if backend not in BACKENDS:
             raise ConfigError(f"parallel.backend: {backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
         if not timeout_s > 0:
@@ -69,7 +73,8 @@ class DistZO:
         if backend == "nccl" and not torch.cuda.is_available():
             raise ConfigError("parallel.backend: 'nccl' needs CUDA, which is not available here; use gloo (CPU) "
                               "or auto")
-        self.backend, self.timeout_s = backend, float(timeout_s)
+        self.backend, self.timeout_s, self.sliced_upload = backend, float(timeout_s), bool(sliced_upload)
+        self.upload_group: Any = None  # the sliced upload's process group (the ranks of this node)
         self.rank = _env_int("RANK", 0)
         self.world_size = _env_int("WORLD_SIZE", 1)
         self.local_rank = _env_int("LOCAL_RANK", self.rank)
@@ -108,8 +113,9 @@ class DistZO:
             raise ConfigError(f"parallel {self.name!r}: WORLD_SIZE must be at least 1, got {world}")
 
     # --- collectives (every one goes through `_collective`, which turns failures into one-line errors) ----
-    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
-        self.collectives += 1
+    def _collective(self, what: str, fn: Callable[[], Any], count: bool = True) -> Any:
+        if count:  # (uploads run on the upload thread: they are not counted here)
+            self.collectives += 1
         try:
             return fn()
         except (RuntimeError, dist.DistError) as exc:
@@ -153,6 +159,9 @@ class DistZO:
                               f"rank with the same config file and overrides")
 
     def close(self) -> None:
+        if self.upload_group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.upload_group)
+        self.upload_group = None
         if self._owned_pg and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -182,8 +191,39 @@ class DistZO:
         return DistMeZO(mezo, self)
 
     def wrap_engine(self, engine: Any, mezo: "DistMeZO") -> "DistEngine":
+        if self.sliced_upload:
+            self._slice_uploads(engine)
         self._check_same_parameters(engine)
         return DistEngine(engine, mezo)
+
+    def _slice_uploads(self, engine: Any) -> None:
+        """Share each streamed block's upload among the ranks of this node (`sliced.SlicedUpload`)."""
+        from .sliced import SlicedUpload
+
+        if not hasattr(engine, "set_block_fill"):
+            raise ConfigError(f"parallel.sliced_upload: slices the uploads of streamed blocks; it needs the zo2 "
+                              f"offload policy (offload.name: zo2), this run uses {type(engine).__name__}")
+        if not engine.store.bucket:
+            raise ConfigError("parallel.sliced_upload: slices a block's flat bucket; set offload.bucket: true")
+        # slices never cross nodes: the gather belongs on the device interconnect, not the network
+        local = _env_int("LOCAL_WORLD_SIZE", self.world_size)
+        if local < 1 or self.world_size % local:
+            raise ConfigError(f"parallel.sliced_upload: LOCAL_WORLD_SIZE={local} does not divide the world size "
+                              f"{self.world_size}; launch the same number of processes on every node")
+        timeout = timedelta(seconds=self.timeout_s)
+        if local == self.world_size:
+            self.upload_group = dist.new_group(backend=self.backend, timeout=timeout)
+        else:
+            self.upload_group, _ = dist.new_subgroups(group_size=local, backend=self.backend, timeout=timeout)
+        k, rank = dist.get_world_size(self.upload_group), dist.get_rank(self.upload_group)
+        gather_fn = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+        def gather(out: torch.Tensor, mine: torch.Tensor) -> None:
+            # looked up per call (not bound once) so that a wrapper of torch.distributed sees it
+            self._collective("a sliced block upload's all-gather",
+                             lambda: getattr(dist, gather_fn)(out, mine, group=self.upload_group), count=False)
+
+        engine.set_block_fill(SlicedUpload(rank, k, gather))
 
     def _check_same_parameters(self, engine: Any) -> None:
         """Ranks must start from identical parameters (same seed, deterministic init): compare digests once."""

@@ -7,6 +7,10 @@ safetensors shard on disk, in ``storage_dtype``; the compute copy on the device 
 
 Transfers overlap compute: on CUDA through separate upload and offload streams ordered by events, on CPU
 through one worker thread each (the copies release the GIL). ``bucket=True`` moves one flat buffer per block.
+
+``set_fill`` replaces how a block's flat bucket is filled on upload (a `BucketFill`; DistZO2's sliced upload
+copies 1/k of it from the host and completes it with an all-gather). Write-back is unchanged: always the whole
+block.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +31,18 @@ from safetensors.torch import save_file
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float64: np.float64}
 _ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+class BucketFill(Protocol):
+    """Fills a block's device bucket on upload instead of one host → device copy of the whole flat buffer."""
+
+    def capacity(self, numel: int) -> int:
+        """Elements the device buffer of a ``numel``-element block must hold (≥ numel; room for padding)."""
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> int:
+        """Make ``dst[:src.numel()]`` (compute dtype, on the device, ``capacity`` elements) equal to ``src`` (the
+        host flat buffer, storage dtype); runs where the plain copy would (upload thread or stream). Returns
+        the bytes read from ``src``."""
 
 
 @dataclass
@@ -43,6 +60,7 @@ class _Block:
     upload_done: Future | torch.cuda.Event | None = None
     offload_done: Future | torch.cuda.Event | None = None
     pool_buf: torch.Tensor | None = None  # the pooled compute buffer this block's device copy lives in (CPU)
+    bytes_read: int = 0  # host bytes the last upload read (the whole block, or a fill's share of it)
     state: str = "host"  # host | uploading | resident | offloading
 
 
@@ -69,6 +87,7 @@ class BlockStore:
         self.cuda = device.type == "cuda"
         self.pin = pin_memory and self.cuda and disk_dir is None
         self.stats = TransferStats()
+        self.fill: BucketFill | None = None
         self.blocks: dict[int, _Block] = {}
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir is not None:
@@ -111,6 +130,21 @@ class BlockStore:
             p.data = v  # the original (maybe fp32) tensor is released: the host copy is the only one
         return block
 
+    def set_fill(self, fill: BucketFill | None) -> None:
+        """Fill uploaded buckets with ``fill`` (None: the plain copy). Every block must be on the host."""
+        if fill is not None and not self.bucket:
+            raise ValueError("offload.bucket: a bucket fill (sliced upload) needs one flat buffer per block; "
+                             "set offload.bucket: true")
+        busy = [b for b, blk in self.blocks.items() if blk.state != "host"]
+        if busy:
+            raise RuntimeError(f"BlockStore.set_fill: block {busy[0]} is on the device; settle the engine first")
+        self.fill = fill
+        self._pool.clear()
+        self._pool_numel = max((self._capacity(blk.numel) for blk in self.blocks.values()), default=0)
+
+    def _capacity(self, numel: int) -> int:
+        return numel if self.fill is None else self.fill.capacity(numel)
+
     # --- transfers --------------------------------------------------------------------------------------
     def resident_count(self) -> int:
         return sum(1 for blk in self.blocks.values() if blk.state != "host")
@@ -141,7 +175,17 @@ class BlockStore:
                                       for s in blk.shapes]
 
         def copy() -> None:
-            if self.cuda:
+            blk.bytes_read = blk.numel * blk.host_flat.element_size()
+            if self.fill is not None:
+                if self.cuda:
+                    buf = torch.empty(self.fill.capacity(blk.numel), dtype=self.compute_dtype, device=self.device)
+                    blk.device_flat = buf[:blk.numel]
+                    blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
+                                          for o, s in zip(blk.offsets, blk.shapes)]
+                else:
+                    buf = blk.pool_buf
+                blk.bytes_read = self.fill(blk.host_flat, buf)
+            elif self.cuda:
                 if self.bucket:
                     blk.device_flat = _to_device(blk.host_flat, self.device, self.compute_dtype)
                     blk.device_tensors = [blk.device_flat[o:o + s.numel()].view(s)
@@ -190,7 +234,7 @@ class BlockStore:
             blk.state = "resident"
             # an upload is counted when its block is used, so a prefetch belongs to the step that needs it
             self.stats.uploads += 1
-            self.stats.bytes_up += blk.numel * blk.host_flat.element_size()
+            self.stats.bytes_up += blk.bytes_read
             self._note(b, 0)
 
     def offload(self, b: int, write_back: bool) -> None:

@@ -34,7 +34,7 @@ def launch(world: int, spec: dict, out: Path, timeout: float = 240.0, env: dict 
     """Start ``world`` worker ranks with ``spec`` and wait for ``wait_ranks`` (default: all) to exit; kill
     whatever is left then, or after ``timeout``."""
     out.mkdir(parents=True, exist_ok=True)
-    spec = dict(spec, out=str(out))
+    spec = dict(spec, out=str(out), spare_port=free_port())
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
     port = free_port()

@@ -58,6 +58,8 @@ def test_distzo2_configs_compose_the_strategies(fresh_host):
     for path in sorted((REPO / "configs" / "distzo2").glob("*.yaml")):
         cfg = load_config(path)
         validate(cfg, host.registries)
-        names[path.stem] = (cfg.recipe.name, cfg.parallel.name, cfg.offload.name)
-    assert names == {"opt_2d": ("zo", "2d", "none"), "opt_pertp": ("zo", "pertp", "none"),
-                     "opt_pertp_zo2": ("zo", "pertp", "zo2"), "opt_zo_ddp": ("zo", "zo_ddp", "none")}
+        names[path.stem] = (cfg.recipe.name, cfg.parallel.name, cfg.offload.name, cfg.parallel.sliced_upload)
+    assert names == {"opt_2d": ("zo", "2d", "none", False), "opt_pertp": ("zo", "pertp", "none", False),
+                     "opt_pertp_zo2": ("zo", "pertp", "zo2", False),
+                     "opt_pertp_zo2_sliced": ("zo", "pertp", "zo2", True),
+                     "opt_zo_ddp": ("zo", "zo_ddp", "none", False)}

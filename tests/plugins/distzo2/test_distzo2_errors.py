@@ -1,5 +1,7 @@
 """DistZO2 bad input and failures: one-line errors on every rank, a dead or hung rank ends the others' run.
 
+The multi-process cases are runs of the shared launches in ``conftest`` (``pair``, ``four``).
+
 Also the pieces the launch tests cannot reach cheaply: the chunk split for q > 1 and the loss recombination.
 """
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distzo2_launch import launch
+from conftest import FOUR_RUNS, HUNG_TIMEOUT_S, PAIR_RUNS
 
 CFG = """
 run: {{name: e, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
@@ -136,29 +138,41 @@ def test_distzo2_chunk_split_and_recombination_q3():
 
 
 @pytest.mark.slow
-def test_distzo2_config_mismatch_fails_on_every_rank(tmp_path):
-    cfg = str(_cfg(tmp_path))
-    results = launch(2, {"runs": [{"argv": [cfg], "rank_argv": {"1": ["perturbation.lr=5e-3"]}}]},
-                     tmp_path / "launch", timeout=180)
+def test_distzo2_config_mismatch_fails_on_every_rank(pair):
+    """The first run of the ``pair`` launch gives rank 1 another learning rate: both ranks exit 2, one line."""
+    root, results = pair
     for r in results:
-        assert r.rc == 2, r.stderr[-2000:]
-        assert "the resolved config differs between ranks (rank 1 has sha256" in _one_line(r.stderr.strip()
-                                                                                             .splitlines()[-1])
-    assert not (tmp_path / "runs").exists()
+        assert r.result["codes"][PAIR_RUNS.index("mismatch")] == 2
+        lines = [line for line in r.stderr.splitlines() if "the resolved config differs between ranks" in line]
+        assert len(lines) == 1 and "(rank 1 has sha256" in lines[0], r.stderr[-2000:]
+        assert _one_line(lines[0]).startswith("error: parallel 'pertp':")
+    assert not (root / "runs" / "mismatch").exists()
+
+
+def _failed_within_timeout(r, killed_at: float, timeout_s: float, name: str) -> None:
+    assert r.rc == 3, r.stderr[-2000:]
+    assert r.exit_time - killed_at < timeout_s + 15  # the collective gives up; slack for a busy machine
+    assert f"parallel {name!r}: rank {r.rank} lost its peers during the step's loss all-gather" in r.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,timeout_s", [("KILL", 60), ("STOP", 4)])
-def test_distzo2_dead_or_hung_rank_ends_the_others(tmp_path, sig, timeout_s):
-    """Rank 1 is killed (or stopped) at step 3: rank 0 fails with exit code 3 within parallel.timeout_s."""
-    cfg = str(_cfg(tmp_path, steps=8, timeout=timeout_s))
-    out = tmp_path / "launch"
-    results = launch(2, {"runs": [{"argv": [cfg]}], "kill": {"rank": 1, "step": 3, "signal": sig}}, out,
-                     timeout=180, wait_ranks=[0])
+def test_distzo2_hung_rank_ends_the_others_after_the_timeout(pair):
+    """Last run of ``pair`` (own group, parallel.timeout_s = 4): rank 1 stopped at step 3; rank 0 waits the
+    timeout, then exits 3 with the one-line error."""
+    root, results = pair
+    killed_at = float((root / "launch" / "killed_at").read_text())
     r0 = results[0]
-    assert r0.rc == 3, r0.stderr[-2000:]
-    killed_at = float((out / "killed_at").read_text())
-    assert r0.exit_time - killed_at < timeout_s + 15  # the collective gives up; slack for a busy machine
-    assert "parallel 'pertp': rank 0 lost its peers during the step's loss all-gather" in r0.stderr
-    if sig == "STOP":
-        assert r0.exit_time - killed_at >= timeout_s * 0.9  # a hung peer is waited for, up to the timeout
+    _failed_within_timeout(r0, killed_at, HUNG_TIMEOUT_S, "pertp")
+    assert r0.exit_time - killed_at >= HUNG_TIMEOUT_S * 0.9  # a hung peer is waited for, up to the timeout
+    assert [s["step"] for s in r0.result["steps"][PAIR_RUNS.index("hung")]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_distzo2_dead_rank_ends_the_others(four):
+    """Last run of ``four`` (2d): rank 3 killed at step 3; ranks 0-2 exit 3 with the one-line error, promptly."""
+    root, results = four
+    killed_at = float((root / "launch" / "killed_at").read_text())
+    for r in results[:3]:
+        _failed_within_timeout(r, killed_at, 60, "2d")
+        assert [s["step"] for s in r.result["steps"][FOUR_RUNS.index("killed")]] == [1, 2]
+    assert results[3].rc == -9  # SIGKILL
