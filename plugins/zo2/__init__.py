@@ -27,6 +27,7 @@ def build_no_offload(model, device, mezo, run_dir=None):
 
 
 def build_zo2(model, device, mezo, run_dir=None, **kwargs):
+    import os
     from pathlib import Path
 
     from .fused import ZO2Engine
@@ -35,7 +36,10 @@ def build_zo2(model, device, mezo, run_dir=None, **kwargs):
         if run_dir is None:
             raise ValueError("offload.disk_dir 'run' needs a run directory")
         path = Path(run_dir) / "block_shards"
-        path.mkdir(exist_ok=True)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # ranks share the run directory; each writes and maps its own shards (no creation race)
+            path = path / f"rank{int(os.environ.get('RANK', '0'))}"
+        path.mkdir(parents=True, exist_ok=True)
         kwargs["disk_dir"] = str(path)
     return ZO2Engine(model, device, mezo, **kwargs)
 

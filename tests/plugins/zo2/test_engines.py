@@ -283,3 +283,18 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a sharded model directory"):
         load_sharded_model(tmp_path)
+
+
+def test_disk_dir_run_gives_each_rank_its_own_shards(tmp_path, monkeypatch):
+    # ranks of a distributed run share one run directory: each must write and map its own shard files
+    from plait.plugins.zo2 import build_zo2
+
+    args = dict(blocks=None, overlap=False, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir="run",
+                disk_create=True)
+    build_zo2(tiny(), CPU, mezo(), run_dir=str(tmp_path), **args).close()
+    assert len(list((tmp_path / "block_shards").glob("block_*.safetensors"))) == 2
+    for rank in (0, 1):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        build_zo2(tiny(), CPU, mezo(), run_dir=str(tmp_path), **args).close()
+        assert len(list((tmp_path / "block_shards" / f"rank{rank}").glob("block_*.safetensors"))) == 2
