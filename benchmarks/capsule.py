@@ -1,10 +1,16 @@
-"""Capsule benchmark: training metrics (V2 vs vision-only on the high-vibration tube, PiT vs ViT with weighted
-CE) over seeds, and inference frames/s of depth + pose + vibration at 64×80 and 256×320 (ResNet-18 widths need a multiple of
-32, so 64×80 uses the tiny 3-stage nets). Prints one JSON object.
+"""Capsule benchmark: short-training metrics over seeds and inference frames/s. Prints one JSON object.
 
-    python benchmarks/capsule.py [--seeds 3] [--depth-steps 300] [--cls-steps 400] [--quick]
+* ``depth_high_vibration``: V2-SfMLearner vs the vision-only ablation on the high-vibration tube (the test sizes:
+  32×48 frames, width-16 nets, ``--depth-steps``), per seed: AbsRel and its best-constant reference, ATE, ATE
+  with the IMU shuffled across the test set (V2), and the zero-motion / constant-velocity references. With one
+  seed both models start from identical vision weights, so the difference is the IMU path alone.
+* ``classify_lesions``: PiT vs plain ViT (class-weighted CE, the shipped configs), per seed.
+* ``fps_depth_pose_vibration``: depth + pose + vibration inference, batch 1, at 64×80 and 256×320.
 
-Ratios are measured side by side in one process; on a shared machine absolute figures drift.
+    python benchmarks/capsule.py [--seeds 3] [--depth-steps 300] [--cls-steps 300] [--jobs 3] [--part all] [--quick]
+
+Runs are independent processes (``--jobs`` at a time, one thread each); fps is measured alone at the end.
+On a shared machine absolute figures drift; compare within one JSON.
 """
 from __future__ import annotations
 
@@ -13,22 +19,33 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+DEPTH_SMALL = ["data.height=32", "data.width=48", "data.vibration=high", "recipe.log_images=false"]
+KEYS_D = ["eval/abs_rel", "eval/abs_rel_best_constant", "eval/ate", "eval/ate_imu_shuffled",
+          "eval/ate_zero_motion", "eval/ate_constant_velocity"]
+KEYS_C = ["eval/accuracy", "eval/balanced_accuracy", "eval/macro_f1", "eval/mcc", "eval/majority_accuracy"]
 
 
-def _run(config: str, overrides: list[str]) -> dict:
+def _run(job: tuple[str, str, list[str]]) -> tuple[str, dict]:
+    """One training run from a shipped config (in a worker process, one thread)."""
+    name, config, overrides = job
+    torch.set_num_threads(1)
     from plait.config import load_config
     from plait.run import execute
 
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(REPO / "configs" / "capsule" / config, [f"run.out_dir={tmp}", "run.progress=false",
-                                                                  "run.eval_every=0", *overrides])
-        run = execute(cfg)
-        return run.summary["final_eval"]
+        cfg = load_config(REPO / "configs" / "capsule" / config,
+                          [f"run.out_dir={tmp}", "run.progress=false", "run.eval_every=0", *overrides])
+        final = execute(cfg).summary["final_eval"]
+    print(f"{name} {' '.join(overrides)}: {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    return name, final
 
 
 def fps(height: int, width: int, depth_width: int, blocks: list[int], repeats: int) -> float:
@@ -45,34 +62,49 @@ def fps(height: int, width: int, depth_width: int, blocks: list[int], repeats: i
     return repeats / (time.perf_counter() - t)
 
 
+def _table(runs: list[tuple[str, dict]], keys: list[str]) -> dict:
+    out: dict = {}
+    for name, final in runs:
+        for k in keys:
+            if k in final:
+                out.setdefault(name, {}).setdefault(k, []).append(round(final[k], 4))
+    for metrics in out.values():
+        metrics.update({f"{k}_mean": round(float(np.mean(v)), 4) for k, v in list(metrics.items())})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--depth-steps", type=int, default=300)
-    ap.add_argument("--cls-steps", type=int, default=400)
+    ap.add_argument("--cls-steps", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=3)
+    ap.add_argument("--part", choices=("all", "depth", "classify"), default="all", help="which training runs")
     ap.add_argument("--quick", action="store_true", help="fps only")
     args = ap.parse_args()
-    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    out["fps_depth_pose_vibration"] = {
-        "64x80_tiny(w16,[1,1,1])": fps(64, 80, 16, [1, 1, 1], 20),
-        "256x320_tiny(w16,[1,1,1])": fps(256, 320, 16, [1, 1, 1], 10),
-        "256x320_resnet18(w64,[2,2,2,2])": fps(256, 320, 64, [2, 2, 2, 2], 5),
-    }
+    out: dict = {"torch": torch.__version__}
     if not args.quick:
-        depth, cls = {}, {}
+        jobs = []
         for seed in range(args.seeds):
-            s = [f"run.seed={seed}", f"model.seed={seed}"]
-            for name, extra in [("v2", []), ("vision_only", ["model.vibration=false"])]:
-                print(f"depth {name} seed {seed}", file=sys.stderr)
-                depth.setdefault(name, []).append(_run("depth_v2.yaml", s + [f"run.steps={args.depth_steps}"] + extra))
-            for name, cfg in [("pit", "classify_pit.yaml"), ("vit", "classify_vit.yaml")]:
-                print(f"classify {name} seed {seed}", file=sys.stderr)
-                cls.setdefault(name, []).append(_run(cfg, s + [f"run.steps={args.cls_steps}"]))
-        keys_d = ["eval/abs_rel", "eval/abs_rel_best_constant", "eval/ate", "eval/ate_imu_shuffled",
-                  "eval/ate_zero_motion", "eval/ate_constant_velocity"]
-        keys_c = ["eval/accuracy", "eval/balanced_accuracy", "eval/macro_f1", "eval/mcc", "eval/majority_accuracy"]
-        out["depth_high_vibration"] = {n: {k: [r.get(k) for r in rs] for k in keys_d} for n, rs in depth.items()}
-        out["classify_lesions"] = {n: {k: [r.get(k) for r in rs] for k in keys_c} for n, rs in cls.items()}
+            s = [f"run.seed={seed}", f"model.seed={seed}", f"data.seed={seed}"]
+            for name, extra in [("v2", []), ("vision_only", ["model.vibration=false"])][:2 * (args.part != "classify")]:
+                jobs.append((f"depth:{name}", "depth_v2.yaml",
+                             s + DEPTH_SMALL + [f"run.steps={args.depth_steps}"] + extra))
+            for name, cfg in [("pit", "classify_pit.yaml"), ("vit", "classify_vit.yaml")][:2 * (args.part != "depth")]:
+                jobs.append((f"classify:{name}", cfg, s + [f"run.steps={args.cls_steps}"]))
+        t = time.perf_counter()
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(_run, jobs))
+        out["training_wall_seconds"] = round(time.perf_counter() - t, 1)
+        out["depth_high_vibration"] = _table([(n.split(":")[1], r) for n, r in results if n.startswith("depth")], KEYS_D)
+        out["classify_lesions"] = _table([(n.split(":")[1], r) for n, r in results if n.startswith("classify")], KEYS_C)
+    torch.set_num_threads(1)
+    out["threads"] = torch.get_num_threads()
+    out["fps_depth_pose_vibration"] = {
+        "64x80_tiny(w16,[1,1,1])": round(fps(64, 80, 16, [1, 1, 1], 20), 2),
+        "256x320_tiny(w16,[1,1,1])": round(fps(256, 320, 16, [1, 1, 1], 10), 2),
+        "256x320_resnet18(w64,[2,2,2,2])": round(fps(256, 320, 64, [2, 2, 2, 2], 5), 2),
+    }
     print(json.dumps(out, indent=2))
 
 

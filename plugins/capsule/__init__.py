@@ -84,7 +84,7 @@ def build_classify(run, **kwargs):
 @hookimpl
 def register_model_families(register):
     register("v2_sfmlearner", build_v2, config=V2SfMLearnerConfig,
-             doc="Monodepth2-style depth + pose nets with an IMU vibration branch and Fourier fusion (γ=0 init)")
+             doc="Monodepth2-style depth + pose nets with an IMU vibration branch and Fourier fusion (zero-conv init)")
     register("pit", build_pit, config=PiTConfig,
              doc="pooling vision transformer (overlapping patches, depthwise-conv pooling), Ti/XS/S/B or custom")
     register("vit", build_vit, config=ViTConfig, doc="plain ViT (single token grid, no pooling): the PiT ablation")

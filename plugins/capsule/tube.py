@@ -27,12 +27,11 @@ import torch
 K_NORM = np.array([[0.8, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
 GRAVITY = np.array([0.0, 981.0, 0.0])  # world units are cm (tube radius ~1 cm)
 
-VIBRATION_LEVELS = {  # collisions per second, position amplitude (cm), rotation amplitude (rad), noise σ gain
-    "none": (0.0, 0.0, 0.0, 0.0),
-    "low": (1.0, 0.02, 0.01, 0.02),
-    "high": (4.0, 0.06, 0.05, 0.10),
+VIBRATION_LEVELS = {  # collisions/s, ringing position (cm), ringing rotation (rad), noise σ gain, jolt (cm)
+    "none": (0.0, 0.0, 0.0, 0.0, 0.0),
+    "low": (1.0, 0.02, 0.01, 0.02, 0.03),
+    "high": (4.0, 0.06, 0.05, 0.10, 0.08),
 }
-
 
 @dataclass
 class TubeSplit:
@@ -101,15 +100,46 @@ def _log_rot(r: np.ndarray) -> np.ndarray:
     return v * scale
 
 
-class _Trajectory:
-    """Continuous-time capsule pose: smooth motion plus collision vibrations."""
+BURST_RATE = 1.5  # propulsive peristaltic bursts per second
+RETROGRADE = 0.2  # fraction of bursts that push the capsule backwards (to-and-fro motion)
 
-    def __init__(self, rng: np.random.Generator, duration: float, level: tuple[float, float, float, float],
-                 speed: float, radius: float):
-        rate, self.a_pos, self.a_rot, _ = level
-        self.speed, self.period = speed, rng.uniform(2.0, 3.5)
+
+def _ramp(u: np.ndarray) -> np.ndarray:
+    """Integral over [0, u] of the raised-cosine pulse (1 − cos 2πs)/2 on [0, 1]: 0 before, 1/2 after."""
+    u = np.clip(u, 0.0, 1.0)
+    return u / 2 - np.sin(2 * np.pi * u) / (4 * np.pi)
+
+
+def _smoothstep(u: np.ndarray) -> np.ndarray:
+    """(1 − cos πu)/2 on [0, 1]; 0 before, 1 after (C¹, so the IMU's second difference stays bounded)."""
+    return (1 - np.cos(np.pi * np.clip(u, 0.0, 1.0))) / 2
+
+
+class _Trajectory:
+    """Continuous-time capsule pose: bursty peristalsis, slow drift and turning, and collisions.
+
+    Forward motion is a slow base drift plus *propulsive bursts* arriving as a Poisson process (rate
+    ``BURST_RATE``): each burst is a raised-cosine velocity pulse lasting 0.25–0.7 s, a fifth of them
+    retrograde and weaker. A real capsule does not glide: it rests, is pushed by a contraction, stops, sometimes
+    slips back — so speed changes *within* a 0.4 s ATE snippet, which a constant-velocity model cannot follow.
+    Each collision (Poisson, rate per vibration level) adds a *jolt* — a quick (40 ms) step displacement, mostly
+    lateral, and a small rotation step, both recoiling over ~0.5 s as the elastic wall pushes back — and the
+    8–30 Hz damped *ringing* A·e^{−t/τ}·sin(2πft) on position and orientation.
+    """
+
+    def __init__(self, rng: np.random.Generator, duration: float, level: tuple[float, ...], speed: float,
+                 radius: float):
+        rate, self.a_pos, self.a_rot, _, self.a_jolt = level
         self.phase = rng.uniform(0, 2 * math.pi, size=8)
         self.lateral = 0.25 * radius
+        # peristalsis: mean forward speed ≈ base + rate·E[A·D/2] = speed (before retrograde bursts)
+        self.base = 0.2 * speed
+        nb = rng.poisson(BURST_RATE * (duration + 2.0))
+        self.b_t0 = rng.uniform(-1.5, duration, nb)
+        self.b_dur = rng.uniform(0.25, 0.7, nb)
+        sign = np.where(rng.random(nb) < RETROGRADE, -0.5, 1.0)
+        self.b_amp = sign * rng.uniform(0.5, 1.5, nb) * 2 * (speed - self.base) / (BURST_RATE * 0.475)
+        # collisions
         n = rng.poisson(rate * (duration + 1.0))
         self.t0 = np.sort(rng.uniform(-1.0, duration, n))
         self.freq = rng.uniform(8.0, 30.0, n)
@@ -117,20 +147,26 @@ class _Trajectory:
         self.dir_pos = rng.normal(size=(n, 3)) * np.array([1.0, 1.0, 0.5])
         self.dir_rot = rng.normal(size=(n, 3))
         self.amp = rng.uniform(0.5, 1.0, n)
+        self.jolt_pos = rng.normal(size=(n, 3)) * np.array([1.0, 1.0, 0.3])
+        self.jolt_rot = rng.normal(size=(n, 3)) * 0.5
+        self.recoil = rng.uniform(0.3, 0.7, n)
 
     def _vib(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dt = t[:, None] - self.t0[None, :]
         on = dt > 0
-        env = np.where(on, np.exp(-np.where(on, dt, 0) / self.tau) * np.sin(2 * np.pi * self.freq * dt), 0.0)
-        env = env * self.amp
-        energy = np.where(on, np.exp(-2 * np.where(on, dt, 0) / self.tau), 0.0) @ (self.amp ** 2)
-        return self.a_pos * env @ self.dir_pos, self.a_rot * env @ self.dir_rot, energy
+        dt_on = np.where(on, dt, 0)
+        env = np.where(on, np.exp(-dt_on / self.tau) * np.sin(2 * np.pi * self.freq * dt), 0.0) * self.amp
+        energy = np.where(on, np.exp(-2 * dt_on / self.tau), 0.0) @ (self.amp ** 2)
+        jolt = _smoothstep(dt / 0.04) * np.exp(-dt_on / self.recoil) * self.a_jolt
+        pos = self.a_pos * env @ self.dir_pos + jolt @ self.jolt_pos
+        rot = self.a_rot * env @ self.dir_rot + (self.a_rot / max(self.a_pos, 1e-9)) * jolt @ self.jolt_rot
+        return pos, rot, energy
 
     def __call__(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Times (n,) → positions (n, 3), rotations camera→world (n, 3, 3), vibration energy (n,)."""
-        p, w = self.phase, 2 * np.pi / self.period
-        # stop-and-go: speed·(1 + 0.8 sin(wt + φ)), integrated in closed form
-        z = self.speed * (t - 0.8 / w * (np.cos(w * t + p[0]) - np.cos(p[0])))
+        p = self.phase
+        u = (t[:, None] - self.b_t0[None, :]) / self.b_dur
+        z = self.base * t + (_ramp(u) * self.b_dur * self.b_amp).sum(1)
         x = self.lateral * np.sin(0.9 * t + p[1])
         y = self.lateral * np.sin(0.7 * t + p[2])
         yaw = 0.12 * np.sin(0.8 * t + p[3])

@@ -82,8 +82,11 @@ def test_gt_depth_and_pose_warp_lowers_photometric_error_3x(still_tube):
     s = still_tube
     h, w = s.frames.shape[-2:]
     k = geo.scale_intrinsics(torch.tensor(K_NORM, dtype=torch.float32), h, w)[None]
+    # pairs where the capsule moves (≥ 0.04 cm): in a peristaltic rest phase no warp is already nearly exact
+    pairs = [(i, j) for i in range(1, 5) for j in (i - 1, i + 1) if s.relative_pose(0, i, j)[:3, 3].norm() >= 0.04]
+    assert len(pairs) >= 4
     ratios = []
-    for tgt, src in [(2, 3), (2, 1), (4, 5)]:
+    for tgt, src in pairs:
         target, source = s.frames[0, tgt][None], s.frames[0, src][None]
         t = s.relative_pose(0, tgt, src).float()[None]
         warped, grid = geo.inverse_warp(source, s.depth[0, tgt][None], t, k)
