@@ -7,13 +7,8 @@ prints one JSON line of error metrics that the tests below assert on.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +29,6 @@ from plait.kernels.dp_clip import (
     use_ghost_norm,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 
 # (B, T, d_in, d_out): T = 1, short and longer sequences, odd sizes
 SHAPES = [(5, 1, 7, 3), (6, 4, 5, 9), (4, 16, 8, 6), (9, 3, 33, 17), (3, 40, 12, 10)]
@@ -332,15 +326,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interp():
+def interp(run_under_interpreter):
     if not dp_clip.HAVE_TRITON:
         pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=900)
 
 
 @pytest.mark.slow

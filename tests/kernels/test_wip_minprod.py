@@ -7,21 +7,14 @@ multiplication.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from plait.kernels import wip_minprod
 from plait.kernels.wip_minprod import minprod_reference
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_reference_equals_the_definition_loop():
@@ -63,15 +56,10 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def interp():
+def interp(run_under_interpreter):
     if not wip_minprod.HAVE_TRITON:
         pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=600)
 
 
 @pytest.mark.slow
