@@ -14,7 +14,8 @@
 #   PARTS=dp OUT=/some/dir bash benchmarks/gpu/run_all.sh   # only the DP part (DP_S=... to give it more time)
 #
 # Installs nothing when torch + transformers are importable (the engine/flashdp is then imported from this
-# checkout even if plait is not installed); otherwise `pip install -e .` against the torch already there.
+# checkout even if plait is not installed); otherwise, on a machine with nvidia-smi, `pip install -e .` against
+# the torch already there, and elsewhere it stops (exit 2) rather than pull a CUDA torch into $PYTHON.
 # The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit; zo2 gets ZO2_S (210 s), dp
 # DP_S (140 s) and sampling SAMPLING_S (110 s), each cut to what is left of TOTAL_S and hard-stopped by
 # `timeout`; each python script also starts no new model size/variant after its own --budget-s. Extra
@@ -39,6 +40,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || t
 if ! command -v "$PY" >/dev/null; then PY=python3; fi
 if "$PY" -c "import torch, transformers" 2>/dev/null; then
     log "torch + transformers importable: installing nothing"
+elif ! command -v nvidia-smi >/dev/null; then
+    # not the GPU machine: installing here would pull a multi-GB CUDA torch into whatever $PY is
+    log "torch/transformers missing for $PY and no GPU here: set PYTHON=.venv/bin/python (nothing installed)"
+    exit 2
 else
     log "torch/transformers missing: pip install -e . (keeping the installed torch)"
     timeout 180 "$PY" -m pip install -e . 2>&1 | tail -n 20 >&2 || log "pip install failed; trying anyway"
