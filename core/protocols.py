@@ -67,7 +67,8 @@ class GradTransform(Protocol):
     Optional members a recipe uses when present: ``prepare(model, *, dataset_size, batch_size, steps, seed,
     grad_accum) -> model`` (before the optimizer is built), ``batch_indices(step) -> list[int] | None`` (the
     step's batch, e.g. Poisson sampling), ``before_backward(step)``, ``loss_reduction`` ("mean" | "sum"),
-    ``replaces_clipping`` (bool), ``state_dict()`` / ``load_state_dict()`` (checkpointed), ``summary()``.
+    ``replaces_clipping`` (bool), ``state_dict()`` / ``load_state_dict()`` (checkpointed), ``summary()``,
+    ``log_metrics(step) -> dict[str, float]`` (only at logged steps, not averaged: cumulative or costly values).
     """
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]: ...

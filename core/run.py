@@ -245,7 +245,12 @@ def _close_parallel(run: Run) -> None:
 
 
 class Task(Protocol):
-    """What `train_loop` drives. ``state_dict`` may hold tensors and JSON values (no pickle)."""
+    """What `train_loop` drives. ``state_dict`` may hold tensors and JSON values (no pickle).
+
+    Optional: ``log_metrics(step) -> dict[str, float]``, called only at the steps that are logged and
+    merged as is (not averaged over the window): for values that are cumulative or costly to compute
+    (e.g. a privacy accountant's ε).
+    """
 
     def train_step(self, step: int) -> dict[str, float]: ...
 
@@ -269,7 +274,8 @@ def preserved_rng():
 def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[str, Any]:
     """Run ``task.train_step`` for steps ``1..run.steps`` with logging, evaluation and checkpoints.
 
-    Metrics of ``train_step`` are averaged over each ``log_every`` window. Returns the summary fields:
+    Metrics of ``train_step`` are averaged over each ``log_every`` window (plus ``task.log_metrics(step)`` at
+    the logged steps, when the task has it). Returns the summary fields:
     ``{"first_eval": …, "final_eval": …, "steps": …}``.
     """
     rc = run.cfg.run
@@ -302,6 +308,8 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
                     averaged = {k: s / n for k, (s, n) in window.items() if n}
                     elapsed = time.perf_counter() - t_window
                     averaged["perf/steps_per_sec"] = _window_len(window) / elapsed if elapsed > 0 else 0.0
+                    if hasattr(task, "log_metrics"):
+                        averaged.update(task.log_metrics(step) or {})
                     run.log(step, averaged)
                     window, t_window = {}, time.perf_counter()
                 if step == rc.steps or (rc.eval_every and step % rc.eval_every == 0):

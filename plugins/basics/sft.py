@@ -157,6 +157,12 @@ class SFTRecipe:
                            getattr(self.data, "label_words", None), self.cfg.max_length,
                            self.cfg.eval_batch_size, self.device)
 
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The grad transform's values at a logged step (e.g. DP's ε so far), not window-averaged."""
+        if hasattr(self.grad_transform, "log_metrics"):
+            return self.grad_transform.log_metrics(step)
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if hasattr(self.grad_transform, "state_dict"):

@@ -157,10 +157,15 @@ class FlashDP:
         if norms is not None and norms.numel():
             clipped.append((norms > self.max_grad_norm).float().mean())
         self.accountant.step(self.sigma, self.q)
-        metrics = {"privacy/epsilon": self.epsilon(), "privacy/noise_multiplier": float(self.sigma)}
+        metrics = {}
         if clipped:
             metrics["dp/clipped_fraction"] = float(torch.stack(clipped).mean())
         return metrics
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """ε after the steps so far, computed only when logged (a PRV composition is not free) and never
+        averaged over a logging window (that would understate it)."""
+        return {"privacy/epsilon": self.epsilon(), "privacy/noise_multiplier": float(self.sigma)}
 
     def epsilon(self) -> float:
         if self.sigma == 0:

@@ -55,6 +55,21 @@ def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
     assert json.loads((resumed.dir / "summary.json").read_text())["privacy/epsilon"] == pytest.approx(eps[-1])
 
 
+def test_epsilon_is_logged_at_the_logged_step_not_averaged_over_the_window(tmp_path, fresh_host):
+    # ε grows every step; a window mean over steps 3–4 would sit below the accountant's value after 4 steps
+    from plait.plugins.flashdp.accountant import RDPAccountant
+
+    fresh_host()
+    run = execute(load_config(_cfg(tmp_path), ["run.name=window", "run.log_every=2"]))
+    rows = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["privacy/epsilon"] for r in rows if "privacy/epsilon" in r}
+    assert sorted(logged) == [2, 4]
+    for steps, eps in logged.items():
+        acc = RDPAccountant()
+        acc.step(1.0, 8 / 64, steps)
+        assert eps == pytest.approx(acc.get_epsilon(1e-3), rel=1e-9)
+
+
 def test_flat_mode_runs(tmp_path, fresh_host):
     fresh_host()
     run = execute(load_config(_cfg(tmp_path, steps=2), ["grad_transform.name=dp-flat",
