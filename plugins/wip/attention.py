@@ -61,15 +61,24 @@ class WipAttention(nn.Module):
     """
 
     def __init__(self, operator: str, num_heads: int, mixer: str = "exact", key_bias: bool = False,
-                 head_dim: int = 1, balance: bool = False):
+                 head_dim: int = 1, dim_scales: bool = False, kv_heads: int | None = None):
         super().__init__()
         self.op = get_operator(operator)
         self.mixer = check_mixer(mixer)
         self.key_bias = key_bias
         self.num_heads = num_heads
-        self.balance = balance
-        # per head and dimension: q·c and k/c enter the operator (q·k unchanged); fitted by calibrate()
-        self.register_buffer("balance_scale", torch.ones(num_heads, head_dim))
+        self.kv_heads = kv_heads or num_heads
+        if num_heads % self.kv_heads:
+            raise ValueError(f"{num_heads} query heads cannot share {self.kv_heads} key/value heads")
+        self.head_dim = head_dim
+        self.dim_scales = dim_scales
+        if dim_scales:
+            # per-dimension input scales of the operator: q_d·a_d (per query head), k_d·b_d (per key/value head),
+            # one value per RoPE rotation pair (d, d + D/2) so that they commute with rotate_half RoPE and fold
+            # into the q/k projection weights; trained by the fine-tune (identity at 1)
+            half = head_dim // 2 if head_dim % 2 == 0 else head_dim
+            self.q_scale = nn.Parameter(torch.ones(num_heads, half))
+            self.k_scale = nn.Parameter(torch.ones(self.kv_heads, half))
         self.alpha = nn.Parameter(torch.ones(num_heads))
         self.beta = nn.Parameter(torch.zeros(num_heads))
         self.gamma = nn.Parameter(torch.zeros(num_heads))
@@ -77,13 +86,27 @@ class WipAttention(nn.Module):
         self.collector = None  # a recovery.CalibrationStats while calibration data is collected
 
     def extra_repr(self) -> str:
-        return (f"operator={self.op.name}, mixer={self.mixer}, heads={self.num_heads}, key_bias={self.key_bias}, "
-                f"balance={self.balance}")
+        return (f"operator={self.op.name}, mixer={self.mixer}, heads={self.num_heads}, kv_heads={self.kv_heads}, "
+                f"key_bias={self.key_bias}, dim_scales={self.dim_scales}")
+
+    def input_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full per-dimension scales ``([H, D], [H_kv, D])`` of q and k (pairs expanded); ones without dim_scales."""
+        if not self.dim_scales:
+            return (self.alpha.new_ones(self.num_heads, self.head_dim),
+                    self.alpha.new_ones(self.kv_heads, self.head_dim))
+
+        def full(t):
+            return torch.cat([t, t], -1) if t.shape[-1] != self.head_dim else t
+
+        return full(self.q_scale), full(self.k_scale)
 
     def forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0):
         n_rep = query.shape[1] // key.shape[1]
-        key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
+        key_in = key
+        if self.dim_scales:
+            key_in = key * self.input_scales()[1].view(1, self.kv_heads, 1, -1).to(key.dtype)
+        key, key_in, value = _repeat_heads(key, n_rep), _repeat_heads(key_in, n_rep), _repeat_heads(value, n_rep)
         calibrated = bool(self.calibrated)
         if self.op.name == "exact" and not calibrated and self.collector is None:
             logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # HF eager, op for op
@@ -91,17 +114,16 @@ class WipAttention(nn.Module):
             q, scale = query, scaling
             if scaling == 1.0 and getattr(module, "scaling", 1.0) != 1.0:  # OPT pre-scales q
                 q, scale = query / module.scaling, float(module.scaling)
-            qb, kb = q, key
-            if self.balance:
-                c = self.balance_scale.view(1, self.num_heads, 1, -1).to(q.dtype)
-                qb, kb = q * c, key / c
+            qb, kb = q, key_in
+            if self.dim_scales:
+                qb = q * self.input_scales()[0].view(1, self.num_heads, 1, -1).to(q.dtype)
             sim = self.op.sim(qb, kb) * scale
             knorm = kb.abs().sum(-1).unsqueeze(-2) * scale  # [B, H, 1, Tk]
             if self.collector is not None:
                 # calibration pass: record (operator, exact) pairs, continue with the exact attention so that
                 # every layer sees the original model's activations
                 logits = torch.matmul(q, key.transpose(2, 3)) * scale
-                self.collector.add(self, sim, knorm, logits, attention_mask, q, key)
+                self.collector.add(self, sim, knorm, logits, attention_mask)
             elif calibrated:
                 h = (1, -1, 1, 1)
                 logits = self.alpha.view(h) * sim + self.beta.view(h)
@@ -171,9 +193,16 @@ def _head_dim(module: nn.Module, config, heads: int) -> int:
     return int(value) if value else config.hidden_size // heads
 
 
+def _kv_heads(module: nn.Module, config, heads: int) -> int:
+    value = getattr(config, "num_key_value_heads", None)
+    return value if isinstance(value, int) and value > 0 else heads
+
+
 def swap_attention(model: nn.Module, operator: str = "minprod", mixer: str = "exact",
-                   key_bias: bool = False, balance: bool = False) -> nn.Module:
+                   key_bias: bool = False, dim_scales: bool = False) -> nn.Module:
     """Give every attention module of ``model`` a fresh (uncalibrated) :class:`WipAttention`; returns ``model``.
+
+    ``dim_scales`` adds trainable per-dimension input scales of the operator (see :class:`WipAttention`).
 
     Swapping twice replaces the previous operator. ValueError for an unknown operator/mixer or a model whose
     attention does not use the HF attention interface.
@@ -191,7 +220,8 @@ def swap_attention(model: nn.Module, operator: str = "minprod", mixer: str = "ex
         configs[id(config)] = config
         ref = next(m.parameters())
         heads = _num_heads(m, config)
-        m.wip = WipAttention(operator, heads, mixer, key_bias, _head_dim(m, config, heads), balance).to(ref.device)
+        m.wip = WipAttention(operator, heads, mixer, key_bias, _head_dim(m, config, heads), dim_scales,
+                             _kv_heads(m, config, heads)).to(ref.device)
     for config in configs.values():
         config._attn_implementation = IMPLEMENTATION
     return model
@@ -205,10 +235,10 @@ def wip_modules(model: nn.Module) -> list[WipAttention]:
 class WipAttentionTransform:
     """Model transform ``wip_attention``: :func:`swap_attention` with the configured operator."""
 
-    def __init__(self, operator: str, mixer: str, key_bias: bool, balance: bool):
+    def __init__(self, operator: str, mixer: str, key_bias: bool, dim_scales: bool):
         get_operator(operator)
         check_mixer(mixer)
-        self.operator, self.mixer, self.key_bias, self.balance = operator, mixer, key_bias, balance
+        self.operator, self.mixer, self.key_bias, self.dim_scales = operator, mixer, key_bias, dim_scales
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        return swap_attention(model, self.operator, self.mixer, self.key_bias, self.balance)
+        return swap_attention(model, self.operator, self.mixer, self.key_bias, self.dim_scales)

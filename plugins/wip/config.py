@@ -10,7 +10,7 @@ class WipAttentionConfig:
     operator: str = "minprod"  # exact | l1 | pot | minprod | mitchell
     mixer: str = "exact"  # A·V: exact | pot
     key_bias: bool = False  # calibration also fits γ·‖k‖₁ per head
-    balance: bool = False  # calibration also balances |q_d| and |k_d| per head/dim (q·c, k/c; q·k unchanged)
+    dim_scales: bool = False  # trainable per-dimension q/k input scales of the operator (fine-tune; fold into W_q/W_k)
 
 
 @dataclass

@@ -9,7 +9,8 @@ Per attention call, with L = B·H·Tq·Tk logits (the full matrix, as eager atte
 
 * ``qk``: L·D × the operator's per-pair ops, minus L ``fp_add`` (a row's first accumulate is a move);
 * ``prep``: B·H·Tq·D × the operator's per-element prep ops (PoT rounding: 1 compare; Mitchell: 1 int add);
-  with balancing, B·H·(Tq+Tk)·D ``fp_mul`` (q·c, k/c; foldable into the projections, counted anyway);
+  with ``dim_scales``, B·(H·Tq + H_kv·Tk)·D ``fp_mul`` (q·a, k·b; they fold into the q/k projections of
+  OPT/LLaMA-style attention, where they would cost nothing, but are counted as executed here);
 * ``scale``: L ``fp_mul`` (× 1/√d; with calibration α·scale is one constant) + L ``fp_add`` for β when
   calibrated; with the key bias also B·H·Tk·(D−1) ``fp_add`` + B·H·Tk ``fp_mul`` (γ·‖k‖₁) + L ``fp_add``;
 * ``av``: exact: B·H·Tq·D·Tk ``fp_mul`` and B·H·Tq·D·(Tk−1) ``fp_add``; ``pot`` mixer: the products become
@@ -43,14 +44,15 @@ _ACTIVE: contextvars.ContextVar[Optional["OpCounter"]] = contextvars.ContextVar(
 
 
 def attention_counts(op, mixer: str, batch: int, heads: int, tq: int, tk: int, d: int, calibrated: bool = False,
-                     key_bias: bool = False, balance: bool = False) -> dict[str, dict[str, int]]:
+                     key_bias: bool = False, dim_scales: bool = False, kv_heads: int | None = None
+                     ) -> dict[str, dict[str, int]]:
     """{component: {kind: count}} of one attention call (formulas in the module docstring)."""
     logits = batch * heads * tq * tk
     qk = {kind: logits * d * n for kind, n in op.pair_ops.items()}
     qk["fp_add"] = qk.get("fp_add", 0) - logits
     prep = {kind: batch * heads * tq * d * n for kind, n in op.prep_ops.items()}
-    if balance:
-        prep["fp_mul"] = prep.get("fp_mul", 0) + batch * heads * (tq + tk) * d
+    if dim_scales:  # as executed here; zero where they are folded into the q/k projections (docs/wip.md)
+        prep["fp_mul"] = prep.get("fp_mul", 0) + batch * (heads * tq + (kv_heads or heads) * tk) * d
     scale = {"fp_mul": logits, "fp_add": 0}
     if calibrated:
         scale["fp_add"] += logits
@@ -128,7 +130,7 @@ def record_attention(wip, query_shape: torch.Size, tk: int, calibrated: bool) ->
         return
     batch, heads, tq, d = query_shape
     for comp, counts in attention_counts(wip.op, wip.mixer, batch, heads, tq, tk, d, calibrated,
-                                         wip.key_bias, wip.balance and calibrated).items():
+                                         wip.key_bias, wip.dim_scales, wip.kv_heads).items():
         counter.add(comp, counts)
 
 

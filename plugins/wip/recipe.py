@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, List
@@ -37,12 +38,13 @@ class WipRecoverConfig:
     operators: List[str] = field(default_factory=lambda: ["l1", "pot", "minprod", "mitchell"])
     mixer: str = "exact"  # exact | pot (A·V with power-of-two probabilities)
     key_bias: bool = False  # also fit γ·‖k‖₁ per head
-    balance: bool = False  # also balance |q_d| vs |k_d| per head and dimension before the operator
+    dim_scales: bool = True  # also train per-dimension q/k input scales of the operator in the fine-tune
+    distill: bool = True  # fine-tune on KL from the original model's next-token distributions (else next-token loss)
     block: int = 128  # tokens per block
-    calib_blocks: int = 32  # blocks of the train split used to calibrate and fine-tune
+    calib_blocks: int = 192  # blocks of the train split used to calibrate and fine-tune
     eval_blocks: int = 0  # 0: every eval block
     finetune_steps: int = 100
-    lr: float = 3.0e-3
+    lr: float = 1.0e-2
     batch_size: int = 16
     precision: str = "fp32"  # energy table: fp32 | fp16
 
@@ -56,10 +58,10 @@ def forward_costs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
             "model": counter.total()}
 
 
-def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.Tensor, operators: list[str],
-                      mixer: str = "exact", key_bias: bool = False, balance: bool = False, finetune_steps: int = 100, lr: float = 3e-3,
-                      batch_size: int = 16, precision: str = "fp32", seed: int = 0,
-                      progress: bool = False, on_result=None) -> dict[str, Any]:
+def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.Tensor, operators: list[str], *,
+                      mixer: str = "exact", key_bias: bool = False, dim_scales: bool = False, distill: bool = True,
+                      finetune_steps: int = 100, lr: float = 3e-3, batch_size: int = 16, precision: str = "fp32",
+                      seed: int = 0, progress: bool = False, on_result=None) -> dict[str, Any]:
     """The study behind the recipe and benchmarks/wip.py; ``model`` (eager attention) is not modified."""
     model = model.eval()
     base_ppl = perplexity(model, evals, batch_size)
@@ -70,11 +72,12 @@ def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.
     result: dict[str, Any] = {"original": {"ppl": base_ppl, "costs": base_costs}, "operators": {}}
     for name in operators:
         start = time.time()
-        swapped = swap_attention(copy.deepcopy(model), name, mixer, key_bias, balance)
+        swapped = swap_attention(copy.deepcopy(model), name, mixer, key_bias, dim_scales)
         ppl_swap = perplexity(swapped, evals, batch_size)
         fitted = calibrate(swapped, calib, batch_size)
         ppl_cal = perplexity(swapped, evals, batch_size)
-        losses = finetune(swapped, calib, finetune_steps, lr, batch_size, seed, progress)
+        losses = finetune(swapped, calib, finetune_steps, lr, batch_size, seed, progress,
+                          teacher=model if distill else None)
         ppl_ft = perplexity(swapped, evals, batch_size)
         costs = forward_costs(swapped, probe)
         gap = ppl_swap - base_ppl
@@ -151,10 +154,14 @@ class WipRecoverRecipe:
                   f"fine-tuned {row['ppl_finetuned']:9.3f}  QK mults {row['qk_multiplications']}")
 
         result = compare_operators(self.model, self.calib.to(run.device), self.evals.to(run.device), c.operators,
-                                   c.mixer, c.key_bias, c.balance, c.finetune_steps, c.lr, c.batch_size, c.precision,
-                                   run.cfg.run.seed, bool(run.cfg.run.progress), on_result=log)
+                                   mixer=c.mixer, key_bias=c.key_bias, dim_scales=c.dim_scales, distill=c.distill,
+                                   finetune_steps=c.finetune_steps, lr=c.lr, batch_size=c.batch_size,
+                                   precision=c.precision, seed=run.cfg.run.seed, progress=bool(run.cfg.run.progress),
+                                   on_result=log)
         base = result["original"]["ppl"]
-        (run.dir / "wip_results.json").write_text(json.dumps(result, indent=1) + "\n")
+        tmp = run.dir / ".wip_results.json.tmp"  # written whole, then renamed: never a half-written file
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, run.dir / "wip_results.json")
         ops = result["operators"]
         return {"first_eval": {"eval/ppl_original": base, **{f"eval/ppl_{o}": r["ppl_swap"] for o, r in ops.items()}},
                 "final_eval": {"eval/ppl_original": base,

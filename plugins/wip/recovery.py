@@ -12,8 +12,10 @@ completes the affine fit). The normal equations are accumulated as sufficient st
 not grow with the amount of calibration data. During collection every layer computes the *exact*
 attention, so each layer is fitted on the original model's activations (one forward pass in all).
 
-Fine-tune (≤ 100 steps). Only α, β, γ and the normalisation layers' weights train (everything else is
-frozen), with AdamW on the next-token loss of the calibration blocks; the eval split is never used.
+Fine-tune (≤ 100 steps). Only α, β, γ, the optional per-dimension q/k input scales and the normalisation
+layers' weights train (everything else is frozen), with AdamW on the calibration blocks: by default on the
+KL divergence from the original model's next-token distributions (distillation), or on the next-token loss;
+the eval split is never used.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class CalibrationStats:
 
     @torch.no_grad()
     def add(self, wip: WipAttention, sim: torch.Tensor, knorm: torch.Tensor, exact: torch.Tensor,
-            mask: torch.Tensor | None, query: torch.Tensor | None = None, key: torch.Tensor | None = None) -> None:
+            mask: torch.Tensor | None) -> None:
         x, y = sim.double(), exact.double()
         n = knorm.double().expand_as(x)
         valid = torch.ones_like(x, dtype=torch.bool) if mask is None else (mask == 0).expand_as(x)
@@ -45,10 +47,6 @@ class CalibrationStats:
         xc, nc, yc = centred(x), centred(n), centred(y)
         dims = (0, 2, 3)
         s = self.stats.setdefault(id(wip), {})
-        if query is not None and key is not None:  # mean |q_d|, |k_d| per head and dimension, for balancing
-            for name, t in (("q_abs", query), ("k_abs", key)):
-                total = t.detach().double().abs().sum((0, 2))
-                s[name] = s[name] + total if name in s else total
         for key, value in (("xx", xc * xc), ("xn", xc * nc), ("nn", nc * nc), ("xy", xc * yc), ("ny", nc * yc),
                            ("x", x * w), ("n", n * w), ("y", y * w), ("count", w)):
             total = value.sum(dims)
@@ -95,13 +93,6 @@ def calibrate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16, min_
                          f"tensor of shape {tuple(blocks.shape)}")
     for w in wips:
         w.calibrated.fill_(False)
-        w.balance_scale.fill_(1.0)
-    if any(w.balance for w in wips):  # first pass: magnitudes → c = sqrt(E|k_d| / E|q_d|)
-        stats = _collect(model, wips, blocks, batch_size)
-        for w in wips:
-            s = stats.stats[id(w)]
-            c = (s["k_abs"] / s["q_abs"].clamp_min(1e-12)).clamp_min(1e-12).sqrt()
-            w.balance_scale.copy_(c.to(w.balance_scale.dtype) if w.balance else torch.ones_like(c))
     stats = _collect(model, wips, blocks, batch_size)
     fitted = {"alpha": [], "beta": [], "gamma": []}
     for w in wips:
@@ -130,29 +121,48 @@ def _collect(model: nn.Module, wips: list[WipAttention], blocks: torch.Tensor, b
 
 
 def recovery_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """α, β, γ of every WipAttention (γ only with key_bias) and the weights of every normalisation layer."""
+    """α, β, γ (with key_bias) and the q/k input scales (with dim_scales) of every WipAttention, and the
+    weights of every normalisation layer."""
     params: list[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, WipAttention):
             params += [m.alpha, m.beta] + ([m.gamma] if m.key_bias else [])
+            params += [m.q_scale, m.k_scale] if m.dim_scales else []
         elif "norm" in type(m).__name__.lower():
             params += list(m.parameters(recurse=False))
     return params
 
 
-def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int, device) -> float:
+def _loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
+    """Next-token loss, or with a ``teacher`` the token-mean KL(teacher ‖ model) of the next-token distributions."""
+    if teacher is None:
+        return model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits.float().log_softmax(-1)
+    out = model(input_ids=ids).logits.float().log_softmax(-1)
+    return torch.nn.functional.kl_div(out, target, log_target=True, reduction="none").sum(-1).mean()
+
+
+def _mean_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int, device,
+               teacher: nn.Module | None = None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
             b = blocks[i:i + batch_size].to(device)
-            total += float(model(input_ids=b, labels=b).loss) * len(b)
+            total += float(_loss(model, b, teacher)) * len(b)
             count += len(b)
     return total / count
 
 
 def finetune(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 3e-3, batch_size: int = 16,
-             seed: int = 0, progress: bool = False, val_fraction: float = 0.25, eval_every: int = 10) -> list[float]:
-    """``steps`` AdamW steps on α, β, γ and the norms only (the rest is frozen); returns the training losses.
+             seed: int = 0, progress: bool = False, val_fraction: float = 0.25, eval_every: int = 10,
+             teacher: nn.Module | None = None) -> list[float]:
+    """``steps`` AdamW steps on the recovery parameters only (the rest is frozen); returns the training losses.
+
+    Recovery parameters: α, β, γ, the q/k input scales (``dim_scales``) and the norms. The loss is the
+    next-token loss of the calibration text, or — with ``teacher``, the original model — the KL divergence
+    from the teacher's next-token distribution (distillation: a full distribution per token instead of one
+    label, and the target is what the swap should preserve, not the text).
 
     The model must be calibrated (or at least swapped): α, β, γ are used only once calibration is on,
     so an uncalibrated swapped model is switched to calibrated at the identity (α=1, β=γ=0) first.
@@ -180,7 +190,7 @@ def finetune(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 3e-
     best = None
     if n_val:
         model.eval()
-        best = (_mean_loss(model, val, batch_size, device), [p.detach().clone() for p in train])
+        best = (_mean_loss(model, val, batch_size, device, teacher), [p.detach().clone() for p in train])
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     opt = torch.optim.AdamW(train, lr=lr, weight_decay=0.0)
@@ -190,14 +200,14 @@ def finetune(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 3e-
     try:
         for i in tqdm(range(steps), desc="fine-tune", disable=not progress, mininterval=5):
             batch = fit[torch.randint(len(fit), (min(batch_size, len(fit)),), generator=gen)].to(device)
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = _loss(model, batch, teacher)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if best is not None and ((i + 1) % eval_every == 0 or i + 1 == steps):
                 model.eval()
-                v = _mean_loss(model, val, batch_size, device)
+                v = _mean_loss(model, val, batch_size, device, teacher)
                 model.train()
                 if v < best[0]:
                     best = (v, [p.detach().clone() for p in train])

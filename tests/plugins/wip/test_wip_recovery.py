@@ -100,11 +100,13 @@ def test_calibration_moves_attention_towards_the_exact_model(llama):
 
 
 def test_finetune_trains_only_calibration_and_norm_parameters(llama):
-    model = swap_attention(copy.deepcopy(llama), "minprod", key_bias=True)
+    model = swap_attention(copy.deepcopy(llama), "minprod", key_bias=True, dim_scales=True)
     calibrate(model, blocks())
     trainable = {id(p) for p in recovery_parameters(model)}
     names = {n for n, p in model.named_parameters() if id(p) in trainable}
-    assert names and all(("norm" in n) or n.endswith((".alpha", ".beta", ".gamma")) for n in names)
+    assert names and all(("norm" in n) or n.endswith((".alpha", ".beta", ".gamma", ".q_scale", ".k_scale"))
+                         for n in names)
+    assert any(n.endswith(".q_scale") for n in names) and any(n.endswith(".k_scale") for n in names)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     losses = finetune(model, blocks(), steps=3, lr=1e-2, batch_size=4, val_fraction=0.0)
     assert len(losses) == 3
@@ -146,11 +148,80 @@ def test_bad_calibration_input_is_a_clear_error(llama):
         calibrate(model, blocks(2), min_blocks=4)
 
 
-def test_balancing_keeps_the_exact_product_and_is_fitted_from_magnitudes(llama):
-    model = swap_attention(copy.deepcopy(llama), "exact", balance=True)
+def _scaled_projections(model, a_scale, b_scale):
+    """A copy of ``model`` whose q/k projection rows are multiplied by per-head, per-dimension scales."""
+    folded = copy.deepcopy(model)
+    for layer, (a, b) in zip(folded.model.layers, zip(a_scale, b_scale)):
+        attn = layer.self_attn
+        with torch.no_grad():
+            attn.q_proj.weight.mul_(a.reshape(-1, 1))
+            attn.k_proj.weight.mul_(b.reshape(-1, 1))
+    return folded
+
+
+def test_dim_scales_fold_into_the_projections_through_rope_and_gqa(llama):
+    """Per-pair scales commute with rotate_half RoPE: training them is the same as rescaling W_q / W_k rows."""
+    assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA is exercised
+    model = swap_attention(copy.deepcopy(llama), "minprod", dim_scales=True)
     calibrate(model, blocks())
-    scales = torch.stack([w.balance_scale for w in wip_modules(model)])
-    assert not torch.allclose(scales, torch.ones_like(scales))  # q and k magnitudes differ per dimension
+    g = torch.Generator().manual_seed(5)
+    a_full, b_full = [], []
+    for w in wip_modules(model):
+        with torch.no_grad():
+            w.q_scale.copy_(0.5 + torch.rand(w.q_scale.shape, generator=g))
+            w.k_scale.copy_(0.5 + torch.rand(w.k_scale.shape, generator=g))
+        a, b = w.input_scales()
+        assert a.shape == (w.num_heads, w.head_dim) and b.shape == (w.kv_heads, w.head_dim)
+        assert torch.equal(a[:, : w.head_dim // 2], a[:, w.head_dim // 2:])  # one scale per rotation pair
+        a_full.append(a.detach())
+        b_full.append(b.detach())
+    folded = swap_attention(_scaled_projections(llama, a_full, b_full), "minprod")
+    for src, dst in zip(wip_modules(model), wip_modules(folded)):
+        dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.endswith(("q_scale", "k_scale"))})
     ids = blocks(2, seed=3)
-    with torch.no_grad():  # (q·c)·(k/c) = q·k: the exact operator is unaffected by the balance
-        torch.testing.assert_close(model(input_ids=ids).logits, llama(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, folded(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        unscaled = swap_attention(copy.deepcopy(llama), "minprod")
+        for src, dst in zip(wip_modules(model), wip_modules(unscaled)):
+            dst.load_state_dict({k: v for k, v in src.state_dict().items() if not k.endswith(("q_scale", "k_scale"))})
+        assert not torch.allclose(model(input_ids=ids).logits, unscaled(input_ids=ids).logits, atol=1e-3)
+
+
+class _FixedLogits(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.logits})()
+
+
+def test_distillation_loss_is_the_token_mean_kl_from_the_teacher(llama):
+    from plait.plugins.wip.recovery import _loss
+
+    g = torch.Generator().manual_seed(4)
+    teacher, student = (_FixedLogits(3 * torch.randn(2, 5, 11, generator=g)) for _ in range(2))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    p, q = torch.softmax(teacher.logits.double(), -1), torch.softmax(student.logits.double(), -1)
+    forward_kl = float((p * (p.log() - q.log())).sum(-1).mean())  # Σ_v p log(p/q), averaged over the 10 tokens
+    reverse_kl = float((q * (q.log() - p.log())).sum(-1).mean())
+    got = float(_loss(student, ids, teacher=teacher))
+    assert got == pytest.approx(forward_kl, rel=1e-5) and abs(forward_kl - reverse_kl) > 0.05
+    ids = blocks(2, seed=4)
+    with torch.no_grad():
+        assert float(_loss(swap_attention(copy.deepcopy(llama), "exact"), ids, teacher=llama)) == 0.0
+
+
+def test_distillation_finetune_lowers_the_kl_to_the_original_model():
+    # on the bundled trained LM (a random model's attention is near uniform: nothing to recover)
+    from plait.plugins.wip.lm import heldout_blocks, load_lm
+    from plait.plugins.wip.recovery import _mean_loss
+
+    lm, tok = load_lm()
+    data, cpu = heldout_blocks(tok, "calib", 64, limit=8), torch.device("cpu")
+    model = swap_attention(copy.deepcopy(lm), "minprod", dim_scales=True)
+    calibrate(model, data)
+    before = _mean_loss(model, data, 4, cpu, teacher=lm)
+    losses = finetune(model, data, steps=15, lr=1e-2, batch_size=4, val_fraction=0.0, teacher=lm)
+    assert len(losses) == 15
+    assert _mean_loss(model, data, 4, cpu, teacher=lm) < 0.8 * before

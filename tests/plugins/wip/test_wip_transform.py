@@ -141,4 +141,4 @@ def test_transform_entry_builds_and_applies(fresh_host, models):
     model = transform(copy.deepcopy(models["qwen3"]))
     assert {w.op.name for w in wip_modules(model)} == {"minprod"}
     with pytest.raises(ValueError, match="allowed: " + ", ".join(OPERATORS)):
-        entry.factory(operator="nope", mixer="exact", key_bias=False, balance=False)
+        entry.factory(operator="nope", mixer="exact", key_bias=False, dim_scales=False)
