@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, in three parts, each with its own time budget:
+# The one prepared GPU check, in four parts, each with its own time budget:
 #   zo2  ZO2 vs in-GPU MeZO on OPT-1.3B/2.7B/6.7B shapes (tokens/s, peak memory, overlap on/off) plus a ZO2 ==
 #        InPlaceMeZO exactness check -> $OUT/zo2_gpu.json
 #   dp   FlashDP (compiled Triton clip-sum kernels) vs non-DP and Opacus per-layer on GPT-2-medium and LLaMA-1B
@@ -8,6 +8,8 @@
 #   sampling  Infinite-Sampling schedulers on a Qwen3-1.7B-shaped bf16 model with scripted lengths: peak
 #        allocated memory and tokens/s of full_group / micro_group / continuous / length_aware
 #        -> $OUT/sampling_gpu.json
+#   small  capsule V2-SfMLearner inference frames/s (64x80, 256x320; fp32/bf16) and the WiP min-product Triton
+#        kernel vs exact matmul and the cdist path, with a parity check -> $OUT/capsule_wip_gpu.json
 # Each JSON is rewritten after every result, so a timeout still leaves the finished parts.
 #
 #   OUT=/some/dir bash benchmarks/gpu/run_all.sh        # from the repository root, on the GPU machine
@@ -16,18 +18,19 @@
 # Installs nothing when torch + transformers are importable (the engine/flashdp is then imported from this
 # checkout even if plait is not installed); otherwise, on a machine with nvidia-smi, `pip install -e .` against
 # the torch already there, and elsewhere it stops (exit 2) rather than pull a CUDA torch into $PYTHON.
-# The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit; zo2 gets ZO2_S (210 s), dp
-# DP_S (140 s) and sampling SAMPLING_S (110 s), each cut to what is left of TOTAL_S and hard-stopped by
-# `timeout`; each python script also starts no new model size/variant after its own --budget-s. Extra
-# arguments go to zo2_gpu.py; DP_ARGS to dp_gpu.py, SAMPLING_ARGS to sampling_gpu.py. The exit status is the
-# first non-zero one.
+# The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit; zo2 gets ZO2_S (205 s), dp
+# DP_S (135 s), sampling SAMPLING_S (95 s) and small SMALL_S (35 s), each cut to what is left of TOTAL_S (after
+# the later parts' shares) and hard-stopped by `timeout`; each python script also starts no new model
+# size/variant after its own --budget-s. Extra arguments go to zo2_gpu.py; DP_ARGS to dp_gpu.py,
+# SAMPLING_ARGS to sampling_gpu.py, SMALL_ARGS to capsule_wip_gpu.py. The exit status is the first non-zero one.
 set -euo pipefail
 
 TOTAL_S=${TOTAL_S:-470}                       # hard limit for everything below (< 8 min)
-ZO2_S=${ZO2_S:-210}                           # time for the zo2 part
-DP_S=${DP_S:-140}                             # time for the dp part
-SAMPLING_S=${SAMPLING_S:-110}                 # time for the sampling part
-PARTS=${PARTS:-"zo2 dp sampling"}
+ZO2_S=${ZO2_S:-205}                           # time for the zo2 part
+DP_S=${DP_S:-135}                             # time for the dp part
+SAMPLING_S=${SAMPLING_S:-95}                  # time for the sampling part
+SMALL_S=${SMALL_S:-35}                        # time for the small part (capsule + wip)
+PARTS=${PARTS:-"zo2 dp sampling small"}
 OUT=${OUT:-$PWD/benchmarks-out}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
@@ -51,60 +54,37 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'available', torch.cuda.is_available(), 'transformers', transformers.__version__)" 2>&1 | tee "$OUT/versions.txt" >&2
 
+# part -> script, time share, and the seconds its last item may still need after the script's --budget-s
+declare -A SCRIPT=([zo2]=zo2_gpu.py [dp]=dp_gpu.py [sampling]=sampling_gpu.py [small]=capsule_wip_gpu.py)
+declare -A SHARE=([zo2]=$ZO2_S [dp]=$DP_S [sampling]=$SAMPLING_S [small]=$SMALL_S)
+declare -A TAIL=([zo2]=150 [dp]=45 [sampling]=40 [small]=15)   # zo2: the 6.7b size; dp: LLaMA-1B fp32 Opacus
+declare -A EXTRA=([zo2]="$*" [dp]="${DP_ARGS:-}" [sampling]="${SAMPLING_ARGS:-}" [small]="${SMALL_ARGS:-}")
+ORDER=(zo2 dp sampling small)
+
 status=0
-if [[ " $PARTS " == *" zo2 "* ]]; then
-    left=$(( TOTAL_S - SECONDS ))
-    [[ " $PARTS " == *" dp "* ]] && left=$(( left - DP_S ))   # keep the later parts' shares
-    [[ " $PARTS " == *" sampling "* ]] && left=$(( left - SAMPLING_S ))
-    (( left > ZO2_S )) && left=$ZO2_S
-    budget=$(( left - 150 ))                  # the last size may need ~2 min after it starts (6.7b)
-    (( budget < 60 )) && budget=60
-    log "running zo2_gpu.py (timeout ${left}s, budget ${budget}s)"
+for i in "${!ORDER[@]}"; do
+    part=${ORDER[$i]}
+    [[ " $PARTS " == *" $part "* ]] || continue
+    left=$(( TOTAL_S - SECONDS - 5 ))
+    for later in "${ORDER[@]:$((i + 1))}"; do             # keep the later parts' shares
+        [[ " $PARTS " == *" $later "* ]] && left=$(( left - SHARE[$later] ))
+    done
+    (( left > SHARE[$part] )) && left=${SHARE[$part]}
+    budget=$(( left - TAIL[$part] ))
+    (( budget < 20 )) && budget=20
+    if (( left < TAIL[$part] + 20 )); then
+        log "no time left for ${SCRIPT[$part]} (${left}s)"
+        (( status == 0 )) && status=124
+        continue
+    fi
+    log "running ${SCRIPT[$part]} (timeout ${left}s, budget ${budget}s)"
     rc=0
-    timeout -k 10 "$left" "$PY" benchmarks/gpu/zo2_gpu.py --out "$OUT/zo2_gpu.json" --budget-s "$budget" "$@" \
-        > "$OUT/zo2_gpu_summary.json" 2> >(tee "$OUT/zo2_gpu.log" >&2) || rc=$?
-    log "zo2_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
-    cat "$OUT/zo2_gpu_summary.json" 2>/dev/null || true
+    name=${SCRIPT[$part]%.py}
+    # shellcheck disable=SC2086
+    timeout -k 10 "$left" "$PY" "benchmarks/gpu/${SCRIPT[$part]}" --out "$OUT/$name.json" --budget-s "$budget" \
+        ${EXTRA[$part]} > "$OUT/${name}_summary.json" 2> >(tee "$OUT/$name.log" >&2) || rc=$?
+    log "${SCRIPT[$part]} exit status $rc (124: timed out; the JSON holds what finished)"
+    cat "$OUT/${name}_summary.json" 2>/dev/null || true
     (( status == 0 )) && status=$rc
-fi
-if [[ " $PARTS " == *" dp "* ]]; then
-    left=$(( TOTAL_S - SECONDS - 5 ))
-    [[ " $PARTS " == *" sampling "* ]] && left=$(( left - SAMPLING_S ))
-    (( left > DP_S )) && left=$DP_S
-    budget=$(( left - 45 ))                   # the last variant (LLaMA-1B fp32 Opacus) may need ~40 s
-    (( budget < 30 )) && budget=30
-    if (( left < 30 )); then
-        log "no time left for dp_gpu.py (${left}s)"
-        (( status == 0 )) && status=124
-    else
-        log "running dp_gpu.py (timeout ${left}s, budget ${budget}s)"
-        rc=0
-        # shellcheck disable=SC2086
-        timeout -k 10 "$left" "$PY" benchmarks/gpu/dp_gpu.py --out "$OUT/dp_gpu.json" --budget-s "$budget" \
-            ${DP_ARGS:-} > "$OUT/dp_gpu_summary.json" 2> >(tee "$OUT/dp_gpu.log" >&2) || rc=$?
-        log "dp_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
-        cat "$OUT/dp_gpu_summary.json" 2>/dev/null || true
-        (( status == 0 )) && status=$rc
-    fi
-fi
-if [[ " $PARTS " == *" sampling "* ]]; then
-    left=$(( TOTAL_S - SECONDS - 5 ))
-    (( left > SAMPLING_S )) && left=$SAMPLING_S
-    budget=$(( left - 40 ))
-    (( budget < 30 )) && budget=30
-    if (( left < 45 )); then
-        log "no time left for sampling_gpu.py (${left}s)"
-        (( status == 0 )) && status=124
-    else
-        log "running sampling_gpu.py (timeout ${left}s, budget ${budget}s)"
-        rc=0
-        # shellcheck disable=SC2086
-        timeout -k 10 "$left" "$PY" benchmarks/gpu/sampling_gpu.py --out "$OUT/sampling_gpu.json" \
-            --budget-s "$budget" ${SAMPLING_ARGS:-} > "$OUT/sampling_gpu_summary.json" \
-            2> >(tee "$OUT/sampling_gpu.log" >&2) || rc=$?
-        log "sampling_gpu.py exit status $rc (124: timed out; the JSON holds what finished)"
-        cat "$OUT/sampling_gpu_summary.json" 2>/dev/null || true
-        (( status == 0 )) && status=$rc
-    fi
-fi
+done
 exit "$status"

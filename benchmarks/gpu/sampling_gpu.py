@@ -40,12 +40,11 @@ import platform
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import torch
 
-from _results import Results  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[2]
 T_START = time.perf_counter()
@@ -64,21 +63,8 @@ def log(*a) -> None:
 
 
 def import_samplers():
-    """The plugin's ``samplers`` module; if plait is not installed, the packages it lives in are registered as
-    empty packages pointing into this checkout (their ``__init__`` needs pluggy/omegaconf)."""
-    try:
-        return importlib.import_module("plait.plugins.infinite_sampling.samplers")
-    except ImportError as exc:
-        log(f"plait not importable ({exc}); importing the samplers from {REPO}")
-    for k in [k for k in sys.modules if k == "plait" or k.startswith("plait.")]:
-        del sys.modules[k]
-    for name, path in (("plait", REPO / "core"), ("plait.plugins", REPO / "plugins"),
-                       ("plait.plugins.infinite_sampling", REPO / "plugins" / "infinite_sampling")):
-        mod = types.ModuleType(name)
-        mod.__path__ = [str(path)]
-        mod.__package__ = name
-        sys.modules[name] = mod
-    return importlib.import_module("plait.plugins.infinite_sampling.samplers")
+    """The plugin's ``samplers`` module, from the installed plait or straight from this checkout."""
+    return import_from_checkout("plait.plugins.infinite_sampling.samplers", log)
 
 
 
