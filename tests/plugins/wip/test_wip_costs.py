@@ -55,6 +55,19 @@ def test_minprod_counts_one_compare_and_one_add_per_pair(llama):
     assert counter.counts["qk"]["fp_add"] == pairs - pairs // d
 
 
+def test_dim_scales_are_counted_as_per_element_multiplications_of_q_and_k(llama):
+    cfg = llama.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    swapped = swap_attention(copy.deepcopy(llama), "minprod", dim_scales=True)
+    with torch.no_grad(), OpCounter().watch(swapped) as counter:
+        swapped(input_ids=torch.randint(4, 1000, (B, T)))
+    # q·a per query head and k·b per key/value head (grouped-query: fewer key heads), every layer
+    per_layer = B * (cfg.num_attention_heads * T + cfg.num_key_value_heads * T) * d
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    assert counter.counts["prep"]["fp_mul"] == cfg.num_hidden_layers * per_layer
+    assert counter.counts["qk"]["fp_mul"] == 0
+
+
 def test_pot_mixer_removes_the_av_multiplications_but_the_renormalisation(llama):
     cfg = llama.config
     d = cfg.hidden_size // cfg.num_attention_heads

@@ -99,6 +99,26 @@ def test_opt_query_is_unscaled_before_a_nonlinear_operator(models):
     torch.testing.assert_close(probs, torch.softmax(want, -1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dim_scales_start_as_the_identity_and_follow_the_kv_heads(models, arch):
+    base = models[arch]
+    plain = swap_attention(copy.deepcopy(base), "minprod")
+    scaled = swap_attention(copy.deepcopy(base), "minprod", dim_scales=True)
+    cfg = base.config
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for w in wip_modules(scaled):
+        assert w.q_scale.shape == (cfg.num_attention_heads, w.head_dim // 2)
+        assert w.k_scale.shape == (kv, w.head_dim // 2)
+    ids, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits,
+                           scaled(input_ids=ids, attention_mask=mask).logits)
+        for w in wip_modules(scaled):
+            w.k_scale.mul_(3.0)  # a real change of the operator's input reaches the logits
+        assert not torch.allclose(plain(input_ids=ids, attention_mask=mask).logits,
+                                  scaled(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+
+
 def test_swapping_again_replaces_the_operator(models):
     model = swap_attention(copy.deepcopy(models["llama"]), "l1")
     swap_attention(model, "exact")
