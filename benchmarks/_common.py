@@ -1,4 +1,4 @@
-"""Helpers shared by the CPU benchmarks (``zo_memory.py``, ``zo_speed.py``); not a benchmark itself.
+"""Helpers shared by the CPU benchmarks (``zo_*.py``, ``dp_*.py``, ...); not a benchmark itself.
 
 Kept free of timing logic: model/data/engine construction only, so both scripts measure the same thing.
 """
@@ -28,6 +28,19 @@ def emit(obj) -> None:
     text = json.dumps(obj, indent=2)
     text = re.sub(r"\[\s*([-0-9.eE, \n]*?)\s*\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
     print(text, flush=True)
+
+
+def choose_variants(spec: str, allowed, baselines: tuple[str, ...]) -> list[str]:
+    """The comma-separated variants of ``spec``, checked against ``allowed``; the ``baselines`` every ratio
+    needs are put first when missing. SystemExit naming the unknown ones."""
+    chosen = [v.strip() for v in spec.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; allowed: {', '.join(allowed)}")
+    for must in reversed(baselines):
+        if must not in chosen:
+            chosen.insert(0, must)
+    return chosen
 
 
 def make_mezo():

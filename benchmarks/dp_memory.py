@@ -192,15 +192,9 @@ def main(argv=None) -> None:
             traceback.print_exc()
             sys.exit(1)
         return
-    from _common import emit, log
+    from _common import choose_variants, emit, log
 
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)}")
-    for must in ("non_dp", "baseline"):
-        if must not in chosen:
-            chosen.insert(0, must)
+    chosen = choose_variants(args.variants, VARIANTS, ("baseline", "non_dp"))
     t0 = time.perf_counter()
     results = {v: run_variant(args, v) for v in chosen}
     out = summarize(args, results)

@@ -271,14 +271,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
-    from _common import emit, log
+    from _common import choose_variants, emit, log
 
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)}")
-    if "non_dp" not in chosen:
-        chosen.insert(0, "non_dp")
+    chosen = choose_variants(args.variants, VARIANTS, ("non_dp",))
 
     t_start = time.perf_counter()
     runners, errors = {}, {}

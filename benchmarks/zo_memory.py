@@ -311,14 +311,9 @@ def main(argv=None) -> None:
     if args.variant:
         print(json.dumps(run_child(args)), flush=True)
         return
-    from _common import emit, log
+    from _common import choose_variants, emit, log
 
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)}")
-    if "baseline" not in chosen:
-        chosen.insert(0, "baseline")
+    chosen = choose_variants(args.variants, VARIANTS, ("baseline",))
     t0 = time.perf_counter()
     results = {v: run_variant(args, v) for v in chosen}
     out = summarize(args, results)

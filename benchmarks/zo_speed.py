@@ -69,15 +69,10 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from _common import LR, RUN_SEED, build_model, emit, log, make_batch, make_mezo, zo2_engine
+    from _common import LR, RUN_SEED, build_model, choose_variants, emit, log, make_batch, make_mezo, zo2_engine
     from plait.plugins.zo2.mezo import InPlaceMeZO, step_seed
 
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"unknown variant(s) {bad}; allowed: {', '.join(VARIANTS)}")
-    if "mezo" not in chosen:
-        chosen.insert(0, "mezo")
+    chosen = choose_variants(args.variants, VARIANTS, ("mezo",))
 
     t_start = time.perf_counter()
     disk_dir = None
