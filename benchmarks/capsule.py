@@ -2,7 +2,8 @@
 
 * ``depth_high_vibration``: V2-SfMLearner vs the vision-only ablation on the high-vibration tube (the test sizes:
   32×48 frames, width-16 nets, ``--depth-steps``), per seed: AbsRel and its best-constant reference, ATE, ATE
-  with the IMU shuffled across the test set (V2), and the zero-motion / constant-velocity references. With one
+  with the IMU shuffled across the test set (V2), the zero-motion / constant-velocity references, and the
+  frame-to-frame rotation error RPE-rot (degrees; also IMU-shuffled and zero-motion). With one
   seed both models start from identical vision weights, so the difference is the IMU path alone.
 * ``classify_lesions``: PiT vs plain ViT (class-weighted CE, the shipped configs), per seed.
 * ``fps_depth_pose_vibration``: depth + pose + vibration inference, batch 1, at 64×80 and 256×320.
@@ -28,7 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEPTH_SMALL = ["data.height=32", "data.width=48", "data.vibration=high", "recipe.log_images=false"]
 KEYS_D = ["eval/abs_rel", "eval/abs_rel_best_constant", "eval/ate", "eval/ate_imu_shuffled",
-          "eval/ate_zero_motion", "eval/ate_constant_velocity"]
+          "eval/ate_zero_motion", "eval/ate_constant_velocity", "eval/rpe_rot_deg", "eval/rpe_rot_deg_imu_shuffled",
+          "eval/rpe_rot_deg_zero_motion"]
 KEYS_C = ["eval/accuracy", "eval/balanced_accuracy", "eval/macro_f1", "eval/mcc", "eval/majority_accuracy"]
 
 

@@ -127,6 +127,7 @@ class DepthRecipeConfig:
     automask: bool = True
     multiscale: bool = True  # false: scale 0 only
     eval_snippet: int = 5  # frames per ATE snippet
+    gyro_weight: float = 0.0  # auxiliary |pose rotation − integrated gyro| loss (V2 only; 0: off)
     log_images: bool = True  # depth maps and warped frames in TensorBoard at each evaluation
 
 

@@ -3,9 +3,11 @@
 Per step: a batch of (t−1, t, t+1) triplets with the IMU windows of both pairs; the depth of frame t at every
 scale (upsampled to full resolution), the poses T_{t−1<−t} (pair [t−1, t], inverted) and T_{t+1<−t} (pair
 [t, t+1]); inverse warps of both sources; per-pixel minimum SSIM+L1 reprojection with auto-masking; edge-aware
-smoothness weighted 1/2^scale; mean over scales. Evaluation on the test split: median-scaled depth metrics
-against the best constant depth, 5-frame ATE against zero-motion and constant-velocity baselines, the ATE
-with the IMU windows shuffled across snippets (V2 only), and depth/warp images in TensorBoard.
+smoothness weighted 1/2^scale; mean over scales; for V2 with ``gyro_weight`` > 0 also the auxiliary gyro loss
+(predicted rotation vs the integrated gyro). Evaluation on the test split: median-scaled depth metrics against
+the best constant depth, 5-frame ATE against zero-motion and constant-velocity baselines, the frame-to-frame
+rotation error (RPE-rot, degrees) against zero motion, both with the IMU windows shuffled across snippets
+(V2 only), and depth/warp images in TensorBoard.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from plait.run import Run, train_loop
 from . import geometry as geo
 from .config import DepthRecipeConfig
 from .losses import min_reprojection, photometric_error, smoothness
-from .metrics import ate, best_constant_abs_rel, chain_positions, colorize, median_scaled_metrics
+from .metrics import (ate, best_constant_abs_rel, chain_positions, colorize, median_scaled_metrics,
+                      rotation_error_deg)
 
 
 class DepthRecipe:
@@ -35,8 +38,8 @@ class DepthRecipe:
             raise ConfigError(f"data {run.cfg.data.name!r}: camera intrinsics are missing; the depth recipe needs "
                               f"k_norm (normalised 3x3 intrinsics)")
         h, w = data.image_size
-        self.model = run.build("model", height=h, width=w, imu_window=data.imu_window, min_depth=data.min_depth,
-                               max_depth=data.max_depth).to(run.device)
+        self.model = run.build("model", height=h, width=w, imu_window=data.imu_window, imu_rate=data.imu_rate,
+                               min_depth=data.min_depth, max_depth=data.max_depth).to(run.device)
         if self.model.vibration is not None:
             self.model.vibration.set_statistics(data.train.imu.flatten(0, 1).to(run.device))
         self.k = geo.scale_intrinsics(data.k_norm, h, w).to(run.device)
@@ -58,7 +61,9 @@ class DepthRecipe:
         prev, target, nxt = frames.unbind(1)
         b = target.shape[0]
         k, inv_k = self.k.expand(b, 4, 4), self.inv_k.expand(b, 4, 4)
-        poses = [torch.linalg.inv(m.pose(prev, target, imu[:, 0])), m.pose(target, nxt, imu[:, 1])]
+        params = [m.pose_parameters(prev, target, imu[:, 0]), m.pose_parameters(target, nxt, imu[:, 1])]
+        poses = [torch.linalg.inv(geo.transformation_from_parameters(*params[0])),
+                 geo.transformation_from_parameters(*params[1])]
         out = m.depth(target)
         scales = m.scales if c.multiscale else [0]
         identity = [photometric_error(src, target, c.ssim_weight) for src in (prev, nxt)] if c.automask else None
@@ -75,8 +80,20 @@ class DepthRecipe:
             total = total + per_pixel.mean() + c.smoothness * sm / 2**s
             photo, smooth_total = photo + per_pixel.mean().detach(), smooth_total + sm.detach()
         n = len(scales)
-        return {"loss": total / n, "photometric": photo / n, "smoothness": smooth_total / n,
-                "automask_used": mask.mean().detach()}
+        parts = {"loss": total / n, "photometric": photo / n, "smoothness": smooth_total / n,
+                 "automask_used": mask.mean().detach()}
+        if c.gyro_weight > 0 and m.vibration is not None:
+            gyro = self.gyro_loss([p[0] for p in params], imu)
+            parts["loss"] = parts["loss"] + c.gyro_weight * gyro
+            parts["gyro"] = gyro.detach()
+        return parts
+
+    def gyro_loss(self, axisangles: list[torch.Tensor], imu: torch.Tensor) -> torch.Tensor:
+        """Mean |ω̂ − (−Σω·dt)| (rad) over both pairs: the predicted rotation of T_{b<-a} = R_bᵀR_a against
+        the integrated gyro, which measures R_aᵀR_b (hence the sign). Self-supervised: the gyro is a sensor
+        input, not ground truth."""
+        target = [-self.model.vibration.preintegrate(imu[:, i])[:, :3] for i in range(2)]
+        return torch.stack([(a - t).abs().mean() for a, t in zip(axisangles, target)]).mean()
 
     # --- Task protocol ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -115,6 +132,12 @@ class DepthRecipe:
                                imu[i:i + 32].to(self.run.device)).cpu() for i in range(0, len(a), 32)]
         return torch.cat(out).reshape(s, n - 1, 4, 4).double().numpy()
 
+    @staticmethod
+    def _gt_relative(split) -> np.ndarray:
+        """Ground-truth T_{k+1<-k} = inv(c2w_{k+1})·c2w_k, (S, N−1, 4, 4)."""
+        c2w = split.c2w.double()
+        return (torch.linalg.inv(c2w[:, 1:]) @ c2w[:, :-1]).numpy()
+
     def _snippet_ates(self, split, rel: np.ndarray) -> list[float]:
         L = self.cfg.eval_snippet
         gt = split.c2w.numpy()
@@ -148,11 +171,18 @@ class DepthRecipe:
         gt, valid = te.depth.flatten(0, 1)[:, 0], te.valid.flatten(0, 1)[:, 0]
         metrics = {f"eval/{k}": v for k, v in
                    median_scaled_metrics(gt, pred[:, 0], valid, m.min_depth, m.max_depth).items()}
-        metrics["eval/ate"] = float(np.mean(self._snippet_ates(te, self.predict_relative(te))))
+        gt_rel = self._gt_relative(te)
+        rel = self.predict_relative(te)
+        metrics["eval/ate"] = float(np.mean(self._snippet_ates(te, rel)))
+        metrics["eval/rpe_rot_deg"] = rotation_error_deg(gt_rel, rel)
+        metrics["eval/rpe_rot_deg_zero_motion"] = rotation_error_deg(gt_rel, np.broadcast_to(np.eye(4), gt_rel.shape))
         if m.vibration is not None:
             perm = torch.randperm(te.imu.shape[0] * te.imu.shape[1], generator=torch.Generator().manual_seed(0))
-            metrics["eval/ate_imu_shuffled"] = float(np.mean(self._snippet_ates(te, self.predict_relative(te, perm))))
+            shuffled = self.predict_relative(te, perm)
+            metrics["eval/ate_imu_shuffled"] = float(np.mean(self._snippet_ates(te, shuffled)))
+            metrics["eval/rpe_rot_deg_imu_shuffled"] = rotation_error_deg(gt_rel, shuffled)
             metrics["eval/fusion_gain"] = float(m.pose_net.fusion.proj.weight.norm())
+            metrics["eval/imu_head_gain"] = float(m.pose_net.imu_head.weight.norm())
         metrics.update(self.baselines())
         if self.cfg.log_images:
             self._log_images(pred, te.depth[0, 1])

@@ -1,4 +1,5 @@
-"""Evaluation: median-scaled depth metrics, 5-frame ATE (Monodepth2's ``evaluate_pose`` definition) and
+"""Evaluation: median-scaled depth metrics, 5-frame ATE (Monodepth2's ``evaluate_pose`` definition), the
+frame-to-frame rotation error (RPE-rot, degrees) and
 classification metrics for imbalanced data, plus small image helpers for TensorBoard."""
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def ate(gt_xyz: np.ndarray, pred_xyz: np.ndarray) -> float:
     denom = float((p * p).sum())
     scale = float((g * p).sum()) / denom if denom > 0 else 0.0
     return float(np.sqrt(((scale * p - g) ** 2).sum()) / g.shape[0])
+
+
+def rotation_error_deg(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Mean geodesic angle (degrees) between the rotation blocks of (…, 4, 4) relative poses: RPE-rot."""
+    r = np.swapaxes(gt[..., :3, :3], -1, -2) @ pred[..., :3, :3]
+    cos = np.clip((np.trace(r, axis1=-2, axis2=-1) - 1) / 2, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).mean())
 
 
 def chain_positions(rel: list[np.ndarray]) -> np.ndarray:

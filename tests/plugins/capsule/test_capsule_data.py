@@ -11,9 +11,9 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, matthews_corrcoef
 
 from plait.plugins.capsule.lesions import KVASIR_CAPSULE_COUNTS, class_counts, make_red_lesions
-from plait.plugins.capsule.metrics import ate, best_constant_abs_rel, classification_metrics
+from plait.plugins.capsule.metrics import ate, best_constant_abs_rel, classification_metrics, rotation_error_deg
 from plait.plugins.capsule.real import load_image_folder, load_video_imu
-from plait.plugins.capsule.tube import _log_rot, generate_split
+from plait.plugins.capsule.tube import _log_rot, _rot, generate_split
 
 SMALL = dict(num_sequences=1, num_frames=6, height=16, width=20, blur_subframes=1)
 
@@ -80,6 +80,21 @@ def test_ate_and_best_constant_against_brute_force():
     brute_c = np.mean([min(float(((g_ - c).abs() / g_).mean()) for c in torch.linspace(0.5, 5.5, 5001))
                        for g_ in gt.flatten(1)])
     assert best_constant_abs_rel(gt, valid) == pytest.approx(brute_c, abs=1e-3)
+
+
+def test_rotation_error_is_the_geodesic_angle():
+    rng = np.random.default_rng(3)
+    gt = np.tile(np.eye(4), (2, 5, 1, 1))
+    gt[..., :3, :3] = _rot(rng.normal(0, 0.3, (2, 5, 3)))
+    gt[..., :3, 3] = rng.normal(size=(2, 5, 3))
+    angles = rng.uniform(0.01, 0.5, (2, 5))
+    axes = rng.normal(size=(2, 5, 3))
+    axes /= np.linalg.norm(axes, axis=-1, keepdims=True)
+    pred = gt.copy()
+    pred[..., :3, :3] = gt[..., :3, :3] @ _rot(axes * angles[..., None])  # perturb by a known angle
+    pred[..., :3, 3] += 1.0  # translation does not enter
+    assert rotation_error_deg(gt, pred) == pytest.approx(np.degrees(angles).mean(), rel=1e-6)
+    assert rotation_error_deg(gt, gt) == pytest.approx(0.0, abs=1e-5)
 
 
 def _png(path, colour, size=(12, 10)):

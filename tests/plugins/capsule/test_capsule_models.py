@@ -1,6 +1,7 @@
 """Model checks: V2 == vision-only at init, input validation, PiT shapes and parameter counts."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,46 @@ def test_fusion_zero_conv_gets_an_imu_dependent_gradient_at_init():
         m.zero_grad()
         m.pose(a, b, window)[:, :3, 3].sum().backward()
         return m.pose_net.fusion.proj.weight.grad.clone()
+
+    g = grad(imu)
+    assert g.abs().max() > 0
+    assert not torch.allclose(g, grad(imu.flip(0) * 3))
+
+
+def test_preintegration_matches_closed_forms_and_the_pose_convention():
+    from plait.plugins.capsule.depthnet import VibrationBranch
+    from plait.plugins.capsule.tube import _log_rot, generate_split
+
+    branch = VibrationBranch(window=10, dim=8, imu_rate=100.0)
+    omega, a0, slope = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, -981.0, 3.0]), torch.tensor([2.0, 0, -4])
+    j = torch.arange(10.0)
+    imu = torch.cat([a0[:, None] + slope[:, None] * j, omega[:, None].expand(3, 10)])[None]
+    pre = branch.preintegrate(imu)[0].double()
+    assert torch.allclose(pre[:3], omega.double() * 0.1, atol=1e-6)  # Σω·dt over 10 samples at 100 Hz
+    assert torch.allclose(pre[3:6], (a0 + 4.5 * slope).double(), atol=1e-4)  # window mean
+    centred = [[float(slope[c]) * (i - 4.5) for i in range(10)] for c in range(3)]
+    loop = [sum(sum(centred[c][:m + 1]) for m in range(10)) * 0.01**2 for c in range(3)]  # ΣΣ (a − ā)·dt²
+    assert torch.allclose(pre[6:], torch.tensor(loop, dtype=torch.float64), atol=1e-6)
+    # the gyro-loss target −Σω·dt is the axis-angle of T_{b<-a} = inv(c2w_b)·c2w_a (the pose net's output)
+    s = generate_split(num_sequences=1, num_frames=8, height=16, width=20, vibration="none", seed=2,
+                       blur_subframes=1)
+    c2w = s.c2w.numpy()[0]
+    target = -branch.preintegrate(s.imu[0]).double().numpy()[:, :3]
+    truth = np.stack([_log_rot((np.linalg.inv(c2w[i + 1]) @ c2w[i])[:3, :3]) for i in range(7)])
+    assert np.abs(target - truth).mean() < 0.2 * np.abs(truth).mean()
+    assert np.abs(target + truth).mean() > np.abs(truth).mean()  # the opposite sign would be far off
+
+
+def test_direct_imu_head_is_zero_at_init_and_gets_an_imu_dependent_gradient():
+    m = build_v2_sfmlearner(vibration=True, seed=0, **TINY)
+    assert m.pose_net.imu_head.weight.abs().max() == 0 and m.pose_net.imu_head.bias.abs().max() == 0
+    torch.manual_seed(3)
+    a, b, imu = torch.rand(4, 3, 32, 48), torch.rand(4, 3, 32, 48), torch.randn(4, 6, 10)
+
+    def grad(window):
+        m.zero_grad()
+        m.pose_parameters(a, b, window)[0].sum().backward()
+        return m.pose_net.imu_head.weight.grad.clone()
 
     g = grad(imu)
     assert g.abs().max() > 0

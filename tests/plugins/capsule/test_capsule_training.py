@@ -2,8 +2,9 @@
 
 Each check trains a tiny seeded model through ``plait.run.execute`` and compares it with an independent trivial
 reference computed from the ground truth (best per-image constant depth, zero motion, constant velocity,
-majority class) or with the ablation trained side by side. Sizes (32×48 frames, width-16 nets, 300 steps;
-a ~90k-parameter PiT) are chosen so the module fits about two minutes on an idle 2-core machine.
+majority class) or with the ablation trained side by side. Sizes (32×48 frames, width-16 nets, 300 steps, 150
+for the V2-vs-vision pair; a ~90k-parameter PiT) are chosen so the module fits about three and a half minutes
+on an idle 2-core machine.
 Measured figures are in docs/capsule.md.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from plait.run import execute
 from plait.plugins.capsule.metrics import classification_metrics
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "capsule"
+VIBRATION_STEPS = 150  # V2 vs vision-only on the high-vibration tube; the benchmark's 300-step figures are in the docs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,6 +59,28 @@ def test_ate_beats_zero_motion_and_constant_velocity(depth_run):
     first, final = depth_run
     assert final["eval/ate"] < final["eval/ate_constant_velocity"] < final["eval/ate_zero_motion"]
     assert final["eval/ate"] < first["eval/ate"]
+
+
+@pytest.fixture(scope="module")
+def vibration_runs(tmp_path_factory):
+    """configs/capsule/depth_v2.yaml (V2, gyro loss on) and its vision-only ablation, 150 steps: same seed, data,
+    steps and initial vision weights, so the difference is the IMU alone."""
+    out = tmp_path_factory.mktemp("vibration")
+    common = ["recipe.log_images=false", f"run.steps={VIBRATION_STEPS}"]
+    return {name: _train(out / name, "depth_v2.yaml", common + extra)[1]
+            for name, extra in [("v2", []), ("vision", ["model.vibration=false"])]}
+
+
+@pytest.mark.slow
+def test_imu_fixes_rotation_on_the_high_vibration_split_and_shuffling_removes_it(vibration_runs):
+    v2, vision = vibration_runs["v2"], vibration_runs["vision"]
+    zero = v2["eval/rpe_rot_deg_zero_motion"]
+    # the IMU path earns its keep at test time: V2's frame-to-frame rotation error is well below both the
+    # vision-only model's and zero motion's ...
+    assert v2["eval/rpe_rot_deg"] < 0.6 * min(vision["eval/rpe_rot_deg"], zero), (v2, vision)
+    # ... and a shuffled IMU (another pair's gyro) makes it worse than assuming no rotation at all
+    assert v2["eval/rpe_rot_deg_imu_shuffled"] > zero
+    # the issue's ATE check is NOT asserted: ATE is translation-only and barely sees rotation (docs/capsule.md)
 
 
 @pytest.fixture(scope="module")
