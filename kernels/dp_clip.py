@@ -59,19 +59,9 @@ same noise, so callers must derive a distinct seed per (step, layer).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # triton is a Linux/x86_64-only dependency; the reference path works without it
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
 
 __all__ = [
     "EPS",
@@ -92,7 +82,6 @@ __all__ = [
 EPS = 1e-6
 """Added to the norm before dividing: f_b = min(1, C / (n_b + EPS))."""
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = _TRITON_DTYPES + (torch.float64,)
 _BLOCK_ELEMS = 1 << 22  # per-sample gradients held at once by the reference (4M fp32 = 16 MB)

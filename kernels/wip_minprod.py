@@ -18,23 +18,12 @@ Paths
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # triton is a Linux/x86_64-only dependency; the reference path works without it
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
 
 __all__ = ["HAVE_TRITON", "minprod_reference", "minprod_triton", "use_triton"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -35,24 +35,19 @@ _PACKAGE_DIRS = {"plait": "core", "plait.plugins": "plugins", "plait.kernels": "
 
 def import_from_checkout(dotted: str, log=lambda *a: print(*a, file=sys.stderr)):
     """``importlib.import_module(dotted)``; if plait is not installed (a bare GPU machine where only torch is),
-    the packages on the way are registered as empty packages pointing into this checkout (their ``__init__``
-    needs pluggy/omegaconf), so a module that needs only torch still imports."""
+    every plait package of this checkout (the roots and each plugin folder) is registered as an empty package
+    pointing at its folder, so that no package ``__init__`` (they need pluggy/omegaconf) runs and a module that
+    needs only torch/transformers imports, whichever plait packages it reaches into."""
     try:
         return importlib.import_module(dotted)
     except ImportError as exc:
         log(f"plait not importable ({exc}); importing {dotted} from {REPO}")
     for k in [k for k in sys.modules if k == "plait" or k.startswith("plait.")]:
         del sys.modules[k]
-    parts = dotted.split(".")
-    for i in range(1, len(parts)):
-        name = ".".join(parts[:i])
-        top = next((p for p in sorted(_PACKAGE_DIRS, key=len, reverse=True) if name == p or
-                    name.startswith(p + ".")), None)
-        if top is None:
-            continue
-        path = REPO / _PACKAGE_DIRS[top]
-        for sub in name[len(top):].split(".")[1:]:
-            path = path / sub
+    packages = {name: REPO / folder for name, folder in _PACKAGE_DIRS.items()}
+    packages.update({f"plait.plugins.{d.name}": d for d in (REPO / "plugins").iterdir()
+                     if (d / "__init__.py").is_file()})
+    for name, path in packages.items():
         mod = types.ModuleType(name)
         mod.__path__ = [str(path)]
         mod.__package__ = name

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import json
 import math
 import os
@@ -50,14 +49,11 @@ import statistics
 import sys
 import time
 import traceback
-import types
-from pathlib import Path
 
 import torch
 
-from _results import Results  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[2]
 T_START = time.perf_counter()
 
 MODELS = {  # name: (family, config kwargs, default batch)
@@ -83,27 +79,7 @@ def log(*a) -> None:
 
 
 # --- plait import (installed, or straight from this checkout) ----------------------------------------------------
-def import_flashdp():
-    """The ``FlashDP`` class. If plait is not installed, ``plait``, ``plait.plugins``, ``plait.plugins.flashdp`` and
-    ``plait.kernels`` are registered as empty packages pointing into this checkout, so that their ``__init__``
-    (which needs pluggy/omegaconf) is not run."""
-    try:
-        from plait.plugins.flashdp.transform import FlashDP
-        return FlashDP
-    except ImportError as exc:
-        log(f"plait not importable ({exc}); importing flashdp from {REPO}")
-    for k in [k for k in sys.modules if k == "plait" or k.startswith("plait.")]:
-        del sys.modules[k]
-    for name, path in (("plait", REPO / "core"), ("plait.plugins", REPO / "plugins"),
-                       ("plait.plugins.flashdp", REPO / "plugins" / "flashdp"), ("plait.kernels", REPO / "kernels")):
-        mod = types.ModuleType(name)
-        mod.__path__ = [str(path)]
-        mod.__package__ = name
-        sys.modules[name] = mod
-    return importlib.import_module("plait.plugins.flashdp.transform").FlashDP
-
-
-FlashDP = import_flashdp()
+FlashDP = import_from_checkout("plait.plugins.flashdp.transform", log).FlashDP
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

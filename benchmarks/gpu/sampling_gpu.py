@@ -40,13 +40,11 @@ import platform
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
 from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[2]
 T_START = time.perf_counter()
 # Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B)
 QWEN3_1_7B = dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -41,14 +39,11 @@ import statistics
 import sys
 import time
 import traceback
-import types
-from pathlib import Path
 
 import torch
 
-from _results import Results  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
-REPO = Path(__file__).resolve().parents[2]
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}
@@ -65,31 +60,10 @@ def log(*a) -> None:
 
 
 # --- plait import (installed, or straight from this checkout) ----------------------------------------------------
-def import_plait():
-    """(ZO2Engine, InPlaceMeZO, MeZO, lm_loss, step_seed). If plait is not installed, the four packages the engine
-    needs are registered as empty packages pointing into this checkout, so that their ``__init__`` (which needs
-    pluggy/omegaconf) is not run."""
-    try:
-        from plait.plugins.zo2.fused import ZO2Engine
-        from plait.plugins.zo2.mezo import InPlaceMeZO, MeZO, lm_loss, step_seed
-        return ZO2Engine, InPlaceMeZO, MeZO, lm_loss, step_seed
-    except ImportError as exc:
-        log(f"plait not importable ({exc}); importing the engine from {REPO}")
-    for k in [k for k in sys.modules if k == "plait" or k.startswith("plait.")]:
-        del sys.modules[k]
-    for name, path in (("plait", REPO / "core"), ("plait.plugins", REPO / "plugins"),
-                       ("plait.plugins.basics", REPO / "plugins" / "basics"),
-                       ("plait.plugins.zo2", REPO / "plugins" / "zo2")):
-        mod = types.ModuleType(name)
-        mod.__path__ = [str(path)]
-        mod.__package__ = name
-        sys.modules[name] = mod
-    fused = importlib.import_module("plait.plugins.zo2.fused")
-    mezo = importlib.import_module("plait.plugins.zo2.mezo")
-    return fused.ZO2Engine, mezo.InPlaceMeZO, mezo.MeZO, mezo.lm_loss, mezo.step_seed
-
-
-ZO2Engine, InPlaceMeZO, MeZO, lm_loss, step_seed = import_plait()
+_fused = import_from_checkout("plait.plugins.zo2.fused", log)
+_mezo = import_from_checkout("plait.plugins.zo2.mezo", log)
+ZO2Engine = _fused.ZO2Engine
+InPlaceMeZO, MeZO, lm_loss, step_seed = _mezo.InPlaceMeZO, _mezo.MeZO, _mezo.lm_loss, _mezo.step_seed
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .costs import record_attention
 from .operators import check_mixer, get_operator, mix
 
 IMPLEMENTATION = "wip"
@@ -103,9 +104,10 @@ class WipAttention(nn.Module):
     def forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0):
         n_rep = query.shape[1] // key.shape[1]
-        key_in = key
+        key_in, q_scale = key, None
         if self.dim_scales:
-            key_in = key * self.input_scales()[1].view(1, self.kv_heads, 1, -1).to(key.dtype)
+            q_scale, k_scale = self.input_scales()
+            key_in = key * k_scale.view(1, self.kv_heads, 1, -1).to(key.dtype)
         key, key_in, value = _repeat_heads(key, n_rep), _repeat_heads(key_in, n_rep), _repeat_heads(value, n_rep)
         calibrated = bool(self.calibrated)
         if self.op.name == "exact" and not calibrated and self.collector is None:
@@ -115,8 +117,8 @@ class WipAttention(nn.Module):
             if scaling == 1.0 and getattr(module, "scaling", 1.0) != 1.0:  # OPT pre-scales q
                 q, scale = query / module.scaling, float(module.scaling)
             qb, kb = q, key_in
-            if self.dim_scales:
-                qb = q * self.input_scales()[0].view(1, self.num_heads, 1, -1).to(q.dtype)
+            if q_scale is not None:
+                qb = q * q_scale.view(1, self.num_heads, 1, -1).to(q.dtype)
             sim = self.op.sim(qb, kb) * scale
             knorm = kb.abs().sum(-1).unsqueeze(-2) * scale  # [B, H, 1, Tk]
             if self.collector is not None:
@@ -131,8 +133,6 @@ class WipAttention(nn.Module):
                     logits = logits + self.gamma.view(h) * knorm
             else:
                 logits = sim
-        from .costs import record_attention
-
         record_attention(self, query.shape, key.shape[-2], calibrated)
         if attention_mask is not None:
             logits = logits + attention_mask
