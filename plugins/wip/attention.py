@@ -120,7 +120,9 @@ class WipAttention(nn.Module):
             if q_scale is not None:
                 qb = q * q_scale.view(1, self.num_heads, 1, -1).to(q.dtype)
             sim = self.op.sim(qb, kb) * scale
-            knorm = kb.abs().sum(-1).unsqueeze(-2) * scale  # [B, H, 1, Tk]
+            knorm = None  # ‖k‖₁·scale [B, H, 1, Tk]: only the calibration statistics and the key bias use it
+            if self.collector is not None or (calibrated and self.key_bias):
+                knorm = kb.abs().sum(-1).unsqueeze(-2) * scale
             if self.collector is not None:
                 # calibration pass: record (operator, exact) pairs, continue with the exact attention so that
                 # every layer sees the original model's activations
