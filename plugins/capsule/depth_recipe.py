@@ -33,6 +33,9 @@ class DepthRecipe:
         self.cfg = c = DepthRecipeConfig(**options)
         if c.batch_size < 1 or c.lr <= 0 or c.eval_snippet < 2:
             raise ConfigError("recipe: batch_size must be >= 1, lr > 0 and eval_snippet >= 2")
+        for key in ("smoothness", "gyro_weight"):
+            if not getattr(c, key) >= 0:  # a negative weight would reward the error it is meant to penalise
+                raise ConfigError(f"recipe.{key}: must be a loss weight >= 0, got {getattr(c, key)}")
         self.data = data = run.build("data")
         if not hasattr(data, "k_norm") or data.k_norm is None:
             raise ConfigError(f"data {run.cfg.data.name!r}: camera intrinsics are missing; the depth recipe needs "

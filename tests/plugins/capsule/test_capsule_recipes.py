@@ -46,3 +46,17 @@ def test_classify_recipe_runs_and_logs_confusion_matrix(tmp_path, fresh_host):
     acc = EventAccumulator(str(run.dir), size_guidance={"images": 0})
     acc.Reload()
     assert "eval/confusion_matrix" in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("recipe.gyro_weight=-1.0", "recipe.gyro_weight: must be a loss weight >= 0, got -1.0"),
+    ("recipe.smoothness=-0.1", "recipe.smoothness: must be a loss weight >= 0, got -0.1"),
+    ("recipe.batch_size=0", "recipe: batch_size must be >= 1"),
+])
+def test_depth_recipe_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
+    from plait.cli import main
+
+    fresh_host()
+    assert main(["run", str(CONFIGS / "depth_v2.yaml"), f"run.out_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1]
