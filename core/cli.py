@@ -67,15 +67,40 @@ def cmd_run(args) -> int:
 
 
 def _launch_torchrun(args) -> int:
-    """``plait run --nproc N …``: ``torchrun --standalone --nproc-per-node N -m plait run …`` (one node)."""
-    import subprocess
+    """``plait run --nproc N …``: ``torchrun --standalone --nproc-per-node N -m plait run …`` (one node).
+
+    The config is resolved and checked here first, so a schema error is one line from one process, not one per
+    rank. torchrun's launcher runs in this process: when a rank fails (its own one-line error already printed),
+    the exit status is that rank's (2 for bad input) and torchrun's ``ChildFailedError`` traceback and failure
+    log are not shown unless ``--debug``.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    from .config import load_config, validate
+    from .manager import get_host
 
     if args.nproc < 1:
         raise PlaitError(f"--nproc: must be at least 1, got {args.nproc}")
+    path, overrides = _split_config_arg(args)
+    host = get_host()
+    host.check_healthy()
+    validate(load_config(path, overrides), host.registries)
+    debug = getattr(args, "debug", False)
+    if not debug:
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     argv = [a for a in (args.config, *args.overrides) if a is not None]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "plait", *(["--debug"] if getattr(args, "debug", False) else []), "run", *argv]
-    return subprocess.run(cmd).returncode
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "plait",
+                  *(["--debug"] if debug else []), "run", *argv])
+    except ChildFailedError as exc:
+        if debug:
+            raise
+        code = exc.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # killed by signal -code
+    return 0
 
 
 def _print_report(run) -> None:

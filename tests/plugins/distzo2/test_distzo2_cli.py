@@ -63,3 +63,20 @@ def test_distzo2_configs_compose_the_strategies(fresh_host):
                      "opt_pertp_zo2": ("zo", "pertp", "zo2", False),
                      "opt_pertp_zo2_sliced": ("zo", "pertp", "zo2", True),
                      "opt_zo_ddp": ("zo", "zo_ddp", "none", False)}
+
+
+@pytest.mark.parametrize("override,match", [
+    ("recipe.bogus=1", "recipe.bogus"),  # a schema error: caught before torchrun starts, one line from one process
+    pytest.param("perturbation.one_sided=true", "perturbation.one_sided",  # found by the ranks, strategy built
+                 marks=pytest.mark.slow),
+])
+def test_distzo2_nproc_bad_input_is_one_line_exit_2_without_a_launcher_traceback(tmp_path, override, match):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CFG.format(out=tmp_path / "runs"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "plait", "run", "--nproc", "2", str(cfg), override],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: ") and match in line for line in lines), proc.stderr[-3000:]
+    assert len(set(lines)) == 1 and len(lines) <= 2  # the same line, at most once per rank
