@@ -110,7 +110,7 @@ class WipAttention(nn.Module):
             key_in = key * k_scale.view(1, self.kv_heads, 1, -1).to(key.dtype)
         key, key_in, value = _repeat_heads(key, n_rep), _repeat_heads(key_in, n_rep), _repeat_heads(value, n_rep)
         calibrated = bool(self.calibrated)
-        if self.op.name == "exact" and not calibrated and self.collector is None:
+        if self.op.name == "exact" and not calibrated and self.collector is None and q_scale is None:
             logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # HF eager, op for op
         else:
             q, scale = query, scaling

@@ -27,7 +27,7 @@ from plait.errors import ConfigError
 
 from .attention import swap_attention
 from .corpus import token_blocks
-from .costs import ATTENTION_COMPONENTS, OpCounter, energy_pj
+from .costs import ATTENTION_COMPONENTS, ENERGY_PJ, OpCounter, energy_pj
 from .lm import perplexity
 from .operators import OPERATORS, check_mixer
 from .recovery import calibrate, finetune
@@ -126,6 +126,10 @@ class WipRecoverRecipe:
                                   f"got {getattr(c, key)}")
         if c.finetune_steps < 0 or c.eval_blocks < 0:
             raise ConfigError("recipe.finetune_steps and recipe.eval_blocks must be non-negative")
+        if c.precision not in ENERGY_PJ:  # checked before the swap, calibration and fine-tune, not after
+            raise ConfigError(f"recipe.precision: {c.precision!r} has no energy table; allowed: {', '.join(ENERGY_PJ)}")
+        if not c.lr > 0:
+            raise ConfigError(f"recipe.lr: must be > 0, got {c.lr}")
         bundle = run.build("model")
         self.model, tok = bundle.model.to(run.device), bundle.tokenizer
         data = run.build("data")

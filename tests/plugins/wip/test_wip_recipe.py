@@ -29,6 +29,8 @@ def test_recover_config_runs_and_the_exact_operator_keeps_perplexity(tmp_path, f
 @pytest.mark.parametrize("override,match", [
     ("recipe.operators=[nope]", "recipe.operators"),
     ("recipe.calib_blocks=100000", "recipe.calib_blocks"),
+    ("recipe.precision=int8", "recipe.precision"),  # checked before any work is done, not after the fine-tune
+    ("recipe.lr=-1", "recipe.lr"),
 ])
 def test_recover_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
     fresh_host()

@@ -119,6 +119,31 @@ def test_dim_scales_start_as_the_identity_and_follow_the_kv_heads(models, arch):
                                   scaled(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_operator_applies_its_dim_scales_like_a_rescaled_key_projection(models, arch):
+    # with dim_scales the uncalibrated exact operator must not take the op-for-op fast path that ignores them
+    base = models[arch]
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer in ref.model.decoder.layers if arch == "opt" else ref.model.layers:
+            attn = layer.self_attn
+            if arch == "qwen3":  # k = k_norm(k_proj x): the norm's weight scales k after the projection
+                attn.k_norm.weight.mul_(3.0)
+            else:
+                attn.k_proj.weight.mul_(3.0)
+                if attn.k_proj.bias is not None:
+                    attn.k_proj.bias.mul_(3.0)
+    scaled = swap_attention(copy.deepcopy(base), "exact", dim_scales=True)
+    ids, mask = batch()
+    with torch.no_grad():
+        for w in wip_modules(scaled):
+            w.k_scale.mul_(3.0)
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = scaled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, base(input_ids=ids, attention_mask=mask).logits, atol=1e-3)
+
+
 def test_swapping_again_replaces_the_operator(models):
     model = swap_attention(copy.deepcopy(models["llama"]), "l1")
     swap_attention(model, "exact")
