@@ -306,8 +306,9 @@ class GRPORecipe:
         everything = self.train_prompts + self.eval_prompts
         need = max(len(p) for p in everything) + max(c.max_new_tokens, c.eval_max_new_tokens)
         if limit and need > limit:
-            raise ConfigError(f"recipe.max_new_tokens: the longest prompt plus max_new_tokens is {need} tokens, more "
-                              f"than the model's {limit} positions")
+            key = "eval_max_new_tokens" if c.eval_max_new_tokens > c.max_new_tokens else "max_new_tokens"
+            raise ConfigError(f"recipe.{key}: the longest prompt plus {key} is {need} tokens, more than the "
+                              f"model's {limit} positions")
 
     # --- run ----------------------------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:

@@ -412,6 +412,8 @@ class LengthAwareScheduler(ContinuousScheduler):
             raise ValueError(f"length_aware: prefix_tokens must be >= 0, got {prefix_tokens}")
         if fptas_eps <= 0:
             raise ValueError(f"length_aware: fptas_eps must be > 0, got {fptas_eps}")
+        if max_states < 0:
+            raise ValueError(f"length_aware: max_states must be >= 0 (0: always the LPT fallback), got {max_states}")
         if lane_order not in LANE_ORDERS:
             raise ValueError(f"length_aware: lane_order {lane_order!r} is not allowed; allowed: "
                              f"{', '.join(LANE_ORDERS)}")

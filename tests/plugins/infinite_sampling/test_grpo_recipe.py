@@ -140,6 +140,7 @@ def test_python_reward_and_skip_policy(tmp_path, fresh_host, monkeypatch):
     ("recipe.rewards=[{name: exact_match, feild: answer}]", "recipe.rewards[0].feild: unknown key"),
     ("recipe.rewards=[{name: python, path: 'no_such_mod_xyz:f'}]", "cannot import module 'no_such_mod_xyz'"),
     ("recipe.rewards=[]", "recipe.rewards: empty"),
+    ("recipe.eval_max_new_tokens=100000", "recipe.eval_max_new_tokens: the longest prompt plus eval_max_new_tokens"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
     fresh_host()

@@ -161,6 +161,7 @@ def test_rollouts_sequences_layout(lm):
     (lambda: FullGroupScheduler(), dict(prompts=[[]]), "prompt 0 is empty"),
     (lambda: LengthAwareScheduler(g=2), dict(pred=[1, 2, 3]), "predicted_lengths has 3 values"),
     (lambda: LengthAwareScheduler(g=2, fptas_eps=0), dict(), "fptas_eps"),
+    (lambda: LengthAwareScheduler(g=2, max_states=-5), dict(), "max_states must be >= 0"),
 ])
 def test_bad_input_raises_one_line_value_errors(lm, make, args, match):
     model, tok = lm
