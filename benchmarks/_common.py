@@ -71,8 +71,7 @@ def zo2_engine(model, mezo, **overrides):
     """ZO2Engine on CPU; defaults: every block streamed from host memory, fp32 storage, overlap and bucket on."""
     from plait.plugins.zo2.fused import ZO2Engine
 
-    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None,
-                disk_create=True)
+    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None)
     args.update(overrides)
     return ZO2Engine(model, CPU, mezo, **args)
 

@@ -33,10 +33,12 @@ def child(args) -> None:
 
     torch.set_num_threads(2)
     model, _ = load_sharded_model(args.dir)
+    work = Path(args.dir) / "work"  # the engine trains a working copy; the source shards stay as written
+    work.mkdir(exist_ok=True)
     mezo = MeZO(eps=1e-3, lr=1e-6, weight_decay=0.0, distribution="gaussian", q=1, one_sided=False,
                 no_decay=["bias", "norm"], schedule="constant", warmup_steps=0)
     eng = ZO2Engine(model, torch.device("cpu"), mezo, blocks=None, overlap=True, bucket=True, storage_dtype="fp16",
-                    pin_memory=False, disk_dir=None, disk_create=False)
+                    pin_memory=False, disk_dir=str(work))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (1, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -26,11 +26,12 @@ Run (from the repository root; the defaults take 4-7 minutes on 2 cores, mostly 
 
 One JSON object is printed on stdout; progress goes to stderr.
 
-Disk tier: today the ``zo2_disk`` child builds the whole model in RAM and ``ZO2Engine(disk_create=True)``
-writes the shards from it, so its build holds the full model (``after_build_rss`` and ``step_peak`` show
-what streaming costs once the model is released). Once ``scripts/make_shards.py`` and the model family's shard-directory ``path`` land, set
-``DISK_SOURCE = "shards"`` below (or pass ``--disk-source shards``): the shards are then written by a
-separate process before the child starts and the child builds the model from them without materializing it.
+Disk tier: by default (``--disk-source shards``) the shards are written by ``scripts/make_shards.py`` in a
+separate process first, the child builds the model from them without materializing it, and the engine trains
+a block-by-block working copy (``<disk_dir>/work``), never the source shards. With ``--disk-source
+materialize`` the child builds the whole model in RAM and ``ZO2Engine(disk_dir=…)`` writes the working shards
+from it, so its build holds the full model (``after_build_rss`` and ``step_peak`` show what streaming costs
+once the model is released).
 """
 from __future__ import annotations
 
@@ -85,12 +86,14 @@ def _model_for_disk(args):
 
     if args.disk_source == "materialize":
         model, vocab = build_model(args.arch, args.size)
-        return model, vocab, dict(disk_dir=args.disk_dir, disk_create=True)
+        return model, vocab, dict(disk_dir=args.disk_dir)
     # "shards": built from the shard directory without materializing the blocks (model family zo2-shards)
     from plait.plugins.zo2.shards import load_sharded_model
 
     model, _ = load_sharded_model(args.disk_dir)
-    return model, model.config.vocab_size, dict(disk_dir=args.disk_dir, disk_create=False)
+    work = Path(args.disk_dir) / "work"  # the engine trains a working copy; the source shards stay as written
+    work.mkdir(exist_ok=True)
+    return model, model.config.vocab_size, dict(disk_dir=str(work))
 
 
 def run_child(args) -> dict:

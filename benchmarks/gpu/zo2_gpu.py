@@ -134,7 +134,7 @@ def mem_peak(device: torch.device) -> int | None:
 
 def zo2(model, device, mezo, overlap: bool, storage: str):
     return ZO2Engine(model, device, mezo, blocks=None, overlap=overlap, bucket=True, storage_dtype=storage,
-                     pin_memory=device.type == "cuda", disk_dir=None, disk_create=True)
+                     pin_memory=device.type == "cuda", disk_dir=None)
 
 
 def time_steps(eng, device, args, label: str) -> dict:

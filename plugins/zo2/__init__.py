@@ -32,15 +32,20 @@ def build_zo2(model, device, mezo, run_dir=None, **kwargs):
 
     from .fused import ZO2Engine
 
-    if kwargs.get("disk_dir") == "run":  # shards inside the run directory
+    disk_dir = kwargs.get("disk_dir")
+    if disk_dir is None and getattr(model, "_plait_shard_dir", None):
+        disk_dir = "run"  # a zo2-shards model trains a working copy of its shards, never the source
+    if disk_dir == "run":  # shards inside the run directory
         if run_dir is None:
             raise ValueError("offload.disk_dir 'run' needs a run directory")
-        path = Path(run_dir) / "block_shards"
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # ranks share the run directory; each writes and maps its own shards (no creation race)
-            path = path / f"rank{int(os.environ.get('RANK', '0'))}"
-        path.mkdir(parents=True, exist_ok=True)
-        kwargs["disk_dir"] = str(path)
+        disk_dir = Path(run_dir) / "block_shards"
+        disk_dir.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if disk_dir is not None and world > 1 and Path(disk_dir).is_dir():
+        # ranks share the directory and rewrite their shards at start: each writes and maps its own
+        disk_dir = Path(disk_dir) / f"rank{int(os.environ.get('RANK', '0'))}"
+        disk_dir.mkdir(exist_ok=True)
+    kwargs["disk_dir"] = None if disk_dir is None else str(disk_dir)
     return ZO2Engine(model, device, mezo, **kwargs)
 
 

@@ -45,10 +45,11 @@ class ZO2OffloadConfig:
     blocks: Optional[List[int]] = None  # which blocks stream; None: all of them, []: none
     overlap: bool = True  # upload block i+1 and offload block i-1 while block i computes
     bucket: bool = True  # one flat buffer per block (one copy per transfer) instead of one per tensor
-    storage_dtype: str = "fp32"  # fp32 | fp16 | bf16: dtype of the host copy (compute stays fp32)
+    storage_dtype: str = "model"  # model (the blocks' own dtype) | fp32 | fp16 | bf16: dtype of the host copy
     pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
-    disk_dir: Optional[str] = None  # directory of memory-mapped safetensors block shards (disk tier); "run": in the run dir
-    disk_create: bool = True  # write the shards from the model if disk_dir holds none yet
+    # directory of memory-mapped block shards (disk tier), rewritten from the model at start; "run": in the run
+    # dir; null: host memory, or "run" for a zo2-shards model (its own shards are never written)
+    disk_dir: Optional[str] = None
 
 
 @dataclass

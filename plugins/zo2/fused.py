@@ -10,14 +10,16 @@ Streaming: a streamed block is uploaded when the forward reaches the block befor
 pending update from the previous step (lazy update: no extra transfer), runs its chunks, and is offloaded
 straight after. At most three streamed blocks are on the device: one offloading, one computing, one
 uploading. ``flush()`` applies pending updates everywhere; it runs before eval, state_dict and checkpoints.
+A lazily updated block is rounded to its storage dtype at once, so flushes do not change the trajectory.
 
 A parameter shared by several units (tied embeddings) is perturbed once per step: its chunk values are
 computed on first use and handed to each owner, and its restore drift is written back at the end of the step.
 """
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -89,14 +91,19 @@ class ZO2Engine:
     """Fused dual-forward ZO steps with block streaming; numerically the plain `InPlaceMeZO` step."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, mezo: MeZO, *, blocks: list[int] | None,
-                 overlap: bool, bucket: bool, storage_dtype: str, pin_memory: bool, disk_dir: str | None,
-                 disk_create: bool):
+                 overlap: bool, bucket: bool, storage_dtype: str, pin_memory: bool, disk_dir: str | None):
         from plait.plugins.basics.models import find_blocks
 
-        if disk_dir is None and getattr(model, "_plait_shard_dir", None):
-            disk_dir, disk_create = model._plait_shard_dir, False  # a model loaded from shards streams from them
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"offload.storage_dtype {storage_dtype!r} is not supported; allowed: "
+        source = getattr(model, "_plait_shard_dir", None)
+        if source is not None:  # a zo2-shards model: its mapped shards are read, a working copy is trained
+            if disk_dir is None:
+                raise ValueError("offload.disk_dir: a zo2-shards model streams from a working copy of its shards; "
+                                 "set disk_dir to a directory (or 'run')")
+            if Path(disk_dir).resolve() == Path(source).resolve():
+                raise ValueError(f"offload.disk_dir '{disk_dir}' is the model's own shard directory; training "
+                                 f"would overwrite the source model: choose another directory (or 'run')")
+        if storage_dtype != "model" and storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"offload.storage_dtype {storage_dtype!r} is not supported; allowed: model, "
                              f"{', '.join(STORAGE_DTYPES)}")
         if device.type == "cpu" and storage_dtype == "bf16" and not _cpu_bf16_ok():
             raise ValueError("offload.storage_dtype bf16 is not supported on this CPU; use fp16 or fp32")
@@ -124,9 +131,13 @@ class ZO2Engine:
                 if v is not None:
                     sub._buffers[k] = v.to(device)
         self.compute_dtype = compute_dtype
-        self.store = BlockStore({b: [p.tensor for p in u.own] for b, u in self.streamed.items()}, device,
-                                compute_dtype, STORAGE_DTYPES[storage_dtype], overlap, bucket, pin_memory,
-                                disk_dir, disk_create)
+        block_params = {b: [p.tensor for p in u.own] for b, u in self.streamed.items()}
+        if storage_dtype == "model":  # the streamed parameters' own dtype: host copies round nothing
+            dtypes = {t.dtype for ps in block_params.values() for t in ps}
+            storage = functools.reduce(torch.promote_types, dtypes) if dtypes else compute_dtype
+        else:
+            storage = STORAGE_DTYPES[storage_dtype]
+        self.store = BlockStore(block_params, device, compute_dtype, storage, overlap, bucket, pin_memory, disk_dir)
         self.order = sorted(self.streamed)
         self.next_of = {b: nb for b, nb in zip(self.order, self.order[1:])}
         for u in self.units:
@@ -260,6 +271,8 @@ class ZO2Engine:
             with torch.no_grad():
                 for p in u.own:
                     self.mezo.update(p, pend.seed, pend.grads, pend.lr)
+                if u.block in self.streamed:
+                    self.store.round_to_storage(u.block)
                 for p, _, _ in u.shared:
                     if p.index not in pend.done:
                         self.mezo.update(p, pend.seed, pend.grads, pend.lr)

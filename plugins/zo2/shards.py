@@ -9,7 +9,9 @@ Layout (what ``offload.disk_dir`` streams from)::
 
 `write_sharded_model` builds the resident part for real (it is small), builds the blocks on the meta device
 and materialises, initialises, writes and frees them one at a time, so peak memory is one block.
-`load_sharded_model` does the reverse: the blocks' parameters become memory-mapped views of the shards.
+`load_sharded_model` does the reverse: the blocks' parameters become copy-on-write memory-mapped views of the
+shards (the files are opened read-only: training changes the model in memory or in the disk tier's working
+copy, never the source).
 
     python scripts/make_shards.py --arch opt --config '{"hidden_size": 5120, …}' --out /data/opt13b
 """
@@ -87,16 +89,6 @@ def write_sharded_model(out_dir: str | Path, arch: str = "opt", size: str = "tin
     return out
 
 
-class _KeepAlive:
-    """Holds an mmap alive; copies of the model share it (mmap objects cannot be deep-copied)."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     f = path / MANIFEST
@@ -107,7 +99,7 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_sharded_model(path: str | Path):
-    """(model, tokenizer): resident parameters in memory, block parameters memory-mapped from the shards."""
+    """(model, tokenizer): resident parameters in memory, block parameters mapped read-only, copy-on-write."""
     path = Path(path)
     man = read_manifest(path)
     dtype = STORAGE_DTYPES[man["storage_dtype"]]
@@ -119,13 +111,12 @@ def load_sharded_model(path: str | Path):
     for i, blk in enumerate(blocks):
         slots = [(sub, attr, p) for sub in blk.modules() for attr, p in sub._parameters.items() if p is not None]
         numel = sum(p.numel() for _, _, p in slots)
-        flat, mm = map_flat(path / f"block_{i:05d}.safetensors", dtype, numel)
+        flat, _ = map_flat(path / f"block_{i:05d}.safetensors", dtype, numel)  # the views keep the mapping
         offset = 0
         for sub, attr, p in slots:
             view = flat[offset:offset + p.numel()].view(p.shape)
             sub._parameters[attr] = torch.nn.Parameter(view, requires_grad=p.requires_grad)
             offset += p.numel()
-        blk._plait_mmap = _KeepAlive(mm)  # keep the mapping alive with the block
     _set_blocks(model, block_path, blocks)
     for sub in model.modules():  # the resident part was built with 0 layers: give every module the full config
         if getattr(sub, "config", None) is not None:

@@ -2,6 +2,9 @@
 
 A `BlockStore` keeps each streamed block's parameters in host memory (pinned on CUDA) or in a memory-mapped
 safetensors shard on disk, in ``storage_dtype``; the compute copy on the device is fp32 (or the model dtype).
+Disk shards are a working copy written from the model when the store is built (replacing whatever the
+directory held), so a run never starts from another run's trained shards and never writes into the model's
+source files.
 ``upload(b)`` starts the copy host → device, ``wait(b)`` makes its parameters point at the device copy,
 ``offload(b, write_back)`` copies the (updated) device copy back and frees it.
 
@@ -81,7 +84,7 @@ class TransferStats:
 class BlockStore:
     def __init__(self, blocks: dict[int, list[torch.nn.Parameter]], device: torch.device, compute_dtype: torch.dtype,
                  storage_dtype: torch.dtype, overlap: bool, bucket: bool, pin_memory: bool,
-                 disk_dir: str | None = None, disk_create: bool = True):
+                 disk_dir: str | None = None):
         self.device, self.compute_dtype, self.storage_dtype = device, compute_dtype, storage_dtype
         self.overlap, self.bucket = overlap, bucket
         self.cuda = device.type == "cuda"
@@ -91,7 +94,7 @@ class BlockStore:
         self.blocks: dict[int, _Block] = {}
         self.disk_dir = Path(disk_dir) if disk_dir else None
         if self.disk_dir is not None:
-            _check_disk_dir(self.disk_dir, blocks, storage_dtype, disk_create)
+            _check_disk_dir(self.disk_dir, blocks, storage_dtype)
         for b, params in blocks.items():
             self.blocks[b] = self._make_block(b, params)
         # CPU: device copies live in a small pool of same-size flat buffers reused step after step, so the
@@ -114,12 +117,14 @@ class BlockStore:
             n += p.numel()
         mm = None
         if self.disk_dir is not None:
+            # always from the model (peak memory: one block), atomically: shards already there are stale
             path = self.disk_dir / f"block_{b:05d}.safetensors"
-            if not path.exists():
-                flat = torch.cat([p.detach().reshape(-1).to(self.storage_dtype) for p in params])
-                save_file({"flat": flat}, str(path), metadata={"plait": "zo2-block", "numel": str(n)})
-                del flat
-            host_flat, mm = map_flat(path, self.storage_dtype, n)
+            tmp = path.with_name(f".{path.name}.tmp")
+            flat = torch.cat([p.detach().reshape(-1).to(self.storage_dtype) for p in params])
+            save_file({"flat": flat}, str(tmp), metadata={"plait": "zo2-block", "numel": str(n)})
+            del flat
+            os.replace(tmp, path)
+            host_flat, mm = map_flat(path, self.storage_dtype, n, writable=True)
         else:
             host_flat = torch.empty(n, dtype=self.storage_dtype, pin_memory=self.pin)
             for p, o in zip(params, offsets):
@@ -144,6 +149,18 @@ class BlockStore:
 
     def _capacity(self, numel: int) -> int:
         return numel if self.fill is None else self.fill.capacity(numel)
+
+    def round_to_storage(self, b: int) -> None:
+        """Round resident block ``b``'s compute copy to the storage dtype, as its write-back will.
+
+        Called right after the lazy update: the forward that follows then uses the value a flush (eval,
+        checkpoint) would have stored, so the trajectory does not depend on when flushes happen.
+        """
+        blk = self.blocks[b]
+        if self.storage_dtype == self.compute_dtype or blk.state != "resident":  # on the host: stored already
+            return
+        for t in [blk.device_flat] if blk.device_flat is not None else blk.device_tensors:
+            t.copy_(t.to(self.storage_dtype))
 
     # --- transfers --------------------------------------------------------------------------------------
     def resident_count(self) -> int:
@@ -324,19 +341,24 @@ def _to_device(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return out
 
 
-def map_flat(path: Path, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, mmap.mmap]:
-    """Memory-map the tensor ``flat`` of a safetensors file for reading and writing (no copy)."""
+def map_flat(path: Path, dtype: torch.dtype, numel: int, writable: bool = False) -> tuple[torch.Tensor, mmap.mmap]:
+    """Memory-map the tensor ``flat`` of a safetensors file (no copy).
+
+    ``writable``: writes go to the file (the disk tier's working copy). Otherwise the file is opened
+    read-only and mapped copy-on-write: the tensor can still be changed in memory (e.g. by in-place MeZO),
+    but the file — a model's source shards — never is.
+    """
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
     info = header["flat"]
     if info["dtype"] != _ST_DTYPE[dtype] or info["shape"] != [numel]:
-        raise ValueError(f"offload.disk_dir: shard '{path}' holds {info['dtype']} {info['shape']}, expected "
-                         f"{_ST_DTYPE[dtype]} [{numel}]; remove the directory's shards or point disk_dir elsewhere")
+        raise ValueError(f"shard '{path}' holds {info['dtype']} {info['shape']}, expected {_ST_DTYPE[dtype]} "
+                         f"[{numel}] (its manifest or model config disagrees; rewrite it with scripts/make_shards.py)")
     begin, end = info["data_offsets"]
-    fd = os.open(path, os.O_RDWR)
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
-        mm = mmap.mmap(fd, 0)
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
     finally:
         os.close(fd)
     arr = np.frombuffer(mm, dtype=_NP[dtype], count=numel, offset=8 + header_len + begin)
@@ -346,16 +368,12 @@ def map_flat(path: Path, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, 
     return t, mm
 
 
-def _check_disk_dir(path: Path, blocks: dict[int, list[torch.nn.Parameter]], dtype: torch.dtype,
-                    create: bool) -> None:
+def _check_disk_dir(path: Path, blocks: dict[int, list[torch.nn.Parameter]], dtype: torch.dtype) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"offload.disk_dir '{path}' does not exist (create it, or choose another)")
-    missing = [b for b in blocks if not (path / f"block_{b:05d}.safetensors").exists()]
-    if missing and not create:
-        raise FileNotFoundError(f"offload.disk_dir '{path}' lacks shard block_{missing[0]:05d}.safetensors and "
-                                f"offload.disk_create is false")
-    need = sum(sum(p.numel() for p in blocks[b]) for b in missing) * torch.tensor([], dtype=dtype).element_size()
-    free = shutil.disk_usage(path).free
+    need = sum(sum(p.numel() for p in ps) for ps in blocks.values()) * torch.tensor([], dtype=dtype).element_size()
+    shards = [path / f"block_{b:05d}.safetensors" for b in blocks]
+    free = shutil.disk_usage(path).free + sum(f.stat().st_size for f in shards if f.exists())  # replaced
     if need > free:
         raise ValueError(f"offload.disk_dir '{path}' is too small: the block shards need {need / 2**30:.2f} GiB, "
                          f"{free / 2**30:.2f} GiB are free")

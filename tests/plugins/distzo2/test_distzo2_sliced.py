@@ -100,8 +100,7 @@ def _engine(model, **kw):
 
     m = MeZO(eps=1e-3, lr=1e-3, weight_decay=0.1, distribution="gaussian", q=1, one_sided=False,
              no_decay=["bias", "ln_"], schedule="constant", warmup_steps=0)
-    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None,
-                disk_create=True)
+    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None)
     args.update(kw)
     return ZO2Engine(model, torch.device("cpu"), m, **args)
 

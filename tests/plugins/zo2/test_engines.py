@@ -5,9 +5,11 @@ The reference for equality is `InPlaceMeZO` (MeZO's own in-place loop); for the 
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.zo2.fused import ZO2Engine
@@ -24,8 +26,7 @@ def mezo(**kw) -> MeZO:
 
 
 def zo2(model, m, **kw) -> ZO2Engine:
-    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None,
-                disk_create=True)
+    args = dict(blocks=None, overlap=True, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir=None)
     args.update(kw)
     return ZO2Engine(model, CPU, m, **args)
 
@@ -72,13 +73,56 @@ def test_offloaded_step_equals_plain_mezo_bit_for_bit(arch):
     eng.close()
 
 
-def test_exact_in_fp64():
+@pytest.mark.parametrize("placement", [dict(), dict(overlap=False, bucket=False)])
+def test_exact_in_fp64_with_every_block_streamed(placement):
     model = tiny("opt", dtype="float64")
     ref = InPlaceMeZO(copy.deepcopy(model), CPU, mezo())
-    # nothing streamed: host copies would be stored in fp32 and round the fp64 parameters
-    eng = zo2(model, mezo(), blocks=[], overlap=False, bucket=False)
+    eng = zo2(model, mezo(), storage_dtype="model", **placement)  # host copies in fp64, the model's dtype
+    assert all(p.dtype == torch.float64 for p in model.model.decoder.layers.parameters())
     sa, sb = run_pair(ref, eng, 5)
     assert_same(sa, sb)
+    eng.close()
+
+
+class _RoundingMeZO(MeZO):
+    """The plain MeZO step with the streamed blocks' parameters rounded to fp16 where ZO2 stores them: after
+    each step's shifts (the write-back) and after each update (the lazy update, rounded at once)."""
+
+    def __init__(self, rounded: set[int], **kw):
+        super().__init__(**kw)
+        self.rounded = rounded
+
+    def update(self, p, seed, grads, lr):
+        if p.index not in self.rounded:
+            return super().update(p, seed, grads, lr)
+        t = p.tensor.data
+        t.copy_(t.half())
+        super().update(p, seed, grads, lr)
+        t.copy_(t.half())
+
+
+@pytest.mark.parametrize("flush_every", [1, 2, 0])
+def test_fp16_storage_equals_rounded_mezo_whatever_the_flushes(flush_every):
+    """With fp16 host copies the trajectory must not depend on when flush() runs (every eval and checkpoint):
+    the lazily updated block is rounded to its storage dtype before the forward uses it."""
+    model = tiny("opt", layers=3)
+    kw = dict(eps=1e-3, lr=1e-2, weight_decay=0.1, distribution="gaussian", q=1, one_sided=False,
+              no_decay=["bias", "norm", "ln_", "layernorm"], schedule="constant", warmup_steps=0)
+    rounded = {p.index for p in param_table(model, []) if ".layers." in p.name}
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if ".layers." in name:
+                p.copy_(p.half())  # the host copies start rounded
+    ref = InPlaceMeZO(reference, CPU, _RoundingMeZO(rounded, **kw))
+    eng = zo2(model, MeZO(**kw), storage_dtype="fp16")
+    for t in range(5):
+        b = batch(seed=t)
+        assert ref.step(b, step_seed(0, t), 1e-2) == eng.step(b, step_seed(0, t), 1e-2), t
+        if flush_every and t % flush_every == 0:
+            eng.flush()
+    assert_same(ref.state_dict(), eng.state_dict())
+    eng.close()
 
 
 @pytest.mark.parametrize("variant", [dict(q=3), dict(one_sided=True), dict(one_sided=True, q=2),
@@ -245,7 +289,7 @@ def test_unstreamable_model_is_a_clear_error():
 
 
 def test_bad_offload_options():
-    with pytest.raises(ValueError, match="storage_dtype 'fp8'"):
+    with pytest.raises(ValueError, match="storage_dtype .fp8. is not supported; allowed: model, fp32"):
         zo2(tiny(), mezo(), storage_dtype="fp8")
     with pytest.raises(ValueError, match="block 7 does not exist"):
         zo2(tiny(), mezo(), blocks=[7])
@@ -266,16 +310,40 @@ def test_sharded_directory_streams_like_the_in_memory_model(tmp_path):
     assert not any(p.is_meta for p in in_memory.parameters())
     ref = InPlaceMeZO(in_memory, CPU, mezo())
     counts = _leaf_counts(model)
-    eng = zo2(model, mezo())  # picks up the shard directory as its disk tier
-    assert eng.store.disk_dir == tmp_path
+    source = _digests(tmp_path)
+    with pytest.raises(ValueError, match="working copy"):
+        zo2(model, mezo())  # the source shards are never trained in place: a working directory is needed
+    with pytest.raises(ValueError, match="the model's own shard directory"):
+        zo2(model, mezo(), disk_dir=str(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    eng = zo2(model, mezo(), storage_dtype="model", disk_dir=str(work))  # model: the shards' fp32
     assert_same(*run_pair(ref, eng, 3))
     assert set(counts.values()) == {6}  # every module, blocks included, ran 2 forwards in each of 3 steps
     eng.close()
-    again, _ = load_sharded_model(tmp_path)  # the shards now hold the trained blocks
+    assert _digests(tmp_path) == source  # the source model is untouched
     live = ref.state_dict()
-    for k, v in again.state_dict().items():
-        if ".layers." in k:
-            assert torch.equal(v, live[k]), k
+    for i in range(3):  # the working copy holds the trained blocks
+        flat = load_file(str(work / f"block_{i:05d}.safetensors"))["flat"]
+        names = [k for k in live if k.startswith(f"model.layers.{i}.")]
+        assert torch.equal(flat, torch.cat([live[k].reshape(-1) for k in names])), i
+
+
+def _digests(path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.glob("*.safetensors"))}
+
+
+def test_disk_dir_is_rewritten_from_the_model(tmp_path):
+    """An existing disk_dir (a previous run's trained shards) is a scratch area, never a starting point."""
+    model = tiny("qwen3", layers=3)
+    start = copy.deepcopy(model.state_dict())
+    first = zo2(copy.deepcopy(model), mezo(), disk_dir=str(tmp_path))
+    for t in range(2):
+        first.step(batch(seed=t), step_seed(0, t), 1e-2)
+    first.close()
+    second = zo2(model, mezo(), disk_dir=str(tmp_path))
+    assert_same(start, second.state_dict())
+    second.close()
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
@@ -285,12 +353,11 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
         load_sharded_model(tmp_path)
 
 
-def test_disk_dir_run_gives_each_rank_its_own_shards(tmp_path, monkeypatch):
+def test_disk_dir_gives_each_rank_its_own_shards(tmp_path, monkeypatch):
     # ranks of a distributed run share one run directory: each must write and map its own shard files
     from plait.plugins.zo2 import build_zo2
 
-    args = dict(blocks=None, overlap=False, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir="run",
-                disk_create=True)
+    args = dict(blocks=None, overlap=False, bucket=True, storage_dtype="fp32", pin_memory=False, disk_dir="run")
     build_zo2(tiny(), CPU, mezo(), run_dir=str(tmp_path), **args).close()
     assert len(list((tmp_path / "block_shards").glob("block_*.safetensors"))) == 2
     for rank in (0, 1):
@@ -298,3 +365,5 @@ def test_disk_dir_run_gives_each_rank_its_own_shards(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", str(rank))
         build_zo2(tiny(), CPU, mezo(), run_dir=str(tmp_path), **args).close()
         assert len(list((tmp_path / "block_shards" / f"rank{rank}").glob("block_*.safetensors"))) == 2
+        build_zo2(tiny(), CPU, mezo(), run_dir=None, **dict(args, disk_dir=str(tmp_path))).close()  # explicit
+        assert len(list((tmp_path / f"rank{rank}").glob("block_*.safetensors"))) == 2

@@ -1,6 +1,7 @@
 """Recipe ``zo`` through the CLI: offload none vs zo2 agree, resume is exact, bad input is one line."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,11 +51,13 @@ def test_offload_none_and_zo2_runs_are_identical(tmp_path, fresh_host):
     assert any("perf/upload_mib" in json.loads(l) for l in (a.dir / "metrics.jsonl").read_text().splitlines())
 
 
-def test_resume_mid_run_equals_uninterrupted(tmp_path, fresh_host):
+@pytest.mark.parametrize("tier", [[], ["offload.storage_dtype=fp16", "offload.disk_dir=run"]])
+def test_resume_mid_run_equals_uninterrupted(tmp_path, fresh_host, tier):
+    # fp16 disk tier: the resumed run rewrites its shards from the model, then loads the checkpoint into them
     fresh_host()
-    full = execute(load_config(_cfg(tmp_path, steps=6), ["run.name=full"]))
-    part = execute(load_config(_cfg(tmp_path, steps=3), ["run.name=part"]))
-    resumed = execute(load_config(_cfg(tmp_path, steps=6), ["run.name=part", f"run.resume={part.dir}"]))
+    full = execute(load_config(_cfg(tmp_path, steps=6), ["run.name=full", *tier]))
+    part = execute(load_config(_cfg(tmp_path, steps=3), ["run.name=part", *tier]))
+    resumed = execute(load_config(_cfg(tmp_path, steps=6), ["run.name=part", f"run.resume={part.dir}", *tier]))
     assert resumed.dir == part.dir
     ta, tb = _final(full.dir), _final(part.dir)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -71,10 +74,49 @@ def test_disk_tier_in_run_directory(tmp_path, fresh_host):
     assert all(torch.equal(ta[k], td[k]) for k in ta)
 
 
+def test_fp16_storage_trajectory_does_not_depend_on_checkpoints(tmp_path, fresh_host):
+    # every checkpoint flushes the lazy update; the numbers must be those of a run that never flushes
+    fresh_host()
+    fp16 = ["offload.storage_dtype=fp16", "perturbation.lr=1e-2"]
+    a = execute(load_config(_cfg(tmp_path, steps=5, ckpt=1), ["run.name=a", *fp16]))
+    b = execute(load_config(_cfg(tmp_path, steps=5, ckpt=0), ["run.name=b", *fp16]))
+    assert _rows(a.dir) == _rows(b.dir)
+    ta, tb = _final(a.dir), _final(b.dir)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.glob("*"))}
+
+
+def test_sharded_model_source_untouched_and_disk_dir_rewritten(tmp_path, fresh_host):
+    """Training a zo2-shards model leaves its directory as it was (the run trains a working copy in the run
+    directory), and two runs with the same explicit disk_dir both start from the model, not from the first
+    run's trained shards."""
+    from plait.plugins.zo2.shards import write_sharded_model
+
+    fresh_host()
+    src = write_sharded_model(tmp_path / "src", "opt", "tiny", {"num_hidden_layers": 2}, storage_dtype="fp32")
+    source = _digests(src)
+    shards = ["model.name=zo2-shards", f"model.path={src}"]
+    run = execute(load_config(_cfg(tmp_path), ["run.name=s", *shards]))
+    assert _digests(src) == source
+    assert len(list((run.dir / "block_shards").glob("block_*.safetensors"))) == 2
+    plain = execute(load_config(_cfg(tmp_path), ["run.name=p", "offload.name=none", *shards]))
+    assert _digests(src) == source  # in-place MeZO trains private copies of the mapped blocks
+    assert _rows(plain.dir) == _rows(run.dir)
+    (tmp_path / "scratch").mkdir()
+    scratch = [f"offload.disk_dir={tmp_path / 'scratch'}"]
+    first = execute(load_config(_cfg(tmp_path), ["run.name=x", *scratch]))
+    second = execute(load_config(_cfg(tmp_path), ["run.name=y", *scratch]))
+    assert first.summary["first_eval"] == second.summary["first_eval"]
+    assert _rows(first.dir) == _rows(second.dir)
+
+
 @pytest.mark.parametrize("override,match", [
     ("perturbation.eps=0", "eps must be > 0"),
     ("perturbation.eps=-1e-3", "eps must be > 0"),
-    ("offload.storage_dtype=fp8", "storage_dtype 'fp8' is not supported; allowed: fp32, fp16, bf16"),
+    ("offload.storage_dtype=fp8", "storage_dtype 'fp8' is not supported; allowed: model, fp32, fp16, bf16"),
     ("recipe.grad_accum=2", "recipe.grad_accum: zo estimates one projected gradient per step"),
     ("offload.disk_dir=/nonexistent/plait-disk", "offload.disk_dir '/nonexistent/plait-disk' does not exist"),
     ("offload.blocks=[5]", "block 5 does not exist"),
