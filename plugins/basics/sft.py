@@ -121,7 +121,7 @@ class SFTRecipe:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        gt, total = self.grad_transform, 0.0
+        gt, total, trained = self.grad_transform, 0.0, False
         chosen = gt.batch_indices(step) if hasattr(gt, "batch_indices") else None
         if hasattr(gt, "before_backward"):
             gt.before_backward(step)
@@ -129,6 +129,7 @@ class SFTRecipe:
             idx = chosen if chosen is not None else self.order((step - 1) * c.grad_accum + j)
             if not idx:
                 continue  # an empty (Poisson-sampled) batch: the transform supplies the update
+            trained = True
             items = [self.train_items[i] for i in idx]
             batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
             if self.sum_loss:  # Σ over samples of each sample's mean token loss
@@ -139,7 +140,9 @@ class SFTRecipe:
                 loss = self.model(**batch).loss
                 (loss / c.grad_accum).backward()
                 total += loss.item() / c.grad_accum
-        metrics = {"train/loss": total, "train/lr": lr}
+        metrics = {"train/lr": lr}
+        if trained:  # an empty batch has no loss: a 0.0 would pull the window's mean down
+            metrics["train/loss"] = total
         if gt is not None:
             metrics.update(gt(self.model, step) or {})
         if self.clip:

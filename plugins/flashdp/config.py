@@ -16,7 +16,10 @@ class FlashDPConfig:
     delta: float = 1.0e-5
     skip: List[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
     unsupported: str = "freeze"  # trainable parameters of layers DP cannot handle: freeze | error
-    allow_no_privacy: bool = False  # permit noise_multiplier 0 (a clipping-only run; ε = inf)
-    poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes)
+    allow_no_privacy: bool = False  # permit noise_multiplier 0 or poisson false (no guarantee; ε = inf)
+    poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes); false needs allow_no_privacy
     conversion: str = "opacus"  # RDP -> (ε, δ) conversion: opacus | classic
     accountant: str = "rdp"  # rdp (Rényi DP) | prv (privacy loss random variables: tighter ε, same guarantee)
+    # noise and batches from run.seed (public in config.yaml) instead of a secret seed: voids the guarantee;
+    # for debugging and benchmark comparisons only
+    reproducible_noise: bool = False

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from plait.kernels import dp_clip
 
 EPS = 1e-6
+# Seeds are reduced into [0, 2**63 - 1): what torch.Generator and the Triton Philox kernel accept. (A CPU
+# torch.Generator keys on only the low 32 bits; CUDA's Philox and the Triton kernel use all of them.)
+SEED_MOD = 2**63 - 1
 
 
 @dataclass
@@ -52,7 +55,7 @@ class DPContext:
 
     def generator(self, group: Group, device) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + group.index * 7919) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + group.index * 7919) % SEED_MOD)
         return g
 
     def noise_like(self, t: torch.Tensor, group: Group) -> torch.Tensor:
@@ -90,7 +93,7 @@ def _factors(norms: torch.Tensor, threshold: float) -> torch.Tensor:
     return (threshold / (norms + EPS)).clamp(max=1.0)
 
 
-def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+def accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
     # tied parameters (lm_head = embedding) receive one private contribution per layer that uses them
     grad = grad.to(param.dtype)
     param.grad = grad if param.grad is None else param.grad + grad
@@ -102,11 +105,11 @@ def _clipped_sums(ctx: DPContext, kind: str, gw: Group | None, gb: Group | None,
         a, g = tensors
         if gw is not None:
             thr = gw.threshold if factors is None else 1.0
-            seed = (ctx.seed * 1_000_003 + gw.index * 7919) % (2**31 - 1)
+            seed = (ctx.seed * 1_000_003 + gw.index * 7919) % SEED_MOD
             grad, norms = dp_clip.clip_sum(a, g, thr, noise_std=ctx.noise_std, seed=seed, factors=factors)
             if factors is None:
                 ctx.last_norms[gw.index] = norms
-            _accumulate(gw.param, grad.t() if kind == "conv1d" else grad)
+            accumulate(gw.param, grad.t() if kind == "conv1d" else grad)
         if gb is not None:
             h = _acc(g).sum(1)  # (B, out)
             _finish_vector_group(ctx, gb, h, factors)
@@ -119,7 +122,7 @@ def _clipped_sums(ctx: DPContext, kind: str, gw: Group | None, gb: Group | None,
         out = torch.zeros(num, g.shape[-1], dtype=_acc(g).dtype, device=g.device)
         out.index_add_(0, ids.reshape(-1), (_acc(g) * f.view(-1, 1, 1)).reshape(-1, g.shape[-1]))
         out += ctx.noise_like(out, gw)
-        _accumulate(gw.param, out)
+        accumulate(gw.param, out)
     elif kind == "layernorm":
         xhat, g = tensors
         if gw is not None:
@@ -136,7 +139,7 @@ def _finish_vector_group(ctx: DPContext, group: Group, per_sample: torch.Tensor,
         factors = _factors(norms, group.threshold)
     s = (per_sample * factors.view(-1, 1)).sum(0)
     s = s + ctx.noise_like(s, group)
-    _accumulate(group.param, s.view_as(group.param))
+    accumulate(group.param, s.view_as(group.param))
 
 
 def _embedding_norms(ids: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

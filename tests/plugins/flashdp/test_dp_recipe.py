@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from plait.checkpoint import Checkpointer
 from plait.cli import main
 from plait.config import load_config
 from plait.run import execute
@@ -34,7 +36,9 @@ def _final(d: Path):
 
 def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
     fresh_host()
-    full = execute(load_config(_cfg(tmp_path), ["run.name=full"]))
+    # the uninterrupted and the resumed run must draw the same noise: derive it from run.seed (opt-in)
+    repro = "grad_transform.reproducible_noise=true"
+    full = execute(load_config(_cfg(tmp_path), ["run.name=full", repro]))
     rows = [json.loads(l) for l in (full.dir / "metrics.jsonl").read_text().splitlines()]
     eps = [r["privacy/epsilon"] for r in rows if "privacy/epsilon" in r]
     assert len(eps) == 4 and all(b > a > 0 for a, b in zip(eps, eps[1:]))
@@ -48,11 +52,22 @@ def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
     acc.step(1.0, 8 / 64, 4)
     assert eps[-1] == pytest.approx(acc.get_epsilon(1e-3))
 
-    part = execute(load_config(_cfg(tmp_path, steps=2), ["run.name=part"]))
-    resumed = execute(load_config(_cfg(tmp_path), ["run.name=part", f"run.resume={part.dir}"]))
+    part = execute(load_config(_cfg(tmp_path, steps=2), ["run.name=part", repro]))
+    resumed = execute(load_config(_cfg(tmp_path), ["run.name=part", f"run.resume={part.dir}", repro]))
     ta, tb = _final(full.dir), _final(resumed.dir)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # Poisson batches, noise and optimizer state all resume
     assert json.loads((resumed.dir / "summary.json").read_text())["privacy/epsilon"] == pytest.approx(eps[-1])
+
+
+def test_secret_noise_seed_is_checkpointed_and_restored_on_resume(tmp_path, fresh_host):
+    # default: a secret seed, not run.seed; two resumes of one checkpoint draw the same batches and noise
+    fresh_host()
+    part = execute(load_config(_cfg(tmp_path, steps=1), ["run.name=secret"]))
+    seed = Checkpointer.load(Checkpointer(part.dir / "checkpoints").latest())[1]["task"]["grad_transform"]["seed"]
+    assert seed != 2 and str(seed) not in (part.dir / "config.yaml").read_text()  # run.seed is 2
+    copies = [shutil.copytree(part.dir, tmp_path / f"copy{i}") for i in range(2)]  # a resume reopens its run dir
+    again = [_final(execute(load_config(_cfg(tmp_path, steps=2), [f"run.resume={d}"])).dir) for d in copies]
+    assert all(torch.equal(again[0][k], again[1][k]) for k in again[0])
 
 
 def test_epsilon_is_logged_at_the_logged_step_not_averaged_over_the_window(tmp_path, fresh_host):
@@ -82,6 +97,8 @@ def test_flat_mode_runs(tmp_path, fresh_host):
     ("grad_transform.noise_multiplier=0.0", "gives no privacy"),
     ("grad_transform.max_grad_norm=0", "max_grad_norm must be > 0"),
     ("recipe.grad_accum=2", "grad_accum 2"),
+    ("grad_transform.poisson=false", "grad_transform.poisson false"),
+    ("grad_transform.skip=[nonexistent*]", "'nonexistent*' matches no DP layer"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
     fresh_host()

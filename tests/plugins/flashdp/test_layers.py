@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -131,13 +132,13 @@ def test_gpt2_conv1d_layers_equal_loop_fp64():
 
     t = dp(C=0.2)
     t.prepare(model, dataset_size=1000, batch_size=4, steps=10, seed=0)
+    assert t.expected_batch == 4.0  # the real division: a tied tensor must be divided once, not once per group
     kinds = {type(m).__name__ for m in model.modules()}
     assert "DPConv1D" in kinds and "DPLayerNorm" in kinds and "DPEmbedding" in kinds
     t.before_backward(1)
     out = model(input_ids=ids)
     nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     nll.mean(1).sum().backward()
-    t.expected_batch = 1.0
     t(model, 1)
     # tied lm_head/wte: two clip groups (embedding use and head use) feed one tensor
     params = dict(ref.named_parameters())
@@ -157,7 +158,26 @@ def test_gpt2_conv1d_layers_equal_loop_fp64():
     # 1e-9, not 1e-12: HF GPT-2 runs its attention softmax in fp32 even for an fp64 model, so a batch of 4
     # and four batches of 1 round differently; the layers themselves are exact (the Conv1D test below)
     for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, want[n], atol=1e-9), (n, (p.grad - want[n]).abs().max())
+        assert torch.allclose(p.grad, want[n] / 4, atol=1e-9), (n, (p.grad - want[n] / 4).abs().max())
+
+
+@pytest.mark.parametrize("empty", [True, False])  # an empty Poisson batch (no backward) / a batch of zero loss
+def test_tied_tensor_gets_one_noise_draw_per_group_and_one_division(empty):
+    # GPT-2's wte is also lm_head: two clip groups, so its noise is the sum of two N(0, σ²S²) draws, std √2·σS,
+    # divided by E[B] once; an untied tensor's is σS / E[B]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=500, n_embd=32, n_layer=1, n_head=2, n_positions=16)).double()
+    t = dp(C=1.0, sigma=1.0)
+    t.prepare(model, dataset_size=1000, batch_size=4, steps=1, seed=0)
+    t.before_backward(1)
+    if not empty:
+        (0 * model(input_ids=torch.randint(0, 500, (4, 8))).logits.sum()).backward()
+    t(model, 1)
+    unit = 1.0 * math.sqrt(sum(g.threshold ** 2 for g in t.groups)) / 4  # σ·S / E[B]
+    tied = model.transformer.wte.weight.grad  # 16000 coordinates: std estimated to ~0.6 %
+    untied = model.transformer.h[0].mlp.c_fc.weight.grad  # 4096: ~1.1 %
+    assert abs(tied.std().item() / unit - math.sqrt(2)) < 0.05
+    assert abs(untied.std().item() / unit - 1) < 0.05
 
 
 def test_conv1d_layer_equals_loop_fp64():
@@ -264,10 +284,35 @@ def test_skip_and_unsupported_layers_are_frozen_or_refused():
     (dict(C=0.0), "max_grad_norm must be > 0"),
     (dict(sigma=0.0, allow=False), "gives no privacy"),
     (dict(thresholds={"*": -1.0}), "every threshold must be > 0"),
+    (dict(sigma=1.0, allow=False, poisson=False), "poisson false"),
+    (dict(mode="flat", thresholds={"fc.weight": 0.5}), "thresholds apply to flashdp only"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dp(**kwargs)
+
+
+def test_without_poisson_sampling_no_epsilon_is_claimed():
+    # shuffled fixed-size batches are not what the accountant analyses: ε is reported as inf, not q = B/N's value
+    t = dp(sigma=1.0, poisson=False)
+    model = Toy()
+    t.prepare(model, dataset_size=100, batch_size=4, steps=1, seed=0)
+    t.before_backward(1)
+    t(model, 1)
+    assert t.epsilon() == math.inf and t.summary()["privacy/epsilon"] == math.inf
+
+
+def test_unmatched_threshold_and_skip_patterns_are_refused():
+    # a misspelt pattern used to be ignored: the run silently used the default threshold / trained the layer
+    t = dp(thresholds={"fc.weight": 0.2, "*.c_atn.weight": 0.5, "nope": 0.1})
+    with pytest.raises(ValueError, match=r"thresholds: '\*.c_atn.weight', 'nope' match no clip group") as e:
+        t.prepare(Toy(), dataset_size=100, batch_size=4, steps=1, seed=0)
+    assert re.search(r"names such as '(\w+\.\w+)'", str(e.value))[1] in {n for n, _ in Toy().named_parameters()}
+    with pytest.raises(ValueError, match=r"skip: 'nonexistent\*' matches no DP layer"):
+        dp(skip=["nonexistent*", "fc"]).prepare(Toy(), dataset_size=100, batch_size=4, steps=1, seed=0)
+    t = dp(thresholds={"fc.weight": 0.2})
+    t.prepare(Toy(), dataset_size=100, batch_size=4, steps=1, seed=0)
+    assert {g.name: g.threshold for g in t.groups}["fc.weight"] == 0.2
 
 
 def test_model_without_supported_layer():
@@ -282,6 +327,30 @@ def test_delta_and_grad_accum_checks():
             Toy(), dataset_size=100, batch_size=4, steps=1, seed=0)
     with pytest.raises(ValueError, match="grad_accum 2"):
         dp().prepare(Toy(), dataset_size=100, batch_size=4, steps=1, seed=0, grad_accum=2)
+
+
+def test_noise_and_sampling_seed_is_secret_and_restored_from_state():
+    # the run seed is public (config.yaml): by default it must not determine the noise or the Poisson batches
+    def step(t, model):  # step 3's batch and its noise-only update
+        t.before_backward(3)
+        t(model, 3)
+        return t.batch_indices(3), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def make(**kw):
+        t, model = dp(sigma=1.0, allow=False, poisson=True, **kw), Toy()
+        t.prepare(model, dataset_size=200, batch_size=20, steps=10, seed=0)
+        return t, model
+
+    (t1, m1), (t2, m2) = make(), make()
+    b1, n1 = step(t1, m1)
+    b2, n2 = step(t2, m2)
+    assert b1 != b2 and not torch.equal(n1, n2)
+    t3, m3 = make()
+    t3.load_state_dict(t1.state_dict())  # resume: the checkpoint holds the secret seed
+    b3, n3 = step(t3, m3)
+    assert b3 == b1 and torch.equal(n3, n1)
+    (rb1, rn1), (rb2, rn2) = (step(*make(reproducible_noise=True)) for _ in range(2))  # opt-in: from run.seed
+    assert rb1 == rb2 and torch.equal(rn1, rn2)
 
 
 def test_poisson_sampling_rate_and_determinism():
