@@ -137,8 +137,14 @@ class ClassifyRecipe:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model, optimizer and the batch/augmentation generator: all a bit-identical resume needs (the LR is a
+        function of the step)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before the generator was saved still load (they resume on different batches)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "generator" in state:
+            self.gen.set_state(state["generator"])

@@ -12,8 +12,8 @@ class TubeConfig:
     height: int = 64
     width: int = 80
     vibration: str = "low"  # none | low | high (collision rate, amplitude, image noise)
-    train_sequences: int = 4
-    test_sequences: int = 2
+    train_sequences: int = 4  # >= 1
+    test_sequences: int = 2  # >= 1
     num_frames: int = 40  # per sequence
     seed: int = 0
     fps: float = 10.0
@@ -31,7 +31,7 @@ class VideoIMUConfig:
     height: int = 64
     width: int = 80
     imu_rate: float = 100.0  # expected IMU sampling rate (Hz); checked against the CSV timestamps
-    test_fraction: float = 0.25  # trailing frames held out
+    test_fraction: float = 0.25  # trailing frames held out (at least 5); strictly between 0 and 1
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LesionConfig:
     num_images: int = 1400  # total; classes follow Kvasir-Capsule proportions with a floor of min_per_class
     image_size: int = 32
     min_per_class: int = 10
-    test_fraction: float = 0.3  # stratified
+    test_fraction: float = 0.3  # stratified; strictly between 0 and 1
     difficulty: float = 0.5  # 0: large high-contrast lesions … 1: small faint ones
     seed: int = 0
 
@@ -52,7 +52,7 @@ class RedLesionConfig:
 
     num_images: int = 600
     image_size: int = 32
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # stratified; strictly between 0 and 1
     difficulty: float = 0.5
     seed: int = 0
 
@@ -63,7 +63,7 @@ class ImageFolderConfig:
 
     root: str = "???"
     image_size: int = 64
-    test_fraction: float = 0.3
+    test_fraction: float = 0.3  # stratified (each class needs >= 2 images); strictly between 0 and 1
     seed: int = 0
 
 
@@ -126,7 +126,7 @@ class DepthRecipeConfig:
     smoothness: float = 1.0e-3  # divided by 2^scale
     automask: bool = True
     multiscale: bool = True  # false: scale 0 only
-    eval_snippet: int = 5  # frames per ATE snippet
+    eval_snippet: int = 5  # frames per ATE snippet; 2 to the test sequences' num_frames
     gyro_weight: float = 0.0  # auxiliary |pose rotation − integrated gyro| loss (V2 only; 0: off)
     log_images: bool = True  # depth maps and warped frames in TensorBoard at each evaluation
 

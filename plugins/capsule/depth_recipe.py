@@ -40,6 +40,9 @@ class DepthRecipe:
         if not hasattr(data, "k_norm") or data.k_norm is None:
             raise ConfigError(f"data {run.cfg.data.name!r}: camera intrinsics are missing; the depth recipe needs "
                               f"k_norm (normalised 3x3 intrinsics)")
+        if data.test.c2w is not None and c.eval_snippet > data.test.num_frames:  # no snippet fits: NaN ATE
+            raise ConfigError(f"recipe.eval_snippet: {c.eval_snippet} frames is longer than the test sequences of "
+                              f"{data.test.num_frames} frames; allowed: 2 to {data.test.num_frames}")
         h, w = data.image_size
         self.model = run.build("model", height=h, width=w, imu_window=data.imu_window, imu_rate=data.imu_rate,
                                min_depth=data.min_depth, max_depth=data.max_depth).to(run.device)
@@ -58,8 +61,9 @@ class DepthRecipe:
         return train_loop(self.run, self)
 
     # --- loss ------------------------------------------------------------------------------------------
-    def losses(self, frames: torch.Tensor, imu: torch.Tensor) -> dict[str, torch.Tensor]:
-        """frames (B, 3, 3, H, W) = [t−1, t, t+1]; imu (B, 2, 6, T) for pairs (t−1, t) and (t, t+1)."""
+    def losses(self, frames: torch.Tensor, imu: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """frames (B, 3, 3, H, W) = [t−1, t, t+1]; imu (B, 2, 6, T) for pairs (t−1, t) and (t, t+1);
+        ``generator`` draws the auto-mask tie-breaking noise."""
         c, m = self.cfg, self.model
         prev, target, nxt = frames.unbind(1)
         b = target.shape[0]
@@ -77,7 +81,7 @@ class DepthRecipe:
             depth = geo.disp_to_depth(disp_full, m.min_depth, m.max_depth)[1]
             reproj = [photometric_error(geo.inverse_warp(src, depth, t, k, inv_k)[0], target, c.ssim_weight)
                       for src, t in zip((prev, nxt), poses)]
-            per_pixel, mask = min_reprojection(reproj, identity, generator=self.gen)
+            per_pixel, mask = min_reprojection(reproj, identity, generator=generator)
             img_s = F.interpolate(target, size=disp.shape[-2:], mode="bilinear", align_corners=False) if s else target
             sm = smoothness(disp, img_s)
             total = total + per_pixel.mean() + c.smoothness * sm / 2**s
@@ -107,7 +111,7 @@ class DepthRecipe:
         frames = torch.stack([tr.frames[seq, t - 1], tr.frames[seq, t], tr.frames[seq, t + 1]], 1).to(dev)
         imu = torch.stack([tr.imu[seq, t - 1], tr.imu[seq, t]], 1).to(dev)
         self.model.train()
-        parts = self.losses(frames, imu)
+        parts = self.losses(frames, imu, self.gen)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         self.optimizer.step()
@@ -192,11 +196,14 @@ class DepthRecipe:
         return metrics
 
     def _heldout_loss(self, split) -> float:
+        """The training loss on the first test sequence. Its auto-mask noise comes from a fixed generator, not
+        the training one, so evaluating neither shifts the training batches nor varies between evaluations."""
         self.model.eval()
         t = torch.arange(1, split.num_frames - 1)
         frames = torch.stack([split.frames[0, t - 1], split.frames[0, t], split.frames[0, t + 1]], 1)
         imu = torch.stack([split.imu[0, t - 1], split.imu[0, t]], 1)
-        return float(self.losses(frames.to(self.run.device), imu.to(self.run.device))["loss"])
+        return float(self.losses(frames.to(self.run.device), imu.to(self.run.device),
+                                 torch.Generator().manual_seed(0))["loss"])
 
     def _log_images(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         te, writer = self.data.test, self.run.logger.writer
@@ -211,8 +218,19 @@ class DepthRecipe:
                          .clamp(0, 1), step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model, optimizer, the batch/auto-mask generator and the LR schedule: all a bit-identical resume needs."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "generator": self.gen.get_state()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checkpoints written before the generator and scheduler were saved still load (they resume exactly
+        only in the model and optimizer)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "generator" in state:
+            self.gen.set_state(state["generator"])
+        if self.scheduler is not None and "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -127,6 +127,14 @@ def draw(cls: str, rng: np.random.Generator, s: int, difficulty: float) -> np.nd
     return np.clip(img, 0, 1)
 
 
+def check_test_fraction(test_fraction: float) -> None:
+    """A held-out share outside (0, 1) is an error: ``_split`` would silently round 0 up to one test image per
+    class and 1 down to one training image per class."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be strictly between 0 and 1 (the share held out for evaluation), "
+                         f"got {test_fraction}")
+
+
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator):
     """Stratified split; each class keeps at least one training and (if it has ≥ 2) one test image."""
     tr, te = [], []
@@ -135,13 +143,14 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Ge
         n_te = min(max(int(round(len(idx) * test_fraction)), 1 if len(idx) > 1 else 0), len(idx) - 1)
         te += list(idx[:n_te])
         tr += list(idx[n_te:])
-    tr, te = np.array(sorted(tr)), np.array(sorted(te))
+    tr, te = np.array(sorted(tr), dtype=np.int64), np.array(sorted(te), dtype=np.int64)  # may be empty
     t = lambda i: ImageSplit(torch.from_numpy(x[i]).float(), torch.from_numpy(y[i]).long())  # noqa: E731
     return t(tr), t(te)
 
 
 def make_lesions(*, num_images: int = 1400, image_size: int = 32, min_per_class: int = 10, test_fraction: float = 0.3,
                  difficulty: float = 0.5, seed: int = 0) -> ImageData:
+    check_test_fraction(test_fraction)
     counts = class_counts(num_images, min_per_class)
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(len(CLASSES)), counts)
@@ -153,6 +162,7 @@ def make_lesions(*, num_images: int = 1400, image_size: int = 32, min_per_class:
 def make_red_lesions(*, num_images: int = 600, image_size: int = 32, test_fraction: float = 0.3,
                      difficulty: float = 0.5, seed: int = 0) -> ImageData:
     """Binary: 0 normal, 1 red lesion (angiectasia-like spots or fresh blood), lesion:normal ≈ 1:2."""
+    check_test_fraction(test_fraction)
     rng = np.random.default_rng(seed)
     y = (np.arange(num_images) % 3 == 0).astype(int)
     x = np.stack([draw("normal_clean_mucosa" if c == 0 else ("angiectasia" if rng.random() < 0.6 else "blood_fresh"),

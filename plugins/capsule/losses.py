@@ -47,7 +47,9 @@ def min_reprojection(reprojection: list[torch.Tensor], identity: list[torch.Tens
         loss = rep.min(1, keepdim=True).values
         return loss, torch.ones_like(loss)
     ident = torch.cat(identity, 1)
-    noise = torch.randn(ident.shape, generator=generator, dtype=ident.dtype, device=ident.device)
+    # drawn where the generator lives (the recipe's is a CPU generator, also for a CUDA run), then moved
+    where = generator.device if generator is not None else ident.device
+    noise = torch.randn(ident.shape, generator=generator, dtype=ident.dtype, device=where).to(ident.device)
     ident = ident + noise * 1e-5
     both = torch.cat([ident, rep], 1)
     loss, idx = both.min(1, keepdim=True)

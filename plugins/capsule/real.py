@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lesions import ImageData, _split
+from .lesions import ImageData, _split, check_test_fraction
 from .tube import TubeData, TubeSplit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}
@@ -36,6 +36,7 @@ def _read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_image_folder(*, root: str, image_size: int = 64, test_fraction: float = 0.3, seed: int = 0) -> ImageData:
+    check_test_fraction(test_fraction)
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"image folder '{base}' does not exist (expected root/<class>/<image>)")
@@ -47,6 +48,9 @@ def load_image_folder(*, root: str, image_size: int = 64, test_fraction: float =
         files = sorted(p for p in (base / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"class directory '{base / name}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if len(files) < 2:  # one image goes to training, leaving none for the test split
+            raise ValueError(f"class directory '{base / name}' holds 1 image; need at least 2 (one for training, "
+                             f"one for the test split)")
         for f in files:
             xs.append(_read_image(f, (image_size, image_size)))
             ys.append(c)
@@ -55,6 +59,8 @@ def load_image_folder(*, root: str, image_size: int = 64, test_fraction: float =
 
 
 def _read_csv(path: Path, columns: list[str]) -> np.ndarray:
+    """The named columns as float64 (rows, columns). The first column, ``t``, must hold at least 2 finite,
+    strictly increasing timestamps: the rates are 1 / median time step (a repeat would divide by zero)."""
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' is missing (columns: {','.join(columns)})")
     with open(path, newline="") as f:
@@ -63,21 +69,46 @@ def _read_csv(path: Path, columns: list[str]) -> np.ndarray:
         if missing:
             raise ValueError(f"'{path}' lacks column(s) {', '.join(missing)}; header must include {','.join(columns)}")
         try:
-            return np.array([[float(row[c]) for c in columns] for row in reader], dtype=np.float64)
+            table = np.array([[float(row[c]) for c in columns] for row in reader], dtype=np.float64)
         except (TypeError, ValueError):
             raise ValueError(f"'{path}' has a non-numeric value at line {reader.line_num}") from None
+    if len(table) < 2:
+        raise ValueError(f"'{path}' has {len(table)} data row(s); need at least 2 (one per sample, under the header)")
+    t = table[:, 0]
+    bad = ~np.isfinite(t) | np.r_[False, ~(np.diff(t) > 0)]
+    if bad.any():
+        row = int(bad.argmax())
+        raise ValueError(f"'{path}' column t is {t[row]:g} at line {row + 2}; timestamps must be finite seconds, "
+                         f"each later than the one before")
+    return table
+
+
+def _read_intrinsics(path: Path) -> dict[str, float]:
+    """``fx, fy, cx, cy`` (normalised) and the optional ``min_depth``, ``max_depth``, checked to be numbers."""
+    layout = '{"fx": …, "fy": …, "cx": …, "cy": …} normalised by image width/height'
+    if not path.is_file():
+        raise FileNotFoundError(f"camera intrinsics '{path}' are missing: write {layout}")
+    try:
+        k = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                         f"write {layout}") from None
+    if not isinstance(k, dict) or not all(key in k for key in ("fx", "fy", "cx", "cy")):
+        got = f"keys {sorted(k)}" if isinstance(k, dict) else f"a JSON {type(k).__name__}"
+        raise ValueError(f"'{path}' must hold fx, fy, cx, cy (normalised); got {got}")
+    k = {"min_depth": 0.05, "max_depth": 8.0, **k}
+    for key in ("fx", "fy", "cx", "cy", "min_depth", "max_depth"):
+        v = k[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ValueError(f"'{path}' key {key} must be a finite number, got {v!r}")
+    return {key: float(k[key]) for key in ("fx", "fy", "cx", "cy", "min_depth", "max_depth")}
 
 
 def load_video_imu(*, root: str, height: int = 64, width: int = 80, imu_rate: float = 100.0,
                    test_fraction: float = 0.25) -> TubeData:
+    check_test_fraction(test_fraction)
     base = Path(root)
-    intr = base / "intrinsics.json"
-    if not intr.is_file():
-        raise FileNotFoundError(f"camera intrinsics '{intr}' are missing: write {{\"fx\":…,\"fy\":…,\"cx\":…,\"cy\":…}} "
-                                f"normalised by image width/height")
-    k = json.loads(intr.read_text())
-    if not all(key in k for key in ("fx", "fy", "cx", "cy")):
-        raise ValueError(f"'{intr}' must hold fx, fy, cx, cy (normalised); got keys {sorted(k)}")
+    k = _read_intrinsics(base / "intrinsics.json")
     frames_dir = base / "frames"
     files = sorted(p for p in frames_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if frames_dir.is_dir() else []
     if len(files) < 5:
@@ -115,5 +146,5 @@ def load_video_imu(*, root: str, height: int = 64, width: int = 80, imu_rate: fl
 
     k_norm = torch.tensor([[k["fx"], 0, k["cx"]], [0, k["fy"], k["cy"]], [0, 0, 1]], dtype=torch.float32)
     return TubeData(train=split(0, cut), test=split(cut, len(files)), k_norm=k_norm, fps=fps, imu_rate=imu_rate,
-                    min_depth=float(k.get("min_depth", 0.05)), max_depth=float(k.get("max_depth", 8.0)),
+                    min_depth=k["min_depth"], max_depth=k["max_depth"],
                     name="capsule_video")

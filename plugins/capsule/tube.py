@@ -315,6 +315,9 @@ def load_tube(*, height: int = 64, width: int = 80, vibration: str = "low", trai
     """The ``capsule_tube`` dataset factory (train and test sequences at the same vibration level)."""
     if num_frames < 5:
         raise ValueError(f"num_frames must be >= 5 (5-frame ATE snippets), got {num_frames}")
+    for key, n in (("train_sequences", train_sequences), ("test_sequences", test_sequences)):
+        if n < 1:
+            raise ValueError(f"{key} must be >= 1 (sequences rendered for that split), got {n}")
     common = dict(num_frames=num_frames, height=height, width=width, vibration=vibration, fps=fps,
                   imu_rate=imu_rate, fold=fold, blur_subframes=blur_subframes, far=far)
     train = generate_split(num_sequences=train_sequences, seed=seed, **common)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, matthews_corrcoef
 
-from plait.plugins.capsule.lesions import KVASIR_CAPSULE_COUNTS, class_counts, make_red_lesions
+from plait.plugins.capsule.lesions import KVASIR_CAPSULE_COUNTS, _split, class_counts, make_lesions, make_red_lesions
 from plait.plugins.capsule.metrics import ate, best_constant_abs_rel, classification_metrics, rotation_error_deg
 from plait.plugins.capsule.real import load_image_folder, load_video_imu
 from plait.plugins.capsule.tube import _log_rot, _rot, generate_split
@@ -143,3 +143,53 @@ def test_video_imu_loader_and_errors(tmp_path):
     _video(tmp_path / "nok", intrinsics=False)
     with pytest.raises(FileNotFoundError, match="intrinsics"):
         load_video_imu(root=str(tmp_path / "nok"))
+
+
+def test_split_with_single_image_classes_gives_empty_int64_test_split():
+    x, y = np.zeros((3, 3, 2, 2), np.float32), np.array([0, 1, 2])
+    train, test = _split(x, y, 0.5, np.random.default_rng(0))
+    assert train.y.tolist() == [0, 1, 2] and test.x.shape == (0, 3, 2, 2) and test.y.dtype == torch.int64
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -1.0])
+def test_test_fraction_outside_0_1_is_rejected_by_every_loader(tmp_path, fraction):
+    match = f"test_fraction must be strictly between 0 and 1 .*got {fraction}"
+    for load in (make_lesions, make_red_lesions):
+        with pytest.raises(ValueError, match=match):
+            load(num_images=30, image_size=8, test_fraction=fraction)
+    with pytest.raises(ValueError, match=match):
+        load_image_folder(root=str(tmp_path), test_fraction=fraction)
+    with pytest.raises(ValueError, match=match):
+        load_video_imu(root=str(tmp_path), test_fraction=fraction)
+
+
+def test_image_folder_class_with_one_image_is_an_error(tmp_path):
+    for name, n in [("a", 1), ("b", 3)]:
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            _png(tmp_path / name / f"{i}.png", (10, 20, 30))
+    with pytest.raises(ValueError, match=r"class directory '.*a' holds 1 image; need at least 2 \(one for training, "
+                                         r"one for the test split\)"):
+        load_image_folder(root=str(tmp_path), image_size=8)
+
+
+@pytest.mark.parametrize("file,text,match", [
+    ("imu.csv", "t,ax,ay,az,gx,gy,gz\n", r"imu\.csv' has 0 data row\(s\); need at least 2"),
+    ("frames.csv", "t\n" + "0\n" * 8, r"frames\.csv' column t is 0 at line 3; timestamps must be finite seconds, "
+                                      r"each later than the one before"),
+    ("imu.csv", "t,ax,ay,az,gx,gy,gz\n" + "0.5,0,0,0,0,0,0\n" * 3, r"imu\.csv' column t is 0\.5 at line 3"),
+    ("frames.csv", "t\n0\nnan\n" + "".join(f"{i / 10}\n" for i in range(2, 8)),
+     r"frames\.csv' column t is nan at line 3"),
+    ("intrinsics.json", '{"fx": "abc", "fy": 1, "cx": 0.5, "cy": 0.5}',
+     r"intrinsics\.json' key fx must be a finite number, got 'abc'"),
+    ("intrinsics.json", '{"fx": 1, "fy": 1, "cx": 0.5, "cy": 0.5, "max_depth": null}',
+     r"intrinsics\.json' key max_depth must be a finite number, got None"),
+    ("intrinsics.json", "{fx: 1", r"intrinsics\.json' is not valid JSON \(Expecting property name enclosed in double "
+                                  r"quotes at line 1 column 2\); write \{\"fx\""),
+    ("intrinsics.json", "[1, 2]", r"intrinsics\.json' must hold fx, fy, cx, cy \(normalised\); got a JSON list"),
+])
+def test_video_loader_bad_files_name_the_file_and_key(tmp_path, file, text, match):
+    _video(tmp_path)
+    (tmp_path / file).write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_video_imu(root=str(tmp_path), height=16, width=20)
