@@ -7,6 +7,7 @@ and fills defaults in, before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +45,10 @@ def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found" if not path.exists() else
                           f"config file '{path}' is not a file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (undecodable byte at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -150,6 +154,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if unknown:
         raise ConfigError(f"config file '{path}': unknown section '{unknown[0]}'; allowed sections: "
                           f"{', '.join(SECTIONS)}")
+    _check_run_node(file_cfg, f"config file '{path}'")
     sets, deletes = _parse_overrides(list(overrides))
     try:
         cfg = _merge(cfg, file_cfg)
@@ -165,6 +170,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if unknown:
         raise ConfigError(f"override '{unknown[0]}…': unknown section '{unknown[0]}'; allowed sections: "
                           f"{', '.join(SECTIONS)}")
+    _check_run_node(dot, "command-line overrides")
     try:
         cfg = _merge(cfg, dot)
     except OmegaConfBaseException as exc:
@@ -182,15 +188,32 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def _check_run_node(layer: DictConfig, where: str) -> None:
+    """An empty ``run:`` (every key commented out) means the defaults; anything but a mapping is an error."""
+    if "run" not in layer:
+        return
+    node = layer._get_node("run")
+    if node._is_none():
+        with _open(layer):
+            del layer["run"]
+    elif not isinstance(node, DictConfig):
+        raise ConfigError(f"run: must be a mapping of run keys ({', '.join(f.name for f in dataclasses.fields(RunSection))}), "
+                          f"got {node._value()!r} in {where}")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def _check_run_section(run: DictConfig) -> None:
     for key in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
         if run[key] is None or run[key] < 0:
             raise ConfigError(f"run.{key}: must be a non-negative integer, got {run[key]}")
     if run.log_every == 0:
         raise ConfigError("run.log_every: must be at least 1")
-    device = run.device
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise ConfigError(f"run.device: {device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+    if not DEVICE.fullmatch(run.device):
+        raise ConfigError(f"run.device: {run.device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+    if not 0 <= run.seed < 2**63:  # torch.manual_seed's range (numpy takes it modulo 2**32)
+        raise ConfigError(f"run.seed: must be an integer in [0, 2**63), got {run.seed}")
 
 
 @dataclass
@@ -213,6 +236,9 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
                           f"{registry.describe_available()}")
     if node.get("name") is None:
         raise ConfigError(f"{where}.name: missing; available: {registry.describe_available()}")
+    if str(node.name) not in registry:  # named by its place (transforms[0].name), not just its section
+        raise ConfigError(f"{where}.name: unknown {section} {str(node.name)!r}; available: "
+                          f"{registry.describe_available()}")
     entry = registry.get(str(node.name))
     schema = OmegaConf.structured(entry.config)
     options = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "name"])
@@ -270,9 +296,21 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
             components[section] = comp
             cfg[section] = full
     recipe = components["recipe"]
-    for needed in recipe.entry.extra.get("requires", ()):
+    requires, uses = tuple(recipe.entry.extra.get("requires", ())), recipe.entry.extra.get("uses")
+    for needed in requires:
         if needed not in components:
             registry = registries.for_section(needed)
             raise ConfigError(f"{needed}: missing; recipe {recipe.entry.name!r} needs a '{needed}:' section; "
                               f"available: {registry.describe_available()}")
+    # a section no part of the run reads would be saved in config.yaml and silently ignored (a grad_transform
+    # under a recipe without one trains with no DP noise): refuse it. The core itself reads run and parallel.
+    # A recipe that declares no ``uses`` (an older third-party one) is not checked.
+    if uses is None:
+        return components
+    readable = {"recipe", "parallel", *requires, *uses}
+    for section in components:
+        if section not in readable:
+            used = ", ".join(s for s in (*requires, *uses)) or "none"
+            raise ConfigError(f"{section}: recipe {recipe.entry.name!r} does not use a '{section}:' section (its "
+                              f"sections: {used}); remove it (~{section}) or choose a recipe that uses it")
     return components

@@ -115,8 +115,49 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
     path, n = base / stamp, 1
     while path.exists():
         path, n = base / f"{stamp}-{n}", n + 1
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"run.out_dir: cannot create the run directory '{path}': {exc.strerror or exc}") from None
     return path
+
+
+RESUME_FREE = ("resume", "progress", "steps", "device", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
+               "out_dir", "name")  # run keys a resume may change; everything else must equal the saved config
+
+
+def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A resume continues the *same* run: a different model, data or optimizer would load a state that does
+    not fit (a traceback) or silently train something else under the old config.yaml."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return  # a run directory written by hand or by an older plait: nothing to compare with
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"run.resume: cannot read '{saved_path}': {exc}") from None
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for cur in (saved, now):
+        for key in RESUME_FREE:
+            (cur.get("run") or {}).pop(key, None)
+    diff = _first_difference(saved, now)
+    if diff is not None:
+        key, old, new = diff
+        raise ConfigError(f"run.resume: the config differs from '{saved_path}' at {key} ({old!r} -> {new!r}); "
+                          f"resume with the same config and overrides (only run.steps and logging keys may change)")
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            sub = f"{prefix}.{key}" if prefix else str(key)
+            if key not in a or key not in b:
+                return sub, a.get(key, "<absent>"), b.get(key, "<absent>")
+            found = _first_difference(a[key], b[key], sub)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (prefix, a, b)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -183,7 +224,11 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         latest = Checkpointer(run_dir / "checkpoints").latest()
         if latest is None:
             raise CheckpointError(f"run.resume: '{run_dir}' has no complete checkpoint under checkpoints/")
+        _check_resume_config(cfg, run_dir)
         resume_state = Checkpointer.load(latest)
+        if 0 < cfg.run.steps <= resume_state[0]:  # before the logger truncates anything of the finished run
+            raise CheckpointError(f"run.resume: '{run_dir}' already finished step {resume_state[0]} of run.steps="
+                                  f"{cfg.run.steps}; raise run.steps to train further")
     else:
         run_dir = _new_run_dir(cfg.run.out_dir, cfg.run.name) if main else Path(cfg.run.out_dir) / cfg.run.name
         if main:
@@ -218,13 +263,15 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         _close_parallel(run)
         raise
     hook.on_run_start(run=run)
+    keep_summary = False  # a resume whose checkpoint does not load leaves the earlier summary.json as it was
     try:
         result = recipe() or {}
         if run.status == "running":
             run.status = "completed"
         run.summary.update(result)
-    except BaseException:
+    except BaseException as exc:
         run.status = "failed" if run.status == "running" else run.status
+        keep_summary = run.resume_state is not None and isinstance(exc, CheckpointError)
         raise
     finally:
         hook.on_run_end(run=run, status=run.status)
@@ -232,7 +279,7 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
                             "wall_seconds": round(time.time() - t0, 3)})
         run.summary.setdefault("final", dict(run.logger.last))
         run.logger.close()
-        if run.rank == 0:
+        if run.rank == 0 and not keep_summary:
             _write_atomic(run.dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
         _close_parallel(run)
     return run
@@ -282,9 +329,14 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
     start, window, first_eval = 0, {}, None
     if run.resume_state is not None:
         start, state = run.resume_state
-        task.load_state_dict(state["task"])
-        window, first_eval = state["loop"]["window"], state["loop"]["first_eval"]
-        set_rng_state(state["rng"])
+        try:
+            task.load_state_dict(state["task"])
+            window, first_eval = state["loop"]["window"], state["loop"]["first_eval"]
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"run.resume: the checkpoint of step {start} in '{run.dir}' does not fit this "
+                                  f"run ({type(exc).__name__}: {msg})") from exc
     else:
         with preserved_rng():
             first_eval = task.evaluate()

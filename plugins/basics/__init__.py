@@ -117,7 +117,7 @@ def register_recipes(register):
     from .sft import SFTConfig, SFTRecipe
 
     register("sft", SFTRecipe, config=SFTConfig, doc="first-order fine-tuning (AdamW/SGD, schedule, clipping, "
-             "accumulation)", requires=("model", "data"))
+             "accumulation)", requires=("model", "data"), uses=("grad_transform", "transforms"))
 
 
 @hookimpl

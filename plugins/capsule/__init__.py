@@ -106,7 +106,7 @@ def register_datasets(register):
 
 @hookimpl
 def register_recipes(register):
-    register("depth", build_depth, config=DepthRecipeConfig, requires=("model", "data"),
+    register("depth", build_depth, config=DepthRecipeConfig, requires=("model", "data"), uses=(),
              doc="self-supervised depth + ego-motion: min reprojection, auto-mask, smoothness; AbsRel and ATE")
-    register("classify", build_classify, config=ClassifyRecipeConfig, requires=("model", "data"),
+    register("classify", build_classify, config=ClassifyRecipeConfig, requires=("model", "data"), uses=(),
              doc="from-scratch image classification with class weights / focal / balanced sampling; bal. acc, MCC")

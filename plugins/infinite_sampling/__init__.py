@@ -98,4 +98,4 @@ def register_datasets(register):
 def register_recipes(register):
     register("grpo", build_grpo, config=GRPORecipeConfig,
              doc="GRPO: G sampled completions per prompt, rewards, group advantages, clipped loss (+ k3 KL)",
-             requires=("model", "data", "sampler"))
+             requires=("model", "data", "sampler"), uses=("transforms",))

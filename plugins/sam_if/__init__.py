@@ -118,7 +118,7 @@ def register_model_families(register):
 
 @hookimpl
 def register_recipes(register):
-    register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"),
+    register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"), uses=(),
              doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset; record_trajectory for trajectory influence")
 
 

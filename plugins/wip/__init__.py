@@ -76,5 +76,5 @@ def register_datasets(register):
 def register_recipes(register):
     from .recipe import WipRecoverConfig
 
-    register("wip_recover", build_wip_recover, config=WipRecoverConfig, requires=("model", "data"),
+    register("wip_recover", build_wip_recover, config=WipRecoverConfig, requires=("model", "data"), uses=(),
              doc="per operator: perplexity after swap, after closed-form calibration, after ≤100 norm/scale steps")

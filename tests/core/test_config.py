@@ -101,6 +101,12 @@ def test_validate_fills_defaults_and_types(tmp_path):
     ("recipe: {name: toy}\nmodel: {name: toy-model}\ntransforms: {name: noop}\n", [], r"transforms: must be a list"),
     ("- a\n- b\n", [], r"must hold a mapping"),
     ("run: {steps: [\n", [], r"not valid YAML at line"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run.device=cuda:x"], r"run.device: 'cuda:x' is not a device"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run.seed=99999999999999999999"], r"run.seed: must be"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\n", ["run=3"], r"run: must be a mapping of run keys"),
+    ("run: 3\nrecipe: {name: toy}\n", [], r"run: must be a mapping of run keys"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\ntransforms: [{name: noop}, {name: nope}]\n", [],
+     r"transforms\[1\]\.name: unknown transforms 'nope'"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, text, overrides, match):
     p = write(tmp_path, "c.yaml", text)
@@ -128,3 +134,39 @@ def test_run_keys_cannot_be_deleted(tmp_path):
     p = write(tmp_path, "c.yaml", "recipe: {name: toy}\n")
     with pytest.raises(ConfigError, match="cannot be deleted; set them instead"):
         load_config(p, ["~run.steps"])
+
+
+def test_an_empty_run_section_means_the_defaults(tmp_path):
+    p = write(tmp_path, "c.yaml", "run:\n  # steps: 3\nrecipe: {name: toy}\nmodel: {name: toy-model}\n")
+    assert load_config(p).run.steps == RunSection().steps
+    assert load_config(p, ["run=null"]).run.seed == RunSection().seed
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("recipe: {name: toy}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text") as info:
+        load_config(p)
+    assert "\n" not in str(info.value)
+
+
+def test_a_section_the_recipe_does_not_use_is_refused(tmp_path):
+    regs = _registries()
+    regs.recipes.register("strict", lambda **kw: kw, plugin="t", requires=("model",), uses=("data",))
+    regs.grad_transforms.register("g", lambda **kw: kw, plugin="t")
+    ok = write(tmp_path, "ok.yaml", "recipe: {name: strict}\nmodel: {name: toy-model}\ndata: {name: needs-path, path: x}\n")
+    assert set(validate(load_config(ok), regs)) == {"recipe", "model", "data"}  # declared: accepted
+    bad = write(tmp_path, "bad.yaml", "recipe: {name: strict}\nmodel: {name: toy-model}\ngrad_transform: {name: g}\n")
+    with pytest.raises(ConfigError, match=r"grad_transform: recipe 'strict' does not use a 'grad_transform:' section "
+                                          r"\(its sections: model, data\); remove it \(~grad_transform\)"):
+        validate(load_config(bad), regs)
+    # a recipe that declares no ``uses`` (an older third-party one) is not checked
+    legacy = write(tmp_path, "legacy.yaml", "recipe: {name: toy}\nmodel: {name: toy-model}\ngrad_transform: {name: g}\n")
+    assert "grad_transform" in validate(load_config(legacy), regs)
+
+
+def test_every_shipped_recipe_declares_the_sections_it_uses(fresh_host):
+    host = fresh_host()
+    for entry in host.registries.recipes.entries():
+        if entry.plugin in {"basics", "zo2", "flashdp", "infinite_sampling", "sam_if", "capsule", "wip", "distzo2"}:
+            assert entry.extra.get("uses") is not None, entry.name

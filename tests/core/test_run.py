@@ -186,3 +186,50 @@ def test_bad_config_writes_no_run_directory(tiny_config, fresh_host, capsys, tmp
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("config.yaml"))
     assert main(["run", str(tiny_config()), "model.bogus=1"]) == 2
     assert "model.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run_keeping_its_record(tiny_config, fresh_host, capsys):
+    fresh_host()
+    cfg = str(tiny_config(steps=2, ckpt=1))
+    assert main(["run", cfg]) == 0
+    d = _run_dir(Path(cfg).parent / "runs")
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # a finished run: nothing to do, and its summary/metrics must survive the attempt
+    assert main(["run", cfg, f"run.resume={d}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already finished step 2 of run.steps=2; raise run.steps" in err
+    # a changed model/optimizer would load a state that does not fit, or train something else
+    assert main(["run", cfg, f"run.resume={d}", "run.steps=4", "recipe.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "run.resume: the config differs from" in err and "at recipe.lr (" in err
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+    # more steps is what a resume is for
+    assert main(["run", cfg, f"run.resume={d}", "run.steps=3"]) == 0
+    assert json.loads((d / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_checkpoint_state_that_does_not_load_is_one_line_and_keeps_the_summary(tiny_config, fresh_host, capsys):
+    fresh_host()
+    cfg = str(tiny_config(steps=2, ckpt=1))
+    assert main(["run", cfg]) == 0
+    d = _run_dir(Path(cfg).parent / "runs")
+    summary = (d / "summary.json").read_bytes()
+    state = sorted((d / "checkpoints").glob("step_*"))[-1] / "state.json"
+    data = json.loads(state.read_text())
+    data["state"]["s:loop"] = None  # valid JSON (the checksum covers the tensors), but not a loop state
+    state.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["run", cfg, f"run.resume={d}", "run.steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not fit this run (TypeError" in err
+    assert (d / "summary.json").read_bytes() == summary
+
+
+def test_an_out_dir_that_cannot_be_created_is_one_line(tiny_config, fresh_host, capsys, tmp_path):
+    fresh_host()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["run", str(tiny_config()), f"run.out_dir={blocker}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: run.out_dir: cannot create the run directory")

@@ -134,7 +134,8 @@ def test_resume_without_recorded_trajectory_is_refused(tmp_path, fresh_host, cap
     cfg = tmp_path / "c.yaml"
     capsys.readouterr()
     assert main(["run", str(cfg), f"run.resume={run_dir}", "recipe.record_trajectory=true", "run.steps=4"]) == 2
-    assert "recorded no trajectory" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the core refuses any changed option on resume, naming it
+    assert "run.resume: the config differs" in err and "recipe.record_trajectory (False -> True)" in err
 
 
 @pytest.mark.slow
