@@ -4,7 +4,7 @@ AdamW or SGD, constant / linear / cosine LR schedule with warm-up, global grad-n
 accumulation, optional ``grad_transform:`` applied after backward, and evaluation (completion loss, and
 label-word accuracy for classification datasets). The loop itself is ``plait.run.train_loop``.
 
-    plait run configs/quickstart.yaml
+    plait run configs/basics/sft_quickstart.yaml
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from plait.run import Run, train_loop
 
 from .data import collate
 from .evaluation import evaluate_lm
-from .parts import build_lm, check_positive, load_text_splits
+from .parts import build_lm, check_non_negative, check_positive, load_text_splits
 
 
 @dataclass
@@ -84,6 +84,8 @@ class SFTRecipe:
             raise ConfigError(f"recipe.schedule: {c.schedule!r} is not supported; allowed: constant, linear, "
                               f"cosine")
         check_positive(c, ("batch_size", "grad_accum", "max_length", "eval_batch_size"))
+        # 0 turns these off; eval_examples (0: all) is checked by load_text_splits, shared with the zo recipe
+        check_non_negative(c, ("warmup_steps", "max_grad_norm", "weight_decay", "momentum"))
         if c.lr <= 0:
             raise ConfigError(f"recipe.lr: must be positive, got {c.lr}")
         self.device = run.device
