@@ -260,6 +260,8 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         run.logger.close()
         if run.resume_state is None and run.rank == 0:
             shutil.rmtree(run.dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the <out_dir>/<name>/ folder it alone was in
+                run.dir.parent.rmdir()
         _close_parallel(run)
         raise
     hook.on_run_start(run=run)
