@@ -77,7 +77,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the run's device only (it is made current by resolve_device / the parallel strategy): a checkpoint
+        # written on an 8-GPU node must resume where fewer GPUs are visible
+        state["cuda"] = {"state": torch.cuda.get_rng_state()}
     return state
 
 
@@ -87,7 +89,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        saved = state["cuda"]
+        if isinstance(saved, dict):
+            torch.cuda.set_rng_state(saved["state"])
+        else:  # checkpoints before 2026-11-30 hold every visible device's state
+            states = list(saved)[:torch.cuda.device_count()]
+            torch.cuda.set_rng_state_all(states)
 
 
 def _listify(x):

@@ -46,6 +46,12 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device: {name!r} requested but CUDA is not available here; use cpu or auto")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(f"run.device: {name!r} but this machine shows {count} CUDA device(s); allowed: "
+                              f"cuda:0 … cuda:{count - 1}")
+        torch.cuda.set_device(device)  # kernels (Triton) and CUDA RNG state follow the current device
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"run.device: {name!r} requested but MPS is not available here; use cpu or auto")
     return device

@@ -59,6 +59,8 @@ same noise, so callers must derive a distinct seed per (step, layer).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
@@ -332,7 +334,9 @@ if HAVE_TRITON:
             acc += tl.dot(gt.to(tl.float32), at.to(tl.float32), input_precision=INPUT_PRECISION)
         return acc
 
-    @triton.autotune(configs=_configs(), key=["T", "D_IN", "D_OUT"], reset_to_zero=["nsq_ptr"])
+    # tuned per layer shape only: B (Poisson batches) and T (padded lengths) change every training step, and a
+    # new key value re-times every config (~1 s per kernel on a GPU), which would dominate the step
+    @triton.autotune(configs=_configs(), key=["D_IN", "D_OUT"], reset_to_zero=["nsq_ptr"])
     @triton.jit
     def _sq_norm_kernel(a_ptr, g_ptr, nsq_ptr, T, D_IN, D_OUT,
                         s_ab, s_at, s_ai, s_gb, s_gt, s_go,
@@ -347,7 +351,7 @@ if HAVE_TRITON:
                           T, D_IN, D_OUT, s_at, s_ai, s_gt, s_go, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         tl.atomic_add(nsq_ptr + b, tl.sum(acc * acc))
 
-    @triton.autotune(configs=_configs(), key=["B", "T", "D_IN", "D_OUT"])
+    @triton.autotune(configs=_configs(), key=["D_IN", "D_OUT"])
     @triton.jit
     def _clip_sum_kernel(a_ptr, g_ptr, f_ptr, out_ptr, B, T, D_IN, D_OUT,
                          s_ab, s_at, s_ai, s_gb, s_gt, s_go,
@@ -411,6 +415,13 @@ def clip_sum_triton(
     def grid(meta):
         return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(d_in, meta["BLOCK_N"]),)
 
+    # Triton launches on the *current* CUDA device, not the tensors' (run.device=cuda:1 would race on GPU 0)
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        return _launch_clip_sum(a, g, C, noise_std, seed, factors, B, T, d_in, d_out, precision, strides, grid)
+
+
+def _launch_clip_sum(a, g, C, noise_std, seed, factors, B, T, d_in, d_out, precision, strides, grid):
+    """The two kernel launches of :func:`clip_sum_triton`, on ``a``'s device (made current by the caller)."""
     norms = None
     if factors is None:
         nsq = torch.zeros(B, dtype=torch.float32, device=a.device)

@@ -18,6 +18,8 @@ Paths
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
@@ -93,6 +95,8 @@ def minprod_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     bm = bn = 16 if INTERPRET else 32
     bd = 16
     grid = (triton.cdiv(tq, bm), triton.cdiv(tk, bn), q3.shape[0])
-    _minprod_kernel[grid](q3, k3, out, tq, tk, d, *q3.stride(), *k3.stride(), *out.stride(),
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    # Triton launches on the *current* CUDA device, not the tensors' (run.device=cuda:1 would race on GPU 0)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _minprod_kernel[grid](q3, k3, out, tq, tk, d, *q3.stride(), *k3.stride(), *out.stride(),
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return out.reshape(*lead, tq, tk)

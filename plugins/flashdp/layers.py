@@ -187,6 +187,16 @@ def _dispatch(ctx: DPContext, kind, gw, gb, tensors) -> None:
         _clipped_sums(ctx, kind, gw, gb, tensors)
 
 
+def _autocast_input(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The layer input as the autocast matmul saw it. Under autocast a LayerNorm-fed input is saved in fp32
+    while the output grad is bf16/fp16; the non-private weight grad multiplies the half-precision copy, and so
+    must the per-sample grads — a mixed fp32/half pair would also push the Triton kernel onto exact fp32 dots
+    instead of tensor cores."""
+    if grad_out.dtype in (torch.float16, torch.bfloat16) and x.dtype == torch.float32:
+        return x.to(grad_out.dtype)
+    return x
+
+
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
@@ -200,7 +210,8 @@ class _LinearFn(torch.autograd.Function):
         layer = ctx.layer
         # under autocast the output grad may be bf16/fp16 while the master weight is fp32
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        _dispatch(layer._dp_ctx, "linear", layer._dp_w, layer._dp_b, (_as_3d(x), _as_3d(grad_out)))
+        _dispatch(layer._dp_ctx, "linear", layer._dp_w, layer._dp_b,
+                  (_as_3d(_autocast_input(x, grad_out)), _as_3d(grad_out)))
         return grad_x, None, None, None
 
 
@@ -219,7 +230,8 @@ class _Conv1DFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer = ctx.layer
         grad_x = grad_out @ weight.t().to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        _dispatch(layer._dp_ctx, "conv1d", layer._dp_w, layer._dp_b, (_as_3d(x), _as_3d(grad_out)))
+        _dispatch(layer._dp_ctx, "conv1d", layer._dp_w, layer._dp_b,
+                  (_as_3d(_autocast_input(x, grad_out)), _as_3d(grad_out)))
         return grad_x, None, None, None
 
 

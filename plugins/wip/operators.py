@@ -72,8 +72,15 @@ def _exact(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(q, k.transpose(-1, -2))
 
 
+def _cdist1(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """L1 distance matrix; torch.cdist has no fp16/bf16 kernel, so half inputs are measured in fp32."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return torch.cdist(q.float(), k.float(), p=1).to(q.dtype)
+    return torch.cdist(q, k, p=1)
+
+
 def _l1(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return -torch.cdist(q, k, p=1)
+    return -_cdist1(q, k)
 
 
 def _minprod(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -82,6 +89,9 @@ def _minprod(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if q.shape[:-2] == k.shape[:-2] and wip_minprod.use_triton(q, k):  # inference on CUDA: one fused pass
         return wip_minprod.minprod_triton(q, k).to(q.dtype)
     # ½ Σ (|q + k| − |q − k|) = Σ sign(qk)·min(|q|, |k|): two L1 distance matrices, no [Tq, Tk, D] temporary
+    if q.dtype in (torch.float16, torch.bfloat16):  # difference taken in fp32, then rounded once
+        qf, kf = q.float(), k.float()
+        return (0.5 * (torch.cdist(qf, -kf, p=1) - torch.cdist(qf, kf, p=1))).to(q.dtype)
     return 0.5 * (torch.cdist(q, -k, p=1) - torch.cdist(q, k, p=1))
 
 

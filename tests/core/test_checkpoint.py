@@ -121,3 +121,34 @@ def test_rng_state_round_trip():
     set_rng_state(unpack(json.loads(json.dumps(pack(state, t := {}))), t))
     b = (random.random(), float(np.random.rand()), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_cuda_rng_state_is_the_run_devices_and_old_all_device_states_fit_fewer_gpus(monkeypatch):
+    # emulated CUDA: a checkpoint from an 8-GPU node must resume where one GPU is visible (it raised IndexError)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.setdefault("one", s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.setdefault("all", list(states)))
+    state = rng_state()
+    assert torch.equal(state["cuda"]["state"], torch.tensor([7], dtype=torch.uint8))
+    set_rng_state(state)
+    assert torch.equal(calls["one"], torch.tensor([7], dtype=torch.uint8))
+    old = dict(state, cuda=[torch.tensor([i], dtype=torch.uint8) for i in range(8)])
+    set_rng_state(old)
+    assert [int(t) for t in calls["all"]] == [0]
+
+
+def test_a_cuda_index_beyond_the_visible_devices_is_one_line(monkeypatch):
+    from plait.errors import ConfigError
+    from plait.run import resolve_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(str(d)))
+    with pytest.raises(ConfigError, match=r"run.device: 'cuda:3' but this machine shows 2 CUDA device\(s\)"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and current == ["cuda:1"]

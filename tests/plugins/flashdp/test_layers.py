@@ -384,3 +384,28 @@ def test_autocast_bf16_backward_matches_fp32():
         assert mixed[name].dtype == torch.float32
         rel = (mixed[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-12)
         assert rel < 0.05, (name, float(rel))
+
+
+def test_autocast_per_sample_inputs_are_in_the_output_grad_dtype(monkeypatch):
+    # a LayerNorm-fed input is saved in fp32 under autocast while its output grad is bf16: the per-sample grads
+    # must use the bf16 copy the forward matmul used (and the Triton kernel then runs tensor-core dots, not
+    # exact fp32 ones)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from plait.plugins.flashdp import layers
+
+    seen = []
+    real = layers._dispatch
+    monkeypatch.setattr(layers, "_dispatch", lambda ctx, kind, gw, gb, t: (seen.append((kind, t[0].dtype,
+                                                                                         t[1].dtype)),
+                                                                            real(ctx, kind, gw, gb, t)))
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    t = FlashDP("per_layer", 1.0, {}, 0.0, None, 1e-3, [], "freeze", True, False, "opacus")
+    t.prepare(m, dataset_size=100, batch_size=4, steps=1, seed=0)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(input_ids=ids).logits
+    torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64), ids.reshape(-1), reduction="sum").backward()
+    matmuls = [(a, g) for kind, a, g in seen if kind in ("linear", "conv1d")]
+    assert len(matmuls) >= 4 and all(a == g == torch.bfloat16 for a, g in matmuls), seen

@@ -155,3 +155,14 @@ def test_pot_mixer_renormalises_power_of_two_probabilities():
 def test_unknown_operator_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown attention operator 'dot'; allowed: exact, l1, pot, minprod"):
         get_operator("dot")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["l1", "minprod"])
+def test_distance_operators_take_half_precision_models(name, dtype):
+    # torch.cdist has no half kernel: a bf16 model crashed at its first evaluation (CPU) or fine-tune (CUDA)
+    q, k = rand(5, 7, seed=1).to(dtype), rand(6, 7, seed=2).to(dtype)
+    got = get_operator(name).sim(q, k)
+    assert got.dtype == dtype
+    want = loop_sim(q.double(), k.double(), DEFINITIONS[name])  # the definition on the half inputs' values
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
