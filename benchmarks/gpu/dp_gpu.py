@@ -10,6 +10,8 @@ first-order steps (forward, backward, DP work, SGD update) of:
                       (per-sample norm, clip, batch sum and Philox noise fused; CUDA tensors only)
     opacus_per_layer  Opacus hooks (``GradSampleModule``) + ``DPPerLayerOptimizer``, same thresholds C/sqrt(K)
                       (only if opacus imports; HF Conv1D gets the Linear rule, as in benchmarks/dp_speed.py)
+    flashdp_varying   ``flashdp`` with the batch size and length changing every step, as Poisson sampling and
+                      padding to the longest example make them in training (the kernels must not re-tune)
     dp_flat           ``FlashDP("flat")`` (not run by default: ``--variants`` adds it)
 
 in each of ``--dtypes``: ``bf16`` (fp32 weights, ``torch.autocast`` bf16), ``bf16p`` (bf16 weights, no
@@ -68,8 +70,8 @@ TINY_MODELS = {
                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                                  tie_word_embeddings=True), 2),
 }
-VARIANTS = ("non_dp", "flashdp", "opacus_per_layer", "dp_flat")
-DEFAULT_VARIANTS = "non_dp,flashdp,opacus_per_layer"
+VARIANTS = ("non_dp", "flashdp", "opacus_per_layer", "flashdp_varying", "dp_flat")
+DEFAULT_VARIANTS = "non_dp,flashdp,opacus_per_layer,flashdp_varying"
 DTYPES = ("bf16", "bf16p", "fp32")
 SIGMA, C, DELTA, DATASET_SIZE, LR = 1.0, 1.0, 1e-5, 50_000, 1e-4  # delta < 1/N
 
@@ -197,9 +199,9 @@ class Runner:
         self.extra = {}
         if variant == "non_dp":
             self.opt = torch.optim.SGD(params, lr=LR)
-        elif variant in ("flashdp", "dp_flat"):
+        elif variant in ("flashdp", "flashdp_varying", "dp_flat"):
             # fixed batches, not Poisson sampling: no privacy guarantee, so allow_no_privacy (the cost is the same)
-            self.dp = FlashDP("per_layer" if variant == "flashdp" else "flat", C, {}, SIGMA, None, DELTA, [],
+            self.dp = FlashDP("flat" if variant == "dp_flat" else "per_layer", C, {}, SIGMA, None, DELTA, [],
                               "freeze", True, False, "opacus")
             self.dp.prepare(model, dataset_size=DATASET_SIZE, batch_size=batch, steps=1000, seed=0)
             self.opt = torch.optim.SGD(trainable(model), lr=LR)
@@ -220,22 +222,26 @@ class Runner:
 
     def step(self, ids, pos, t: int) -> float:
         self.opt.zero_grad(set_to_none=True)
-        if self.variant in ("flashdp", "dp_flat"):
+        if self.variant != "non_dp" and hasattr(self, "dp"):
             self.dp.before_backward(t)
         with autocast_ctx(self.device, self.dtype):
             logits = self.fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
         loss = lm_loss(logits, ids)
         loss.backward()
-        if self.variant in ("flashdp", "dp_flat"):
+        if self.variant != "non_dp" and hasattr(self, "dp"):
             self.dp(self.model, t)
         self.opt.step()
         return float(loss.detach())
 
 
-def time_variant(runner, args, batch, seq, vocab, device, label) -> dict:
-    times, losses = [], []
+def time_variant(runner, args, batch, seq, vocab, device, label, vary: bool = False) -> dict:
+    """``vary``: step t uses batch − (t mod 3) rows of seq − 8·(t mod 4) tokens (never the same shape twice in
+    a row), so a kernel that re-tunes per shape shows in the step times."""
+    times, losses, tokens = [], [], []
     for t in range(args.warmup + args.steps):
-        ids, pos = make_batch(t, batch, seq, vocab, device)
+        b, n = (max(1, batch - t % 3), max(8, seq - 8 * (t % 4))) if vary else (batch, seq)
+        ids, pos = make_batch(t, b, n, vocab, device)
+        tokens.append(b * n)
         sync(device)
         t0 = time.perf_counter()
         losses.append(runner.step(ids, pos, t + 1))
@@ -244,8 +250,9 @@ def time_variant(runner, args, batch, seq, vocab, device, label) -> dict:
         log(f"  {label}: step {t}{' (warm-up)' if t < args.warmup else ''} {times[-1]:.3f}s loss {losses[-1]:.4f}")
     timed = times[args.warmup:]
     med = statistics.median(timed)
+    tps = sum(tokens[args.warmup:]) / sum(timed) if vary else batch * seq / med
     return {"median_step_s": round(med, 4), "min_step_s": round(min(timed), 4),
-            "tokens_per_s": round(batch * seq / med, 1), "step_s": [round(x, 4) for x in times],
+            "tokens_per_s": round(tps, 1), "step_s": [round(x, 4) for x in times],
             "peak_mem_gib": gib(mem_peak(device)), "losses": [round(x, 4) for x in losses]}
 
 
@@ -310,7 +317,8 @@ def bench(name: str, spec, dtype: str, args, device, res: Results) -> None:
             resident = gib(mem_now(device))
             reset_peak(device)
             out[v] = {"build_s": build_s, "resident_gib": resident, **runner.extra,
-                      **time_variant(runner, args, batch, seq, vocab, device, f"{key} {v}")}
+                      **time_variant(runner, args, batch, seq, vocab, device, f"{key} {v}",
+                                     vary=v == "flashdp_varying")}
         except Exception as exc:  # noqa: BLE001  (OOM included: record it and go on)
             out[v] = err(exc)
             log(f"{key} {v} failed: {out[v]['error'][:300]}")
