@@ -146,6 +146,7 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
     for cur in (saved, now):
         for key in RESUME_FREE:
             (cur.get("run") or {}).pop(key, None)
+        cur.pop("parallel", None)  # how the run is launched; a strategy checks what it can resume from
     diff = _first_difference(saved, now)
     if diff is not None:
         key, old, new = diff

@@ -128,7 +128,8 @@ def test_distzo2_resume_with_another_world_size_is_one_line(pair, capsys):
 
     root, _ = pair
     manager.reset_host()
-    code = main(["run", str(root / "cfg.yaml"), "~parallel", f"run.resume={run_dir(root, 'part')}"])
+    code = main(["run", str(root / "cfg.yaml"), "~parallel", f"run.resume={run_dir(root, 'part')}",
+                 "run.steps=20"])  # (a run that already reached run.steps is refused before this check)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "written by 2 process(es); resume with the same world size (this run has 1)" in err
     assert "\n" not in err
