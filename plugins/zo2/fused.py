@@ -349,6 +349,8 @@ class ZO2Engine:
                 self.store.wait(b)
                 self.store.offload(b, write_back=False)
         self.store.finish_offloads()
+        if self.store.cuda:  # the host too: state_dict and checkpoints read the pinned host copies next, and must
+            self.store.offload_stream.synchronize()  # not rely on a later blocking copy to order them
 
     def set_block_fill(self, fill) -> None:
         """Fill streamed blocks' buckets on upload with ``fill`` (a `store.BucketFill`, e.g. DistZO2's sliced
