@@ -79,15 +79,9 @@ def _launch_torchrun(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from .config import load_config, validate
-    from .manager import get_host
-
     if args.nproc < 1:
         raise PlaitError(f"--nproc: must be at least 1, got {args.nproc}")
-    path, overrides = _split_config_arg(args)
-    host = get_host()
-    host.check_healthy()
-    validate(load_config(path, overrides), host.registries)
+    _validated(args)
     debug = getattr(args, "debug", False)
     if not debug:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -116,7 +110,8 @@ def _print_report(run) -> None:
               f"run.resume={run.dir}")
 
 
-def cmd_validate(args) -> int:
+def _validated(args):
+    """(path, resolved config, components) of a CONFIG + overrides command line, every section checked."""
     from .config import load_config, validate
     from .manager import get_host
 
@@ -124,7 +119,11 @@ def cmd_validate(args) -> int:
     cfg = load_config(path, overrides)
     host = get_host()
     host.check_healthy()
-    components = validate(cfg, host.registries)
+    return path, cfg, validate(cfg, host.registries)
+
+
+def cmd_validate(args) -> int:
+    path, _, components = _validated(args)
     names = ", ".join(f"{s}={c.entry.name}" if not isinstance(c, list) else f"{s}=[{', '.join(x.entry.name for x in c)}]"
                       for s, c in components.items())
     print(f"{path}: valid ({names})")
@@ -134,14 +133,7 @@ def cmd_validate(args) -> int:
 def cmd_config(args) -> int:
     from omegaconf import OmegaConf
 
-    from .config import load_config, validate
-    from .manager import get_host
-
-    path, overrides = _split_config_arg(args)
-    cfg = load_config(path, overrides)
-    host = get_host()
-    host.check_healthy()
-    validate(cfg, host.registries)
+    _, cfg, _ = _validated(args)
     print(OmegaConf.to_yaml(cfg), end="")
     return 0
 

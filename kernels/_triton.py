@@ -6,6 +6,7 @@ so setting it later has no effect.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 try:
@@ -20,4 +21,13 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-__all__ = ["HAVE_TRITON", "INTERPRET", "tl", "triton"]
+
+def on_device(t):
+    """Context for a kernel launch on ``t``'s device: Triton launches on the *current* CUDA device, not the
+    tensors' (with run.device=cuda:1 a launch would race on GPU 0). A no-op for CPU (interpreter) tensors."""
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+__all__ = ["HAVE_TRITON", "INTERPRET", "on_device", "tl", "triton"]

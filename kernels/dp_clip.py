@@ -59,11 +59,9 @@ same noise, so callers must derive a distinct seed per (step, layer).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
+from ._triton import HAVE_TRITON, INTERPRET, on_device, tl, triton  # the guarded import, shared by the kernels
 
 __all__ = [
     "EPS",
@@ -415,27 +413,21 @@ def clip_sum_triton(
     def grid(meta):
         return (triton.cdiv(d_out, meta["BLOCK_M"]) * triton.cdiv(d_in, meta["BLOCK_N"]),)
 
-    # Triton launches on the *current* CUDA device, not the tensors' (run.device=cuda:1 would race on GPU 0)
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        return _launch_clip_sum(a, g, C, noise_std, seed, factors, B, T, d_in, d_out, precision, strides, grid)
-
-
-def _launch_clip_sum(a, g, C, noise_std, seed, factors, B, T, d_in, d_out, precision, strides, grid):
-    """The two kernel launches of :func:`clip_sum_triton`, on ``a``'s device (made current by the caller)."""
     norms = None
-    if factors is None:
-        nsq = torch.zeros(B, dtype=torch.float32, device=a.device)
-        if B > 0:
-            _sq_norm_kernel[lambda meta: (grid(meta)[0], B)](a, g, nsq, T, d_in, d_out, *strides,
-                                                             INPUT_PRECISION=precision)
-        norms = nsq.sqrt()
-        factors = clip_factors(norms, C)
-    factors = factors.to(device=a.device, dtype=torch.float32).contiguous()
-    out = torch.empty(d_out, d_in, dtype=torch.float32, device=a.device)
-    if out.numel() > 0:
-        _clip_sum_kernel[grid](a, g, factors, out, B, T, d_in, d_out, *strides,
-                               float(noise_std), int(seed),
-                               HAS_NOISE=bool(noise_std > 0), INPUT_PRECISION=precision)
+    with on_device(a):
+        if factors is None:
+            nsq = torch.zeros(B, dtype=torch.float32, device=a.device)
+            if B > 0:
+                _sq_norm_kernel[lambda meta: (grid(meta)[0], B)](a, g, nsq, T, d_in, d_out, *strides,
+                                                                 INPUT_PRECISION=precision)
+            norms = nsq.sqrt()
+            factors = clip_factors(norms, C)
+        factors = factors.to(device=a.device, dtype=torch.float32).contiguous()
+        out = torch.empty(d_out, d_in, dtype=torch.float32, device=a.device)
+        if out.numel() > 0:
+            _clip_sum_kernel[grid](a, g, factors, out, B, T, d_in, d_out, *strides,
+                                   float(noise_std), int(seed),
+                                   HAS_NOISE=bool(noise_std > 0), INPUT_PRECISION=precision)
     return out, norms
 
 

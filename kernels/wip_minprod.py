@@ -18,11 +18,9 @@ Paths
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._triton import HAVE_TRITON, INTERPRET, tl, triton  # the guarded import, shared by the kernels
+from ._triton import HAVE_TRITON, INTERPRET, on_device, tl, triton  # the guarded import, shared by the kernels
 
 __all__ = ["HAVE_TRITON", "minprod_reference", "minprod_triton", "use_triton"]
 
@@ -95,8 +93,7 @@ def minprod_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     bm = bn = 16 if INTERPRET else 32
     bd = 16
     grid = (triton.cdiv(tq, bm), triton.cdiv(tk, bn), q3.shape[0])
-    # Triton launches on the *current* CUDA device, not the tensors' (run.device=cuda:1 would race on GPU 0)
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with on_device(q):
         _minprod_kernel[grid](q3, k3, out, tq, tk, d, *q3.stride(), *k3.stride(), *out.stride(),
                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
     return out.reshape(*lead, tq, tk)

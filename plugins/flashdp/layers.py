@@ -53,9 +53,13 @@ class DPContext:
     pending: list = field(default_factory=list)  # (layer_kind, group_w, group_b, tensors...)
     last_norms: dict = field(default_factory=dict)  # group index -> per-sample norms (diagnostics, tests)
 
+    def group_seed(self, group: Group) -> int:
+        """This step's noise seed of one clip group (the torch generator and the Triton kernel both use it)."""
+        return (self.seed * 1_000_003 + group.index * 7919) % SEED_MOD
+
     def generator(self, group: Group, device) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed((self.seed * 1_000_003 + group.index * 7919) % SEED_MOD)
+        g.manual_seed(self.group_seed(group))
         return g
 
     def noise_like(self, t: torch.Tensor, group: Group) -> torch.Tensor:
@@ -105,8 +109,8 @@ def _clipped_sums(ctx: DPContext, kind: str, gw: Group | None, gb: Group | None,
         a, g = tensors
         if gw is not None:
             thr = gw.threshold if factors is None else 1.0
-            seed = (ctx.seed * 1_000_003 + gw.index * 7919) % SEED_MOD
-            grad, norms = dp_clip.clip_sum(a, g, thr, noise_std=ctx.noise_std, seed=seed, factors=factors)
+            grad, norms = dp_clip.clip_sum(a, g, thr, noise_std=ctx.noise_std, seed=ctx.group_seed(gw),
+                                           factors=factors)
             if factors is None:
                 ctx.last_norms[gw.index] = norms
             accumulate(gw.param, grad.t() if kind == "conv1d" else grad)
