@@ -33,16 +33,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from plugins.capsule.metrics import ate  # noqa: E402
-from plugins.capsule.tube import GRAVITY, VIBRATION_LEVELS, _log_rot, _rot, _Trajectory  # noqa: E402
+from plait.plugins.capsule.metrics import ate
+from plait.plugins.capsule.tube import GRAVITY, VIBRATION_LEVELS, _log_rot, _rot, _Trajectory
 
 FPS, RATE, DT = 10.0, 100.0, 0.01
 WIN = int(RATE / FPS)

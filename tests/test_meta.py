@@ -51,15 +51,19 @@ def test_every_registry_schema_instantiates_from_defaults(fresh_host):
 
 
 def test_every_package_is_listed_in_pyproject():
+    """A folder under a package root is a package when it holds an ``__init__.py``, Python files (a PEP 420
+    portion such as ``kernels/``) or data shipped with the package (``assets/``)."""
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(meta["packages"])
     found = set()
     for prefix, folder in meta["package-dir"].items():
-        for init in (REPO / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / folder)
-            if "fixtures" in rel.parts or "__pycache__" in rel.parts:
-                continue
-            found.add(".".join((prefix,) + rel.parts))
+        root = REPO / folder
+        for sub in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            rel = sub.relative_to(root)
+            if not all(part.isidentifier() for part in rel.parts) or "fixtures" in rel.parts:
+                continue  # data folders such as assets/tiny-opt-base ship inside their package
+            if any(sub.glob("*.py")) or sub.name == "assets":
+                found.add(".".join((prefix,) + rel.parts))
     assert found == listed
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.stats import kendalltau as scipy_kendalltau
 
-from plugins.infinite_sampling.predictor import (ConstantPredictor, LengthPredictor, RunningMeanPredictor,
+from plait.plugins.infinite_sampling.predictor import (ConstantPredictor, LengthPredictor, RunningMeanPredictor,
                                                   build_predictor, kendall_tau, smape)
 
 
