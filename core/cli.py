@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
-        if not any(a in ("-h", "--help", "--version") for a in argv[:1]):
+        if argv[:1] != ["--version"]:  # --help lists the plugins' commands too
             _add_plugin_commands(parser)
         args = parser.parse_args(argv)
         args.debug = debug  # `plait run --nproc N` hands it on to the ranks

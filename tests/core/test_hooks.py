@@ -103,6 +103,12 @@ def register_commands(cli):
     fresh_host()
     assert main(["shout", "quiet"]) == 3
     assert capsys.readouterr().out.strip() == "QUIET"
+    for flag in ("--help", "-h"):  # help lists plugin commands (this one and the builtin attribute) with their help
+        with pytest.raises(SystemExit) as exit_:
+            main([flag])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "repeat a word loudly" in out and "shout" in out and "attribute" in out
 
 
 class _Observer:
