@@ -232,8 +232,9 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
     """Check one component node against its registry entry; returns (Component, the node with defaults filled)."""
     registry = registries.for_section(section)
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{where}: must be a mapping with a 'name' key; available: "
-                          f"{registry.describe_available()}")
+        shape = "a mapping with a 'name' key, or a list of them" if registry.kind.chain and where == section else \
+            "a mapping with a 'name' key"
+        raise ConfigError(f"{where}: must be {shape}; available: {registry.describe_available()}")
     if node.get("name") is None:
         raise ConfigError(f"{where}.name: missing; available: {registry.describe_available()}")
     if str(node.name) not in registry:  # named by its place (transforms[0].name), not just its section
@@ -263,6 +264,36 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
     return Component(section, entry, obj), full
 
 
+def check_chain(section: str, entries: list[Entry]) -> None:
+    """Refuse a ``grad_transform:`` chain with no sound meaning; ``entries`` are registry entries in order.
+
+    An entry declares ``private=True`` (it clips per-sample gradients, adds noise and accounts for it) or
+    ``reads_data=True`` (it recomputes gradients from the batch, e.g. SAM's ascent) at registration.
+    """
+    names = [e.name for e in entries]
+    for i, e in enumerate(entries):
+        if e.name in names[:i]:
+            raise ConfigError(f"{section}[{i}]: {e.name!r} appears twice in the chain; a transform acts once per "
+                              f"step")
+    private = [i for i, e in enumerate(entries) if e.extra.get("private")]
+    if len(private) > 1:
+        a, b = private[:2]
+        raise ConfigError(f"{section}[{b}]: a second private transform ({names[b]!r} after {names[a]!r}) would "
+                          f"clip and noise twice and account twice; keep one")
+    if private:
+        p = private[0]
+        for i, e in enumerate(entries):
+            if not e.extra.get("reads_data"):
+                continue
+            if i > p:
+                raise ConfigError(f"{section}[{i}]: {e.name!r} after the private {names[p]!r} would recompute the "
+                                  f"gradient from the raw batch and release it unprivatized; put {e.name!r} "
+                                  f"before {names[p]!r} (it then uses the previous step's private gradient)")
+            if not e.extra.get("composes_before_private"):
+                raise ConfigError(f"{section}[{i}]: {e.name!r} reads the batch again and has no mode that "
+                                  f"composes with the private {names[p]!r}; remove one of them")
+
+
 def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
     """Check every section against its entry's schema and fill in defaults (in place).
 
@@ -289,6 +320,18 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
                 comp, full = validate_section(section, item, registries, f"{section}[{i}]")
                 comps.append(comp)
                 fulls.append(full)
+            components[section] = comps
+            cfg[section] = fulls
+        elif kind.chain and isinstance(node, ListConfig):
+            if len(node) == 0:
+                raise ConfigError(f"{section}: an empty list; give one mapping with a 'name' key, a list of them, "
+                                  f"or remove the section (~{section})")
+            comps, fulls = [], []
+            for i, item in enumerate(node):
+                comp, full = validate_section(section, item, registries, f"{section}[{i}]")
+                comps.append(comp)
+                fulls.append(full)
+            check_chain(section, [c.entry for c in comps])
             components[section] = comps
             cfg[section] = fulls
         else:

@@ -20,6 +20,7 @@ class Kind:
     section: str  # config section, e.g. "model"
     hook: str  # hook name, e.g. "register_model_families"
     many: bool = False  # the section is a list of entries (transforms)
+    chain: bool = False  # the section is one entry or a list applied in order (grad_transform)
 
 
 KINDS: tuple[Kind, ...] = (
@@ -28,7 +29,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("datasets", "data", "register_datasets"),
     Kind("offload_policies", "offload", "register_offload_policies"),
     Kind("perturbations", "perturbation", "register_perturbations"),
-    Kind("grad_transforms", "grad_transform", "register_grad_transforms"),
+    Kind("grad_transforms", "grad_transform", "register_grad_transforms", chain=True),
     Kind("sampler_schedulers", "sampler", "register_sampler_schedulers"),
     Kind("influence_estimators", "influence", "register_influence_estimators"),
     Kind("parallel_strategies", "parallel", "register_parallel_strategies"),

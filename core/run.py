@@ -98,6 +98,8 @@ class Run:
         re-raised as `ConfigError` naming the section.
         """
         comp = self._component(section)
+        if isinstance(comp, list):  # a chain (grad_transform: [..]): built in order, one TransformChain
+            return _build_chain(comp, runtime)
         return _call_factory(comp, runtime)
 
     def build_transforms(self) -> list:
@@ -106,6 +108,19 @@ class Run:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.logger.log(step, metrics)
+
+
+def _build_chain(comps: list[Component], runtime: dict[str, Any]) -> Any:
+    """Members in config order; a data-reading member before the private one switches to its private-compatible
+    mode (``compose_before_private()``; the pairing was checked at validate by `plait.config.check_chain`)."""
+    from .step import TransformChain
+
+    members = [_call_factory(c, runtime) for c in comps]
+    private = [i for i, c in enumerate(comps) if c.entry.extra.get("private")]
+    for i, (c, m) in enumerate(zip(comps, members)):
+        if private and i < private[0] and c.entry.extra.get("reads_data"):
+            m.compose_before_private()
+    return TransformChain(members, [c.entry.name for c in comps])
 
 
 def _call_factory(comp: Component, runtime: dict[str, Any]) -> Any:

@@ -1,21 +1,21 @@
 """Recipe ``sft``: first-order fine-tuning of a causal LM on prompt/completion pairs.
 
-AdamW or SGD, constant / linear / cosine LR schedule with warm-up, global grad-norm clipping, gradient
-accumulation, optional ``grad_transform:`` applied after backward, and evaluation (completion loss, and
-label-word accuracy for classification datasets). The loop itself is ``plait.run.train_loop``.
+The recipe is the objective (per-sample completion losses), the data and the evaluation (completion loss, and
+label-word accuracy for classification datasets). How parameters move — AdamW or SGD, the LR schedule, clipping,
+accumulation, the ``grad_transform:`` chain — is the shared ``plait.step.FirstOrderStep``; the loop is
+``plait.run.train_loop``.
 
     plait run configs/basics/sft_quickstart.yaml
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from plait.errors import ConfigError
 from plait.run import Run, train_loop
+from plait.step import BatchOrder, FirstOrderStep, check_update_options
 
 from .data import collate
 from .evaluation import evaluate_lm
@@ -38,121 +38,55 @@ class SFTConfig:
     eval_examples: int = 0  # 0: the whole eval split
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
-    """Multiplier of the base LR at ``step`` (1-based)."""
-    if warmup and step <= warmup:
-        return step / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
-
-
-class BatchOrder:
-    """Example indices for micro-batch ``k`` (0-based): a seeded permutation per epoch, a function of
-    (seed, k) alone so that a resumed run draws exactly the batches an uninterrupted one would."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n == 0:
-            raise ConfigError("data: the train split is empty")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # only the current epoch is kept
-        return self._perms[epoch]
-
-    def __call__(self, k: int) -> list[int]:
-        start = k * self.batch_size
-        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]
-
-
 class SFTRecipe:
-    """Builds model, data and optimizer from the run, then drives `train_loop`."""
+    """Builds model and data from the run; the shared `FirstOrderStep` moves the parameters; `train_loop` drives."""
 
     def __init__(self, run: Run, **options: Any):
         self.run = run
         self.cfg = SFTConfig(**options)
         c = self.cfg
-        if c.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"recipe.optimizer: {c.optimizer!r} is not supported; allowed: adamw, sgd")
-        if c.schedule not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"recipe.schedule: {c.schedule!r} is not supported; allowed: constant, linear, "
-                              f"cosine")
+        check_update_options("recipe", optimizer=c.optimizer, schedule=c.schedule, lr=c.lr)
         check_positive(c, ("batch_size", "grad_accum", "max_length", "eval_batch_size"))
         # 0 turns these off; eval_examples (0: all) is checked by load_text_splits, shared with the zo recipe
         check_non_negative(c, ("warmup_steps", "max_grad_norm", "weight_decay", "momentum"))
-        if c.lr <= 0:
-            raise ConfigError(f"recipe.lr: must be positive, got {c.lr}")
         self.device = run.device
         model, self.tokenizer = build_lm(run)
-        self.model = model.to(self.device)
         splits = load_text_splits(run, self.tokenizer, c.max_length, c.eval_examples)
         self.data, self.train_items = splits.data, splits.train_items
         self.eval_examples, self.eval_items = splits.eval_examples, splits.eval_items
-        self.grad_transform = gt = run.build("grad_transform") if run.has("grad_transform") else None
-        if gt is not None and hasattr(gt, "prepare"):  # e.g. DP: swap layers, size the noise
-            try:
-                self.model = gt.prepare(self.model, dataset_size=len(self.train_items), batch_size=c.batch_size,
-                                        steps=run.cfg.run.steps, seed=run.cfg.run.seed, grad_accum=c.grad_accum)
-            except ValueError as exc:
-                raise ConfigError(f"grad_transform: {exc}") from exc
-        self.sum_loss = getattr(gt, "loss_reduction", "mean") == "sum"
-        self.clip = c.max_grad_norm > 0 and not getattr(gt, "replaces_clipping", False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if c.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         self.order = BatchOrder(len(self.train_items), c.batch_size, run.cfg.run.seed)
+        transform = run.build("grad_transform") if run.has("grad_transform") else None
+        self.step = FirstOrderStep(run, model.to(self.device), self, optimizer=c.optimizer, lr=c.lr,
+                                   weight_decay=c.weight_decay, momentum=c.momentum, schedule=c.schedule,
+                                   warmup_steps=c.warmup_steps, max_grad_norm=c.max_grad_norm,
+                                   grad_accum=c.grad_accum, batch_size=c.batch_size,
+                                   dataset_size=len(self.train_items), transform=transform)
+        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, transform
 
     def __call__(self) -> dict[str, Any]:
         result = train_loop(self.run, self)
-        if hasattr(self.grad_transform, "summary"):
-            result.update(self.grad_transform.summary())
+        result.update(self.step.summary())
         return result
+
+    # --- Objective (plait.step) ----------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        return self.order((step - 1) * self.cfg.grad_accum + micro)
+
+    def _batch(self, idx) -> dict[str, torch.Tensor]:
+        items = [self.train_items[i] for i in idx]
+        return {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
+
+    def sample_losses(self, idx) -> torch.Tensor:
+        """Each sample's mean token loss (a private step sums them)."""
+        return sample_losses(self.model, self._batch(idx))
+
+    def mean_loss(self, idx) -> torch.Tensor:
+        """The model's own loss: the token mean over the batch."""
+        return self.model(**self._batch(idx)).loss
 
     # --- Task protocol -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        c = self.cfg
-        lr = c.lr * lr_factor(step, self.run.cfg.run.steps, c.schedule, c.warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        gt, total, trained = self.grad_transform, 0.0, False
-        chosen = gt.batch_indices(step) if hasattr(gt, "batch_indices") else None
-        if hasattr(gt, "before_backward"):
-            gt.before_backward(step)
-        for j in range(c.grad_accum):
-            idx = chosen if chosen is not None else self.order((step - 1) * c.grad_accum + j)
-            if not idx:
-                continue  # an empty (Poisson-sampled) batch: the transform supplies the update
-            trained = True
-            items = [self.train_items[i] for i in idx]
-            batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
-            if self.sum_loss:  # Σ over samples of each sample's mean token loss
-                per_sample = sample_losses(self.model, batch)
-                per_sample.sum().backward()
-                total += float(per_sample.detach().mean())
-            else:
-                loss = self.model(**batch).loss
-                (loss / c.grad_accum).backward()
-                total += loss.item() / c.grad_accum
-        metrics = {"train/lr": lr}
-        if trained:  # an empty batch has no loss: a 0.0 would pull the window's mean down
-            metrics["train/loss"] = total
-        if gt is not None:
-            metrics.update(gt(self.model, step) or {})
-        if self.clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-            metrics["train/grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return metrics
+        return self.step(step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -163,22 +97,15 @@ class SFTRecipe:
                            self.cfg.eval_batch_size, self.device)
 
     def log_metrics(self, step: int) -> dict[str, float]:
-        """The grad transform's values at a logged step (e.g. DP's ε so far), not window-averaged."""
-        if hasattr(self.grad_transform, "log_metrics"):
-            return self.grad_transform.log_metrics(step)
-        return {}
+        """The grad transforms' values at a logged step (e.g. DP's ε so far), not window-averaged."""
+        return self.step.log_metrics(step)
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if hasattr(self.grad_transform, "state_dict"):
-            state["grad_transform"] = self.grad_transform.state_dict()
-        return state
+        return {"model": self.model.state_dict(), **self.step.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if "grad_transform" in state:
-            self.grad_transform.load_state_dict(state["grad_transform"])
+        self.step.load_state_dict(state)
 
 
 def sample_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,6 @@ confusion matrix as a TensorBoard image.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
+from plait.step import lr_factor
 
 from .config import ClassifyRecipeConfig
 from .metrics import classification_metrics, confusion_image, confusion_matrix
@@ -80,11 +80,7 @@ class ClassifyRecipe:
         return train_loop(self.run, self)
 
     def _lr(self, step: int) -> float:
-        c, total = self.cfg, self.run.cfg.run.steps
-        if step <= c.warmup_steps:
-            return c.lr * step / max(c.warmup_steps, 1)
-        frac = (step - c.warmup_steps) / max(total - c.warmup_steps, 1)
-        return c.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return self.cfg.lr * lr_factor(step, self.run.cfg.run.steps, "cosine", self.cfg.warmup_steps)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(4, (1,), generator=self.gen))

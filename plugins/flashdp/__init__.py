@@ -27,6 +27,8 @@ def build_dp_flat(**kwargs):
 @hookimpl
 def register_grad_transforms(register):
     register("flashdp", build_flashdp, config=FlashDPConfig,
-             doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP accountant")
+             doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP accountant",
+             private=True)
     register("dp-flat", build_dp_flat, config=FlashDPConfig,
-             doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)")
+             doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)",
+             private=True)

@@ -2,7 +2,7 @@
 
 Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run repeats an uninterrupted one):
 
-1. ``prompts_per_step`` train prompts (a seeded permutation per epoch, as ``sft``'s `BatchOrder`);
+1. ``prompts_per_step`` train prompts (a seeded permutation per epoch, as ``plait.step.BatchOrder``);
 2. ``group_size`` completions per prompt from ``run.build("sampler")`` (each rollout seeded by
    ``(sampler.seed, step, prompt, sample)``), at most ``max_new_tokens`` tokens, EOS included;
 3. rewards: the weighted sum of the ``rewards:`` specs (`rewards.evaluate_rewards`; a raising or non-finite value
@@ -38,7 +38,7 @@ import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
-from plait.plugins.basics.sft import BatchOrder, lr_factor
+from plait.step import BatchOrder, lr_factor
 from plait.run import Run, train_loop
 
 from .config import GRPORecipeConfig

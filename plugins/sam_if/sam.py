@@ -9,9 +9,19 @@ Gradient transform ``sam`` (``grad_transform:`` section): the recipe's backward 
 the call then perturbs the weights by e, recomputes the batch loss and its gradient at w + e, restores w and leaves
 ∇L_B(w + e) in ``.grad`` for the optimizer. Recomputing needs the batch: a recipe should hand the transform a
 closure (``set_loss_closure(fn)``; ``fn()`` returns the batch loss with the current weights, already divided as
-the recipe divides it). A recipe that does not (today's ``sft``) is covered by *forward replay*: ``prepare``
-installs a forward hook that records the inputs of every training forward since ``before_backward``, and the call
-replays them (each loss divided by ``grad_accum``). Replay re-samples dropout masks; a closure is exact.
+the recipe divides it; the shared ``plait.step.FirstOrderStep`` sets one). A recipe that does not is covered by
+*forward replay*: ``prepare`` installs a forward hook that records the inputs of every training forward since
+``before_backward``, and the call replays them (each loss divided by ``grad_accum``). Replay re-samples dropout
+masks; a closure is exact.
+
+Before a private transform (``grad_transform: [{name: sam}, {name: flashdp}]``) SAM runs as DP-SAT (Park et al.,
+ICML 2023, "Differentially Private Sharpness-Aware Training"): the ascent direction is the *previous* step's
+privatized gradient ĝ_{t-1} (what the optimizer consumed), so the step moves to w + e with e = ρ ĝ_{t-1}/‖ĝ_{t-1}‖
+before the forward (``before_forward``), the private transform clips and noises the per-sample gradients taken
+there, and the weights return to w before the optimizer steps (``after_transforms``). The batch is read once per
+step, by the private transform: the accountant counts exactly the mechanisms of plain DP-SGD (same σ, q, steps),
+and ĝ_{t-1} is post-processing of a released value. Step 1 has no ĝ_0 and is a plain DP-SGD step; ρ = 0 is
+DP-SGD exactly. ĝ_{t-1} is checkpointed, so a resume is exact.
 """
 from __future__ import annotations
 
@@ -21,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from plait.step import lr_factor
 
 from .functional import as_xy, perturbation
 
@@ -106,17 +118,11 @@ def sam_step(model: torch.nn.Module, loss_fn: LossFn | Sequence[tuple[float, Los
 
 
 def lr_at(step: int, steps: int, lr: float, schedule: str = "constant", min_lr_ratio: float = 0.0) -> float:
-    """Learning rate of 0-based ``step``: constant | linear | cosine decay to ``lr·min_lr_ratio``."""
-    if schedule == "constant" or steps <= 1:
+    """Learning rate of 0-based ``step``: constant | linear | cosine decay to ``lr·min_lr_ratio`` at the last
+    step (`plait.step.lr_factor`, counted from 0)."""
+    if steps <= 1:
         return lr
-    frac = step / (steps - 1)
-    if schedule == "linear":
-        f = 1.0 - frac
-    elif schedule == "cosine":
-        f = 0.5 * (1.0 + math.cos(math.pi * frac))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r} (constant | linear | cosine)")
-    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * f)
+    return lr * lr_factor(step, steps - 1, schedule, 0, min_lr_ratio)
 
 
 def train_sam(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, rho: float = 0.05,
@@ -239,6 +245,16 @@ class SAMTransform:
         self._grad_accum = 1
         self._handle = None
         self._model: torch.nn.Module | None = None
+        self.private = False  # DP-SAT: ascent from the previous privatized gradient (compose_before_private)
+        self._prev: torch.Tensor | None = None  # ĝ_{t-1}, flat
+        self._e: torch.Tensor | None = None  # the perturbation applied this step (DP-SAT)
+        self.ascents = 0  # steps whose gradient was taken at a perturbed point
+
+    def compose_before_private(self) -> None:
+        """Called by the core when a private transform follows in the chain: become DP-SAT (no second read of
+        the batch; the ascent uses the previous step's privatized gradient)."""
+        self.private = True
+        self.replay_forward = False
 
     # --- recipe hooks --------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, *, dataset_size: int = 0, batch_size: int = 0, steps: int = 0,
@@ -279,7 +295,30 @@ class SAMTransform:
             self._replaying = False
         return torch.tensor(total)
 
+    def before_forward(self, model: torch.nn.Module, step: int) -> None:
+        """DP-SAT: move to w + ρ ĝ_{t-1}/‖ĝ_{t-1}‖ before the step's forward (nothing at step 1)."""
+        if not self.private or self._prev is None or self.rho == 0:
+            self._e = None
+            return
+        params = trainable_params(model)
+        w = torch.cat([p.detach().reshape(-1) for p in params]).to(self._prev.dtype)
+        self._e = perturbation(w, self._prev.to(w.device), self.rho, self.adaptive, self.eta, self.eps)
+        _add_flat(params, self._e)
+        self.ascents += 1
+
+    def after_transforms(self, model: torch.nn.Module, step: int) -> None:
+        """DP-SAT: keep ĝ_t (the privatized gradient the optimizer is about to use) and return to w."""
+        if not self.private:
+            return
+        params = trainable_params(model)
+        self._prev = _flat_grad(params).detach().clone()
+        if self._e is not None:
+            _add_flat(params, self._e, alpha=-1.0)
+            self._e = None
+
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        if self.private:  # DP-SAT: the gradient in .grad was taken at w + e already
+            return {"sam/perturbation_norm": float(self._e.norm()) if self._e is not None else 0.0}
         params = [p for p in trainable_params(model)]
         g = _flat_grad(params)
         w = torch.cat([p.detach().reshape(-1) for p in params]).to(g.dtype)
@@ -297,17 +336,23 @@ class SAMTransform:
         finally:
             _add_flat(params, e, alpha=-1.0)
             self._calls.clear()
+        self.ascents += 1
         return {"sam/grad_norm": float(g.norm()), "sam/perturbation_norm": float(e.norm()),
                 "sam/perturbed_loss": ploss}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        state: dict[str, Any] = {"ascents": self.ascents}
+        if self._prev is not None:
+            state["prev_grad"] = self._prev
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.ascents = int(state.get("ascents", 0))
+        self._prev = state.get("prev_grad")
 
-    def summary(self) -> dict[str, float]:
-        return {"sam/rho": self.rho}
+    def summary(self) -> dict[str, Any]:
+        return {"sam/rho": self.rho, "sam/ascent_steps": self.ascents, "sam/mode": "dp-sat" if self.private else
+                "sam"}
 
 
 def fit_xy(model, data, **kw):

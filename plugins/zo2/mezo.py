@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from plait.step import lr_factor
+
 MASK64 = (1 << 64) - 1
 
 
@@ -84,14 +86,7 @@ class MeZO:
 
     # --- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int, total: int) -> float:
-        if self.warmup_steps and step <= self.warmup_steps:
-            return self.lr * step / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-        if self.schedule == "linear":
-            return self.lr * (1.0 - progress)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * lr_factor(step, total, self.schedule, self.warmup_steps)
 
     # --- z ------------------------------------------------------------------------------------------------
     def z(self, p: torch.Tensor, index: int, seed: int, sample: int) -> torch.Tensor:

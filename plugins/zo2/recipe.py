@@ -20,7 +20,7 @@ from plait.errors import ConfigError
 from plait.plugins.basics.data import collate
 from plait.plugins.basics.evaluation import evaluate_lm
 from plait.plugins.basics.parts import build_lm, check_positive, load_text_splits
-from plait.plugins.basics.sft import BatchOrder
+from plait.step import BatchOrder
 from plait.run import Run, train_loop
 
 from .config import ZORecipeConfig

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from plait.plugins.basics.models import build_causal_lm
-from plait.plugins.basics.sft import lr_factor
+from plait.step import lr_factor
 from plait.plugins.infinite_sampling.grpo_loss import AGGREGATIONS, grpo_loss, grpo_loss_part
 from plait.plugins.infinite_sampling.recipe import (accumulate_grpo_gradients, batched_logp, completion_logp,
                                                     micro_batches)

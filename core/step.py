@@ -1,0 +1,317 @@
+"""The shared first-order step: how parameters move, for every gradient recipe.
+
+A recipe supplies its *objective* (`Objective`: which examples a micro-batch holds and their per-sample losses)
+and its evaluation; `FirstOrderStep` decides how parameters move: the LR schedule, loss reduction, backward,
+gradient accumulation, the ``grad_transform:`` chain (DP, SAM, …), global-norm clipping and the optimizer. Every
+first-order recipe therefore accepts the same transforms, and they act the same way everywhere.
+
+One step, in order:
+
+1. the LR of the step (`lr_factor`, one schedule for every recipe) is set on every parameter group;
+2. each transform's optional ``before_forward(model, step)`` (DP-SAT: move to w + e);
+3. the micro-batches: the chain's ``batch_indices(step)`` (Poisson sampling) or the objective's own order, then
+   per micro-batch the objective's loss — ``mean_loss(indices)`` when the chain wants a mean, the sum of
+   ``sample_losses(indices)`` when it wants per-sample sums (DP) — and backward; an empty batch is skipped;
+4. the chain ``transform(model, step)`` in config order (clip + noise, SAM's ascent, …), then
+   ``after_transforms(model, step)`` (DP-SAT: back to w);
+5. global-norm clipping unless a transform replaces it, the optimizer step, ``zero_grad``.
+
+The SAM transform recomputes the step's loss through `loss_closure`, which re-runs the step's micro-batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .errors import ConfigError
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base LR at ``step`` (1-based; ``total`` = the run's steps).
+
+    Linear warm-up over the first ``warmup`` steps, then constant, or a linear / cosine decay that reaches
+    ``min_ratio`` at ``total``. A recipe that counts steps from 0 and decays to its last step passes
+    ``(step - 1, steps - 1)``.
+    """
+    if warmup and step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        f = 1.0 - progress
+    elif schedule == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    return f if min_ratio == 0.0 else min_ratio + (1.0 - min_ratio) * f
+
+
+def check_schedule(key: str, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{key}: {schedule!r} is not supported; allowed: {', '.join(SCHEDULES)}")
+
+
+def check_update_options(key: str, *, optimizer: str, schedule: str, lr: float) -> None:
+    """What `FirstOrderStep` refuses, for a recipe to check before it builds anything."""
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{key}.optimizer: {optimizer!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    check_schedule(f"{key}.schedule", schedule)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"{key}.lr: must be positive, got {lr}")
+
+
+class BatchOrder:
+    """Example indices for micro-batch ``k`` (0-based): a seeded permutation per epoch, a function of
+    (seed, k) alone so that a resumed run draws exactly the batches an uninterrupted one would."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n == 0:
+            raise ConfigError("data: the train split is empty")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}  # only the current epoch is kept
+        return self._perms[epoch]
+
+    def __call__(self, k: int) -> list[int]:
+        start = k * self.batch_size
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What a gradient recipe supplies to `FirstOrderStep`.
+
+    ``batch_indices(step, micro)`` — the examples of micro-batch ``micro`` (0-based) of ``step`` when no
+    transform samples the batch; ``sample_losses(indices)`` — each example's loss, shape [B], differentiable
+    (a private step sums them). Optional: ``mean_loss(indices)`` — the recipe's own batch loss for a mean
+    reduction (e.g. a token mean over the batch or a class-weighted mean; default: the mean of sample_losses).
+    """
+
+    def batch_indices(self, step: int, micro: int) -> Sequence[int]: ...
+
+    def sample_losses(self, indices: Sequence[int]) -> torch.Tensor: ...
+
+
+class TransformChain:
+    """``grad_transform:`` as a list: each member's optional hooks run in config order.
+
+    Rules (checked at validate from the entries' declarations, see `plait.config.check_chain`): at most one private
+    transform; nothing after it reads the data again; a data-reading transform before it runs in its
+    private-compatible mode (``compose_before_private()``; e.g. SAM becomes DP-SAT).
+    """
+
+    def __init__(self, members: Sequence[Any], names: Sequence[str] | None = None):
+        self.members = list(members)
+        self.names = list(names or [type(m).__name__ for m in members])
+        reductions = {getattr(m, "loss_reduction", "mean") for m in self.members}
+        self.loss_reduction = "sum" if "sum" in reductions else "mean"
+        self.replaces_clipping = any(getattr(m, "replaces_clipping", False) for m in self.members)
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def prepare(self, model: torch.nn.Module, **kw: Any) -> torch.nn.Module:
+        for m in self.members:
+            if hasattr(m, "prepare"):
+                model = m.prepare(model, **kw)
+        return model
+
+    def batch_indices(self, step: int) -> list[int] | None:
+        for m in self.members:
+            if hasattr(m, "batch_indices"):
+                idx = m.batch_indices(step)
+                if idx is not None:
+                    return idx
+        return None
+
+    def _each(self, hook: str, *args: Any) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for m in self.members:
+            fn = getattr(m, hook, None)
+            if fn is not None:
+                metrics.update(fn(*args) or {})
+        return metrics
+
+    def before_forward(self, model: torch.nn.Module, step: int) -> None:
+        self._each("before_forward", model, step)
+
+    def before_backward(self, step: int) -> None:
+        self._each("before_backward", step)
+
+    def set_loss_closure(self, fn: Callable[[], torch.Tensor] | None) -> None:
+        for m in self.members:
+            if hasattr(m, "set_loss_closure"):
+                m.set_loss_closure(fn)
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        return self._each("__call__", model, step)
+
+    def after_transforms(self, model: torch.nn.Module, step: int) -> None:
+        self._each("after_transforms", model, step)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return self._each("log_metrics", step)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for m in self.members:
+            if hasattr(m, "summary"):
+                out.update(m.summary())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """One entry per member, keyed by place (``0``, ``1``, …); a single transform keeps its own state."""
+        if len(self.members) == 1:
+            m = self.members[0]
+            return m.state_dict() if hasattr(m, "state_dict") else {}
+        return {str(i): m.state_dict() for i, m in enumerate(self.members) if hasattr(m, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(self.members) == 1:
+            if hasattr(self.members[0], "load_state_dict"):
+                self.members[0].load_state_dict(state)
+            return
+        for i, m in enumerate(self.members):
+            if hasattr(m, "load_state_dict") and str(i) in state:
+                m.load_state_dict(state[str(i)])
+
+
+class FirstOrderStep:
+    """One optimizer step of a first-order recipe (see the module docstring).
+
+    ``transform`` is what ``run.build("grad_transform")`` returned (one transform or a `TransformChain`), or
+    None. ``param_groups`` defaults to one group of the trainable parameters (after the transforms' prepare).
+    """
+
+    def __init__(self, run: Any, model: torch.nn.Module, objective: Objective, *, optimizer: str = "adamw",
+                 lr: float, weight_decay: float = 0.0, momentum: float = 0.0, betas: tuple[float, float] = (0.9,
+                 0.999), schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 max_grad_norm: float = 0.0, grad_accum: int = 1, batch_size: int, dataset_size: int,
+                 transform: Any = None, param_groups: Callable[[torch.nn.Module], Iterable] | None = None,
+                 key: str = "recipe"):
+        check_update_options(key, optimizer=optimizer, schedule=schedule, lr=lr)
+        self.run, self.objective = run, objective
+        self.lr, self.schedule, self.warmup, self.min_lr_ratio = float(lr), schedule, int(warmup_steps), min_lr_ratio
+        self.max_grad_norm, self.grad_accum = float(max_grad_norm), int(grad_accum)
+        self.total = int(run.cfg.run.steps)
+        if transform is not None and not isinstance(transform, TransformChain):
+            transform = TransformChain([transform])
+        self.transform: TransformChain | None = transform
+        if transform is not None:
+            try:
+                model = transform.prepare(model, dataset_size=dataset_size, batch_size=batch_size,
+                                          steps=self.total, seed=int(run.cfg.run.seed), grad_accum=self.grad_accum)
+            except ValueError as exc:
+                raise ConfigError(f"grad_transform: {exc}") from exc
+        self.model = model
+        self.sum_loss = transform is not None and transform.loss_reduction == "sum"
+        self.clip = self.max_grad_norm > 0 and not (transform is not None and transform.replaces_clipping)
+        groups = list(param_groups(model)) if param_groups else [p for p in model.parameters() if p.requires_grad]
+        if not groups:
+            raise ConfigError("model: nothing left to train (every parameter is frozen)")
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=weight_decay, betas=betas)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=momentum, weight_decay=weight_decay)
+        self._micro: list[Sequence[int]] = []
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * lr_factor(step, self.total, self.schedule, self.warmup, self.min_lr_ratio)
+
+    def _loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """(the loss to backward, its value for logging: the batch mean)."""
+        obj = self.objective
+        if self.sum_loss:
+            per_sample = obj.sample_losses(idx)
+            return per_sample.sum(), float(per_sample.detach().mean())
+        loss = obj.mean_loss(idx) if hasattr(obj, "mean_loss") else obj.sample_losses(idx).mean()
+        return loss / self.grad_accum, float(loss.detach()) / self.grad_accum
+
+    def loss_closure(self) -> torch.Tensor:
+        """The step's loss at the current weights, recomputed over the step's micro-batches (each backwarded
+        as it is computed; returns the detached total): what SAM's ascent needs."""
+        total = 0.0
+        for idx in self._micro:
+            loss, value = self._loss(idx)
+            loss.backward()
+            total += value
+        return _Backwarded(total)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model, chain = self.model, self.transform
+        model.train()
+        chosen = chain.batch_indices(step) if chain is not None else None
+        if chain is not None:
+            chain.before_forward(model, step)
+            chain.before_backward(step)
+        self._micro = []
+        total = 0.0
+        for j in range(self.grad_accum):
+            idx = chosen if chosen is not None else self.objective.batch_indices(step, j)
+            if chosen is not None and j > 0:
+                break  # a sampled batch is the whole step's batch
+            if len(idx) == 0:
+                continue  # an empty (Poisson-sampled) batch: the transform supplies the update
+            self._micro.append(idx)
+            loss, value = self._loss(idx)
+            loss.backward()
+            total += value
+        metrics: dict[str, float] = {"train/lr": lr}
+        if self._micro:  # an empty batch has no loss: a 0.0 would pull the window's mean down
+            metrics["train/loss"] = total if not self.sum_loss else total / len(self._micro)
+        if chain is not None:
+            chain.set_loss_closure(self.loss_closure)
+            metrics.update(chain(model, step) or {})
+            chain.after_transforms(model, step)
+        if self.clip:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            metrics["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = []
+        return metrics
+
+    # --- what the recipe forwards from its Task methods -----------------------------------------------------
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return self.transform.log_metrics(step) if self.transform is not None else {}
+
+    def summary(self) -> dict[str, Any]:
+        return self.transform.summary() if self.transform is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.transform is not None:
+            state["grad_transform"] = self.transform.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "grad_transform" in state and self.transform is not None:
+            self.transform.load_state_dict(state["grad_transform"])
+
+
+class _Backwarded(float):
+    """The value `FirstOrderStep.loss_closure` returns: the loss, already backwarded (``.backward()`` and
+    ``.detach()`` are no-ops, so a transform written for a tensor closure works unchanged)."""
+
+    def backward(self) -> None:
+        pass
+
+    def detach(self) -> float:
+        return float(self)
