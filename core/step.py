@@ -27,21 +27,25 @@ import torch
 
 from .errors import ConfigError
 
-SCHEDULES = ("constant", "linear", "cosine")
-OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine", "step")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int = 0, min_ratio: float = 0.0) -> float:
+def lr_factor(step: int, total: int, schedule: str, warmup: int = 0, min_ratio: float = 0.0,
+              decay_every: int = 0, gamma: float = 0.1) -> float:
     """Multiplier of the base LR at ``step`` (1-based; ``total`` = the run's steps).
 
-    Linear warm-up over the first ``warmup`` steps, then constant, or a linear / cosine decay that reaches
-    ``min_ratio`` at ``total``. A recipe that counts steps from 0 and decays to its last step passes
-    ``(step - 1, steps - 1)``.
+    Linear warm-up over the first ``warmup`` steps, then constant, a linear / cosine decay that reaches
+    ``min_ratio`` at ``total``, or ``step``: × ``gamma`` after every ``decay_every`` steps (torch's StepLR
+    stepped once per step: steps 1…N at the base LR). A recipe that counts steps from 0 and decays to its last
+    step passes ``(step - 1, steps - 1)``.
     """
     if warmup and step <= warmup:
         return step / warmup
-    if schedule == "constant":
+    if schedule == "constant" or (schedule == "step" and decay_every <= 0):
         return 1.0
+    if schedule == "step":
+        return gamma ** ((step - 1) // decay_every)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         f = 1.0 - progress
@@ -199,12 +203,13 @@ class FirstOrderStep:
     def __init__(self, run: Any, model: torch.nn.Module, objective: Objective, *, optimizer: str = "adamw",
                  lr: float, weight_decay: float = 0.0, momentum: float = 0.0, betas: tuple[float, float] = (0.9,
                  0.999), schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
-                 max_grad_norm: float = 0.0, grad_accum: int = 1, batch_size: int, dataset_size: int,
+                 decay_every: int = 0, gamma: float = 0.1, max_grad_norm: float = 0.0, grad_accum: int = 1, batch_size: int, dataset_size: int,
                  transform: Any = None, param_groups: Callable[[torch.nn.Module], Iterable] | None = None,
                  key: str = "recipe"):
         check_update_options(key, optimizer=optimizer, schedule=schedule, lr=lr)
         self.run, self.objective = run, objective
         self.lr, self.schedule, self.warmup, self.min_lr_ratio = float(lr), schedule, int(warmup_steps), min_lr_ratio
+        self.decay_every, self.gamma = int(decay_every), float(gamma)
         self.max_grad_norm, self.grad_accum = float(max_grad_norm), int(grad_accum)
         self.total = int(run.cfg.run.steps)
         if transform is not None and not isinstance(transform, TransformChain):
@@ -224,12 +229,15 @@ class FirstOrderStep:
             raise ConfigError("model: nothing left to train (every parameter is frozen)")
         if optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=weight_decay, betas=betas)
+        elif optimizer == "adam":  # L2 penalty in the gradient (torch.optim.Adam's weight_decay), not decoupled
+            self.optimizer = torch.optim.Adam(groups, lr=self.lr, weight_decay=weight_decay, betas=betas)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=momentum, weight_decay=weight_decay)
         self._micro: list[Sequence[int]] = []
 
     def lr_at(self, step: int) -> float:
-        return self.lr * lr_factor(step, self.total, self.schedule, self.warmup, self.min_lr_ratio)
+        return self.lr * lr_factor(step, self.total, self.schedule, self.warmup, self.min_lr_ratio,
+                                   self.decay_every, self.gamma)
 
     def _loss(self, idx: Sequence[int]) -> tuple[torch.Tensor, float]:
         """(the loss to backward, its value for logging: the batch mean)."""

@@ -33,8 +33,17 @@ def test_lr_factor_closed_forms(schedule):
     if schedule != "constant":  # decays to min_ratio at the last step
         assert lr_factor(T, T, schedule, W, 0.1) == pytest.approx(0.1)
         assert lr_factor(W + 1, T, schedule, W, 0.1) == pytest.approx(0.1 + 0.9 * lr_factor(W + 1, T, schedule, W))
-    with pytest.raises(ValueError, match="allowed: constant, linear, cosine"):
+    with pytest.raises(ValueError, match="allowed: constant, linear, cosine, step"):
         lr_factor(W + 1, T, "exponential", W)
+
+
+def test_step_schedule_equals_torch_steplr_stepped_once_per_step():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    for s in range(1, 11):  # train_step(s) uses the LR, then the scheduler steps
+        assert 2.0 * lr_factor(s, 10, "step", decay_every=3, gamma=0.5) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
 
 
 def test_the_recipes_schedules_are_the_one_schedule():
