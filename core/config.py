@@ -260,6 +260,12 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"{where}.{key}: {_explain(exc)} for {label}") from None
+    check = entry.extra.get("check")  # the factory's own checks, run without building anything heavy
+    if check is not None:
+        try:
+            check(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{where} {entry.name!r}: {exc}") from None
     full = OmegaConf.merge(OmegaConf.create({"name": entry.name}), OmegaConf.structured(obj))
     return Component(section, entry, obj), full
 

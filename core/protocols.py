@@ -64,9 +64,11 @@ class Perturbation(Protocol):
 class GradTransform(Protocol):
     """Transforms gradients between backward and the optimizer step (clipping, noise, ascent).
 
-    Optional members a recipe uses when present: ``prepare(model, *, dataset_size, batch_size, steps, seed,
-    grad_accum) -> model`` (before the optimizer is built), ``batch_indices(step) -> list[int] | None`` (the
-    step's batch, e.g. Poisson sampling), ``before_backward(step)``, ``loss_reduction`` ("mean" | "sum"),
+    Optional members the shared step (`plait.step.FirstOrderStep`) uses when present: ``prepare(model, *,
+    dataset_size, batch_size, steps, seed, grad_accum) -> model`` (before the optimizer is built),
+    ``batch_indices(step) -> list[int] | None`` (the step's batch, e.g. Poisson sampling),
+    ``before_forward(model, step)`` / ``after_transforms(model, step)`` (around the step, e.g. DP-SAT's ascent),
+    ``set_loss_closure(fn)``, ``before_backward(step)``, ``loss_reduction`` ("mean" | "sum"),
     ``replaces_clipping`` (bool), ``state_dict()`` / ``load_state_dict()`` (checkpointed), ``summary()``,
     ``log_metrics(step) -> dict[str, float]`` (only at logged steps, not averaged: cumulative or costly values).
     """

@@ -37,6 +37,12 @@ class CausalLMBundle:
     tokenizer: Any
 
 
+def check_hf_causal_lm(**options: Any) -> None:
+    from .models import check_hf_causal_lm as check  # imports transformers: only when a config is validated
+
+    check(**options)
+
+
 def build_hf_causal_lm(arch: str, size: str, config: dict, path: Optional[str], tokenizer: Optional[str],
                        dtype: str) -> CausalLMBundle:
     from .models import build_causal_lm
@@ -123,7 +129,8 @@ def register_recipes(register):
 @hookimpl
 def register_model_families(register):
     register("hf-causal-lm", build_hf_causal_lm, config=HFCausalLMConfig,
-             doc="HF OPT / Qwen3 / LLaMA causal LM from a size preset, an HF config, or a local directory")
+             doc="HF OPT / Qwen3 / LLaMA causal LM from a size preset, an HF config, or a local directory",
+             check=check_hf_causal_lm)
 
 
 @hookimpl

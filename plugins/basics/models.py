@@ -51,6 +51,26 @@ BUNDLED_PREFIX = "bundled:"
 BUNDLED_MODELS = {"tiny-opt-base": ASSETS / "tiny-opt-base"}  # built by scripts/build_base_model.py
 
 
+def check_hf_causal_lm(*, arch: str = "opt", size: str = "tiny", path=None, config=None, tie_word_embeddings=None,
+                       **_: object) -> None:
+    """What ``build_hf_causal_lm`` refuses, checked at validate without building or loading anything."""
+    if path is not None:
+        directory = resolve_model_path(path)
+        if not directory.exists():
+            raise FileNotFoundError(f"model path does not exist: {directory}")
+        if config:
+            raise ValueError(f"config overrides {sorted(config)} cannot be applied when loading a saved model from "
+                             f"{directory}; edit its config.json or build from a preset (path=None) instead")
+        if tie_word_embeddings is not None:
+            raise ValueError(f"tie_word_embeddings cannot be changed when loading a saved model from {directory}; "
+                             "it keeps the tying in its config.json")
+        return
+    if arch not in CONFIG_CLASSES:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    if size not in SIZE_PRESETS[arch]:
+        raise ValueError(f"unknown size {size!r} for arch {arch!r}; allowed: {', '.join(SIZE_PRESETS[arch])}")
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """``"bundled:<name>"`` -> that bundled model's directory; any other path unchanged (as a Path)."""
     text = os.fspath(path)

@@ -28,7 +28,7 @@ def build_dp_flat(**kwargs):
 def register_grad_transforms(register):
     register("flashdp", build_flashdp, config=FlashDPConfig,
              doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP accountant",
-             private=True)
+             private=True, check=build_flashdp)
     register("dp-flat", build_dp_flat, config=FlashDPConfig,
              doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)",
-             private=True)
+             private=True, check=build_dp_flat)

@@ -88,7 +88,7 @@ def build_tabular_mlp(**kwargs):
 def register_grad_transforms(register):
     register("sam", build_sam, config=SAMConfig,
              doc="SAM / ASAM: gradient at w + ρ·g/‖g‖ (adaptive: ρ·T²g/‖Tg‖); before a DP transform, DP-SAT",
-             reads_data=True, composes_before_private=True)
+             reads_data=True, composes_before_private=True, check=build_sam)
 
 
 @hookimpl

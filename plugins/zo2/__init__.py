@@ -73,7 +73,7 @@ def register_model_families(register):
 
 @hookimpl
 def register_perturbations(register):
-    register("mezo", build_mezo, config=MeZOConfig, doc="SPSA with the seed trick: z regenerated per parameter, "
+    register("mezo", build_mezo, config=MeZOConfig, check=build_mezo, doc="SPSA with the seed trick: z regenerated per parameter, "
              "never stored; Gaussian or Rademacher, n-SPSA, one-sided")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import re
+
 import pytest
 from omegaconf import MISSING
 
@@ -170,3 +172,23 @@ def test_every_shipped_recipe_declares_the_sections_it_uses(fresh_host):
     for entry in host.registries.recipes.entries():
         if entry.plugin in {"basics", "zo2", "flashdp", "infinite_sampling", "sam_if", "capsule", "wip", "distzo2"}:
             assert entry.extra.get("uses") is not None, entry.name
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.arch=gpt9", "model 'hf-causal-lm': unknown arch 'gpt9'; allowed: opt, qwen3, llama, gpt2"),
+    ("model.size=huge", "model 'hf-causal-lm': unknown size 'huge' for arch 'opt'"),
+    ("model.path=/nonexistent/model", "model 'hf-causal-lm': model path does not exist: /nonexistent/model"),
+    ("grad_transform={name: flashdp, noise_multiplier: 0}", "noise_multiplier 0 gives no privacy"),
+    ("grad_transform={name: dp-flat, noise_multiplier: 1.0, max_grad_norm: 0}", "max_grad_norm must be > 0"),
+    ("grad_transform=[{name: sam}, {name: flashdp}]", r"grad_transform\[1\] 'flashdp': grad_transform: give exactly "
+                                                      "one of noise_multiplier and target_epsilon"),
+    ("grad_transform=[{name: sam, rho: -1}]", r"grad_transform\[0\] 'sam': rho must be >= 0"),
+])
+def test_validate_performs_the_builders_checks_without_building(override, match, fresh_host, capsys):
+    """`plait validate` refuses what building the run would refuse (one line, exit 2), before any model exists."""
+    from plait.cli import main
+
+    fresh_host()
+    assert main(["validate", "basics/sft_quickstart", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
