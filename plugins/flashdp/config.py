@@ -15,7 +15,10 @@ class FlashDPConfig:
     target_epsilon: Optional[float] = None
     delta: float = 1.0e-5
     skip: List[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
-    unsupported: str = "freeze"  # trainable parameters of layers DP cannot handle: freeze | error
+    # trainable parameters of layers without a DP version (LSTM, PReLU, an eval-mode BatchNorm, …): freeze (listed in
+    # summary dp/frozen, one line on stderr) | error. Refused either way: a train-mode BatchNorm (mixes the samples)
+    # and a layer subclass with its own forward that DP would replace.
+    unsupported: str = "freeze"
     allow_no_privacy: bool = False  # permit noise_multiplier 0 or poisson false (no guarantee; ε = inf)
     poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes); false needs allow_no_privacy
     conversion: str = "opacus"  # RDP -> (ε, δ) conversion: opacus | classic

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import math
 import secrets
+import sys
 from typing import Any
 
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
 from .prv import PRVAccountant
-from .layers import SEED_MOD, DPContext, Group, accumulate, make_private_layer, supported_kind, total_threshold
+from .layers import (SEED_MOD, SUPPORTED, DPContext, Group, accumulate, broadcast_candidate, exact_possible,
+                     guard_param, layer_params, make_broadcast_owner, make_private_layer, mixes_samples, refusal,
+                     supported_kind, total_threshold)
 
 
 class FlashDP:
@@ -93,6 +97,7 @@ class FlashDP:
         self.expected_batch = self.q * dataset_size
         self._wrap(model)
         model.register_forward_pre_hook(self._note_batch, with_kwargs=True)
+        model.register_forward_hook(self._end_forward, always_call=True)
         if self.sigma is None:
             self.sigma = get_noise_multiplier(self.target_epsilon, self.delta, self.q, steps,
                                               conversion=self.conversion, accountant=self.accountant_kind)
@@ -101,35 +106,71 @@ class FlashDP:
         return model
 
     def _wrap(self, model: torch.nn.Module) -> None:
-        covered: set[int] = set()
+        """Swap every supported layer for its DP version; freeze (or refuse) what has none; refuse what cannot
+        be made private: a layer that mixes the samples of a batch, a subclass whose own forward DP would
+        replace."""
+        for name, module in model.named_modules():
+            why = mixes_samples(module)
+            if why:
+                raise ValueError(f"'{name}' ({type(module).__name__}) {why}")
         layers = [(name, module, kind) for name, module in model.named_modules()
                   if (kind := supported_kind(module)) is not None]
+        owned = {id(m.out_proj) for _, m, kind in layers if kind == "mha"}  # its forward is the MHA's
+        layers = [(name, m, kind) for name, m, kind in layers if id(m) not in owned]
         _check_patterns("skip", self.skip, [name for name, _, _ in layers], "DP layer")
+        covered: set[int] = set()
         for name, module, kind in layers:
+            params = layer_params(module, kind)
             if any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
-                for p in module.parameters(recurse=False):
+                for _, p in params:
                     p.requires_grad_(False)
                 self.frozen.append(name)
                 continue
-            w = getattr(module, "weight", None)
-            b = getattr(module, "bias", None)
-            gw = self._group(f"{name}.weight", w) if w is not None and w.requires_grad else None
-            gb = self._group(f"{name}.bias", b) if b is not None and b.requires_grad else None
-            if gw is None and gb is None:
+            if not any(p.requires_grad for _, p in params):
                 continue
-            make_private_layer(module, kind, self.ctx, gw, gb)
-            covered.update(id(p) for p in (w, b) if p is not None)
+            why = refusal(module, kind)
+            if why:
+                raise ValueError(f"'{name}' {why}; add '{name}' to grad_transform.skip to freeze it")
+            if not exact_possible(module, kind):
+                continue  # its parameters are unsupported below: frozen or refused
+            groups = {local: self._group(_join(name, local), p) if p.requires_grad else None for local, p in params}
+            if kind == "mha":
+                make_private_layer(module, kind, self.ctx, groups.get("in_proj_weight"), groups.get("in_proj_bias"),
+                                   (groups.get("out_proj.weight"), groups.get("out_proj.bias")))
+            else:
+                make_private_layer(module, kind, self.ctx, groups.get("weight"), groups.get("bias"))
+            covered.update(id(p) for _, p in params)
+        for name, module in model.named_modules():
+            found = {local: p for local, p in module.named_parameters(recurse=False)
+                     if p.requires_grad and id(p) not in covered and broadcast_candidate(module, local, p)}
+            if found:
+                make_broadcast_owner(module, self.ctx, {local: self._group(_join(name, local), p)
+                                                        for local, p in found.items()})
+                covered.update(id(p) for p in found.values())
+        owner = {id(p): type(m).__name__ for _, m in model.named_modules() for p in m.parameters(recurse=False)}
+        unsupported = []
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in covered:
                 if self.unsupported == "error":
                     raise ValueError(f"parameter '{name}' is trainable but its layer has no DP version "
-                                     f"(supported: Linear, GPT-2 Conv1D, Embedding, LayerNorm); freeze it, add its "
+                                     f"({owner.get(id(p), '?')}; supported: {SUPPORTED}); freeze it, add its "
                                      f"module to grad_transform.skip, or set grad_transform.unsupported=freeze")
                 p.requires_grad_(False)
-                self.frozen.append(name)
+                unsupported.append(name)
+        self.frozen.extend(unsupported)
         if not self.groups:
-            raise ValueError(f"{type(model).__name__} has no trainable Linear, Conv1D, Embedding or LayerNorm "
-                             f"layer for DP to protect")
+            raise ValueError(f"{type(model).__name__}: nothing left to train: it has no trainable parameter with a DP "
+                             f"version (supported: {SUPPORTED})"
+                             + (f"; without one: {_some(unsupported)}" if unsupported else ""))
+        if unsupported:
+            print(f"plait: flashdp: froze {len(unsupported)} trainable parameter(s) without a DP version: "
+                  f"{_some(unsupported)} (listed in summary dp/frozen; grad_transform.unsupported=error refuses "
+                  f"them instead)", file=sys.stderr)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # in eval mode now: keep it there
+                module.register_forward_pre_hook(functools.partial(_batch_statistics_guard, name))
+        for g in {id(g.param): g for g in self.groups}.values():
+            guard_param(g.name, g.param)
         if self.mode == "per_layer":
             _check_patterns("thresholds", self.thresholds, [g.name for g in self.groups], "clip group")
             split = self.max_grad_norm / math.sqrt(len(self.groups))
@@ -139,9 +180,23 @@ class FlashDP:
         self.ctx.groups = self.groups
 
     def _note_batch(self, module, args, kwargs):
-        x = kwargs.get("input_ids", args[0] if args else None)
-        if isinstance(x, torch.Tensor):
-            self.ctx.batch = x.shape[0]
+        """The batch (and, for token inputs, the tokens per sample) of this forward."""
+        x, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if x is None and embeds is None and args:
+            x = args[0]
+        if self.ctx.in_forward == 0:
+            self.ctx.broadcast.clear()
+            t = x if isinstance(x, torch.Tensor) else embeds
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                self.ctx.batch = t.shape[0]
+                tokens = t is embeds and t.dim() == 3 or (t.dim() == 2 and not t.is_floating_point())
+                self.ctx.tokens = t.shape[1] if tokens else None
+            else:
+                self.ctx.batch = self.ctx.tokens = None
+        self.ctx.in_forward += 1
+
+    def _end_forward(self, module, args, output):
+        self.ctx.in_forward -= 1
 
     def _group(self, name: str, param: torch.nn.Parameter) -> Group:
         group = Group(name, param, self.max_grad_norm, len(self.groups))
@@ -158,9 +213,7 @@ class FlashDP:
 
     def before_backward(self, step: int) -> None:
         self.ctx.seed = self._step_seed(step)
-        self.ctx.norms_sq = None
-        self.ctx.pending.clear()
-        self.ctx.last_norms.clear()
+        self.ctx.new_step()
 
     def _step_seed(self, step: int) -> int:
         return (self.seed * 1_000_003 + step) % SEED_MOD
@@ -183,6 +236,7 @@ class FlashDP:
         if norms is not None and norms.numel():
             clipped.append((norms > self.max_grad_norm).float().mean())
         self.accountant.step(self.sigma, self.q)
+        self.ctx.seen.clear()
         metrics = {}
         if clipped:
             metrics["dp/clipped_fraction"] = float(torch.stack(clipped).mean())
@@ -212,6 +266,21 @@ class FlashDP:
         self.accountant.load_state_dict(state["accountant"])
         # a checkpoint written before the secret seed (2026-11-30) has none: its noise came from the run seed
         self.sigma, self.seed = state["sigma"], state.get("seed", self.run_seed)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", … ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _batch_statistics_guard(name: str, module, args) -> None:
+    if module.training or module.running_mean is None:
+        raise RuntimeError(f"'{name}' ({type(module).__name__}) runs in training mode under DP: it normalises with "
+                           f"the whole batch's statistics, so per-sample gradients do not exist; replace it with "
+                           f"nn.GroupNorm or keep it in eval mode")
 
 
 def _check_patterns(key: str, patterns, names: list[str], what: str) -> None:

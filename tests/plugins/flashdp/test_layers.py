@@ -270,13 +270,14 @@ def test_noise_level_matches_sigma_times_total_threshold():
 
 
 def test_skip_and_unsupported_layers_are_frozen_or_refused():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    # PReLU has no per-sample rule (a training-mode BatchNorm is refused instead: test_flashdp_layer_kinds.py)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.PReLU(), torch.nn.Linear(4, 2))
     t = dp(unsupported="freeze", skip=["2"])
     t.prepare(model, dataset_size=100, batch_size=4, steps=1, seed=0)
     assert not model[1].weight.requires_grad and not model[2].weight.requires_grad
     assert [g.name for g in t.groups] == ["0.weight", "0.bias"]
     with pytest.raises(ValueError, match="'1.weight' is trainable but its layer has no DP version"):
-        dp(unsupported="error").prepare(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)),
+        dp(unsupported="error").prepare(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.PReLU()),
                                         dataset_size=100, batch_size=4, steps=1, seed=0)
 
 
@@ -316,8 +317,8 @@ def test_unmatched_threshold_and_skip_patterns_are_refused():
 
 
 def test_model_without_supported_layer():
-    with pytest.raises(ValueError, match="has no trainable Linear"):
-        dp(unsupported="freeze").prepare(torch.nn.Sequential(torch.nn.BatchNorm1d(3)), dataset_size=100,
+    with pytest.raises(ValueError, match="nothing left to train"):
+        dp(unsupported="freeze").prepare(torch.nn.Sequential(torch.nn.PReLU()), dataset_size=100,
                                          batch_size=4, steps=1, seed=0)
 
 
