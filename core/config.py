@@ -362,4 +362,24 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
             used = ", ".join(s for s in (*requires, *uses)) or "none"
             raise ConfigError(f"{section}: recipe {recipe.entry.name!r} does not use a '{section}:' section (its "
                               f"sections: {used}); remove it (~{section}) or choose a recipe that uses it")
+    if "grad_transform" in components:
+        _check_update_kind(recipe, components["grad_transform"], registries)
     return components
+
+
+def _check_update_kind(recipe: Component, transform: Any, registries: Registries) -> None:
+    """A grad transform acts on the update its recipe makes: first-order gradients (``sft``…) or zeroth-order
+    projected gradients (``zo``). Entries declare ``update=`` (default ``first_order``)."""
+    want = recipe.entry.extra.get("update", "first_order")
+    members = transform if isinstance(transform, list) else [transform]
+    for i, comp in enumerate(members):
+        have = comp.entry.extra.get("update", "first_order")
+        if have == want:
+            continue
+        where = f"grad_transform[{i}]" if isinstance(transform, list) else "grad_transform"
+        alternatives = [e.name for e in registries.for_section("grad_transform").entries()
+                        if e.extra.get("update", "first_order") == want
+                        and bool(e.extra.get("private")) == bool(comp.entry.extra.get("private"))]
+        hint = f"; use {' or '.join(repr(a) for a in alternatives)}" if alternatives else ""
+        raise ConfigError(f"{where}: {comp.entry.name!r} transforms {have.replace('_', '-')} gradients, but recipe "
+                          f"{recipe.entry.name!r} takes {want.replace('_', '-')} steps{hint}")

@@ -28,7 +28,7 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(tmp_path, fresh_host, overrides, steps=4, arch="gpt2"):
+def _run(tmp_path, fresh_host, overrides, steps=4, arch="opt"):
     fresh_host()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(LM.format(steps=steps, out=tmp_path / "runs", arch=arch))
@@ -72,17 +72,21 @@ def _final_model(run_dir):
 
 def test_sft_with_freeze_and_sam_moves_only_the_unfrozen_parameters(tmp_path, fresh_host):
     """Same seed, 1 step vs 3 steps: the frozen embeddings are identical, every other tensor kind moved."""
-    overrides = [f"grad_transform=[{SAM}]", "transforms=[{name: freeze, patterns: ['*wte*', '*wpe*']}]"]
+    overrides = [f"grad_transform=[{SAM}]", "transforms=[{name: freeze, patterns: ['*embed_tokens*', '*embed_positions*']}]"]
     one = _final_model(_run(tmp_path, fresh_host, overrides + ["run.name=one"], steps=1).dir)
     three = _final_model(_run(tmp_path, fresh_host, overrides + ["run.name=three"], steps=3).dir)
-    frozen = [k for k in one if "wte" in k or "wpe" in k]
+    frozen = [k for k in one if "embed_tokens" in k or "embed_positions" in k]
     assert frozen and all(torch.equal(one[k], three[k]) for k in frozen)
     assert any(not torch.equal(one[k], three[k]) for k in one if k not in frozen)
 
 
 # --- refused ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config,override,match", [
-    ("quickstart", f"grad_transform={DP}", r"recipe 'zo' does not use a 'grad_transform:' section"),
+    ("quickstart", f"grad_transform={DP}", r"grad_transform: 'flashdp' transforms first-order gradients, but recipe "
+                                           r"'zo' takes zeroth-order steps; use 'dp-zo'"),
+    ("basics/sft_quickstart", "grad_transform={name: dp-zo, noise_multiplier: 1.0}", r"use 'dp-flat' or 'flashdp'"),
+    ("quickstart", "grad_transform=[{name: dp-zo, noise_multiplier: 1.0}, {name: sam}]",
+     r"grad_transform\[1\]: 'sam' after the private 'dp-zo'"),
     ("basics/sft_quickstart", "perturbation={name: mezo}", r"recipe 'sft' does not use a 'perturbation:' section"),
     ("basics/sft_quickstart", "offload={name: zo2}", r"recipe 'sft' does not use a 'offload:' section"),
     ("basics/sft_quickstart", f"grad_transform=[{DP}, {SAM}]", r"grad_transform\[1\]: 'sam' after the private"),

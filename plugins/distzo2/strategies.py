@@ -170,9 +170,14 @@ class DistZO:
         """Per-step metrics the zo recipe logs: the bytes of the step's collective (sent + received)."""
         return {"perf/comm_bytes": float(self.step_bytes)}
 
-    def local_batch(self, indices: list[int]) -> list[int]:
-        """This rank's share of the step's global batch: its data-parallel group's contiguous slice."""
+    def local_batch(self, indices: list[int], uneven: bool = False) -> list[int]:
+        """This rank's share of the step's global batch: its data-parallel group's contiguous slice. ``uneven``
+        (a Poisson batch of any size): groups ``d < n % dp`` take one example more; a share may be empty."""
         n = len(indices)
+        if uneven:
+            k, extra = divmod(n, self.dp)
+            start = self.group * k + min(self.group, extra)
+            return list(indices[start:start + k + (1 if self.group < extra else 0)])
         if n % self.dp:
             raise ConfigError(f"recipe.batch_size: {n} is not divisible by the {self.dp} data-parallel groups of "
                               f"parallel {self.name!r} (world size {self.world_size}); choose a multiple of "
@@ -302,6 +307,7 @@ class DistMeZO:
         self._local = {c: c // pert for c in range(inner.n_chunks) if c % pert == member}
         self.last_losses: list[float] = []
         self.last_group_losses: list[list[float]] = []
+        self.exclude_local_samples = False  # dp-zo: this rank's forward ran a stand-in example (empty share)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["inner"], name)
@@ -314,8 +320,11 @@ class DistMeZO:
         c = self.inner.chunk_of(sample, shift_index)
         return None if c is None else self._local.get(c)
 
-    def estimate(self, losses: list[float]) -> list[float]:
-        """g from every rank's losses: one all-gather, then Σ_d g_d / dp in rank order (identical everywhere)."""
+    def estimate(self, losses: list[float], sample_losses: list[torch.Tensor] | None = None) -> list[float]:
+        """g from every rank's losses: one all-gather, then Σ_d g_d / dp in rank order (identical everywhere).
+        With per-example losses (dp-zo) the gather carries them, and the inner estimate sees the global batch."""
+        if sample_losses is not None:
+            return self._estimate_private(losses, sample_losses)
         self.last_losses, self.last_group_losses = self.strategy.combine([float(x) for x in losses])
         per_group = [self.inner.estimate(ls) for ls in self.last_group_losses]
         grads = []
@@ -325,6 +334,28 @@ class DistMeZO:
                 total += g[j]
             grads.append(total / self.strategy.dp)
         return grads
+
+
+    def _estimate_private(self, losses: list[float], sample_losses: list[torch.Tensor]) -> list[float]:
+        """dp-zo: gather every rank's per-example losses of its own chunks (shares may differ in size), rebuild
+        each chunk's losses over the global batch in rank order, and let the private estimate clip and noise
+        them; the noise comes from the shared secret seed, so every rank computes the identical update."""
+        mine = [] if self.exclude_local_samples else [s.tolist() for s in sample_losses]
+        st = self.strategy
+        parts = st._gather_objects(mine, "the step's per-example loss all-gather")
+        st.step_bytes = 8 * sum(len(c) for p in parts for c in p) * 2
+        per_group = []
+        for d in range(st.dp):
+            members = parts[d * st.pert:(d + 1) * st.pert]
+            if not any(members):
+                continue  # a group whose share was empty
+            n = sum(len(m) for m in members)
+            per_group.append([members[c % st.pert][c // st.pert] for c in range(n)])
+        chunks = len(per_group[0]) if per_group else self.inner.n_chunks
+        glob = [torch.tensor([v for g in per_group for v in g[c]], dtype=torch.float64) for c in range(chunks)]
+        self.last_losses = [float(t.mean()) if t.numel() else float("nan") for t in glob]
+        self.last_group_losses = [[float(torch.tensor(g[c]).mean()) for c in range(chunks)] for g in per_group]
+        return self.inner.estimate(self.last_losses, glob)
 
 
 class DistEngine:

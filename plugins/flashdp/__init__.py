@@ -24,8 +24,19 @@ def build_dp_flat(**kwargs):
     return FlashDP(mode="flat", **kwargs)
 
 
+def build_dp_zo(**kwargs):
+    from .dp_zo import DPZO
+
+    return DPZO(**kwargs)
+
+
 @hookimpl
 def register_grad_transforms(register):
+    from .dp_zo import DPZOConfig
+
+    register("dp-zo", build_dp_zo, config=DPZOConfig, private=True, update="zeroth_order", check=build_dp_zo,
+             doc="DP zeroth-order steps: per-example projected gradients clipped to [-C, C], Gaussian noise, "
+                 "accountant (the zo recipe; in-place, ZO2, DistZO2)")
     register("flashdp", build_flashdp, config=FlashDPConfig,
              doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP accountant",
              private=True, check=build_flashdp)

@@ -80,7 +80,8 @@ def register_perturbations(register):
 @hookimpl
 def register_recipes(register):
     register("zo", build_zo_recipe, config=ZORecipeConfig, doc="zeroth-order fine-tuning (forward passes only)",
-             requires=("model", "data", "perturbation"), uses=("offload", "transforms"))
+             requires=("model", "data", "perturbation"), uses=("offload", "transforms", "grad_transform"),
+             update="zeroth_order")
 
 
 @hookimpl

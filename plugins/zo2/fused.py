@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .mezo import MeZO, Param, lm_loss, param_table
+from .mezo import MeZO, Param, lm_loss, param_table, sample_lm_losses
 from .store import STORAGE_DTYPES, BlockStore
 
 
@@ -314,6 +314,9 @@ class ZO2Engine:
             out = self.model(input_ids=batch["input_ids"].repeat(n, 1),
                              attention_mask=batch["attention_mask"].repeat(n, 1), use_cache=False).logits
             losses = [float(lm_loss(out[c * b:(c + 1) * b], batch["labels"])) for c in range(n)]
+            want = getattr(m, "wants_sample_losses", False)  # dp-zo: per-example losses of the same logits
+            samples = [sample_lm_losses(out[c * b:(c + 1) * b], batch["labels"]).detach().cpu() for c in range(n)] \
+                if want else None
             for u in self.units:  # a unit the forward skipped still owes its update
                 if not u.updated:
                     self._apply_pending(u)
@@ -321,7 +324,7 @@ class ZO2Engine:
             self.mode = "eval"
         self.shared_origin.clear()  # tied parameters keep the value their last use's shifts left (MeZO's)
         self.shared_z.clear()
-        grads = m.estimate(losses)
+        grads = m.estimate(losses, samples) if samples is not None else m.estimate(losses)
         self.pending = Pending(seed, grads, lr)
         for u in self.units:
             u.updated = False
@@ -329,6 +332,15 @@ class ZO2Engine:
         if self.order:
             self.store.upload(self.order[0])
         return losses, grads
+
+    @torch.no_grad()
+    def apply_update(self, seed: int, grads: list[float], lr: float) -> None:
+        """The update of ``grads`` along step ``seed``'s z with no forward (a private step's noise-only update for
+        an empty Poisson batch): the pending update is settled, this one becomes pending (applied lazily)."""
+        self.flush()
+        self.pending = Pending(seed, grads, lr)
+        for u in self.units:
+            u.updated = False
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

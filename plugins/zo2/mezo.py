@@ -148,6 +148,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100)
 
 
+def sample_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's mean next-token cross-entropy over its labelled positions, shape [B] (fp32 at least): what
+    a private step clips (`lm_loss` is the token mean over the whole batch)."""
+    v = logits.shape[-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    y = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), y.reshape(-1), ignore_index=-100,
+                                            reduction="none").view(y.shape)
+    mask = (y != -100).to(nll.dtype)
+    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 class InPlaceMeZO:
     """Offload policy ``none``: the plain MeZO step with every parameter on the compute device.
 
@@ -171,11 +184,15 @@ class InPlaceMeZO:
         """One ZO step; returns (chunk losses, projected gradients). The update is applied at once."""
         m, eps = self.mezo, self.mezo.eps
         losses: list[float] = [0.0] * m.n_chunks
+        want = getattr(m, "wants_sample_losses", False)  # dp-zo: per-example losses from the same forwards
+        samples: list[torch.Tensor] = [torch.empty(0)] * m.n_chunks
 
         def forward(chunk: int) -> None:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             self.stats["forwards"] += 1
             losses[chunk] = float(lm_loss(logits, batch["labels"]))
+            if want:
+                samples[chunk] = sample_lm_losses(logits, batch["labels"]).detach().cpu()
 
         if m.one_sided:
             forward(0)
@@ -185,10 +202,17 @@ class InPlaceMeZO:
                 chunk = m.chunk_of(j, k)
                 if chunk is not None:
                     forward(chunk)
-        grads = m.estimate(losses)
+        grads = m.estimate(losses, samples) if want else m.estimate(losses)
         for p in self.params:
             m.update(p, seed, grads, lr)
         return losses, grads
+
+    @torch.no_grad()
+    def apply_update(self, seed: int, grads: list[float], lr: float) -> None:
+        """The update of projected gradients ``grads`` along this step's z with no forward (a private step's
+        noise-only update for an empty Poisson batch)."""
+        for p in self.params:
+            self.mezo.update(p, seed, grads, lr)
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,7 +41,20 @@ class ZORecipe:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("transforms: every parameter is frozen; zo has nothing to train")
         self.mezo = run.build("perturbation")
+        self.private = None  # dp-zo: per-example projected gradients clipped and noised (plugins/flashdp/dp_zo.py)
+        if run.has("grad_transform"):
+            transform = run.build("grad_transform")
+            members = list(getattr(transform, "members", [transform]))
+            if len(members) != 1 or not hasattr(members[0], "prepare_zo"):
+                raise ConfigError("grad_transform: the zo recipe takes one zeroth-order transform (dp-zo); "
+                                  "first-order transforms need a gradient recipe such as sft")
+            self.private = members[0]
         self.parallel = run.parallel if hasattr(run.parallel, "wrap_perturbation") else None
+        if self.private is not None:
+            from plait.plugins.flashdp.dp_zo import PrivateMeZO
+
+            self.private_mezo = PrivateMeZO(self.mezo, self.private)
+            self.mezo = self.private_mezo
         if self.parallel is not None:
             self.mezo = self.parallel.wrap_perturbation(self.mezo)
         if run.has("offload"):
@@ -56,20 +69,42 @@ class ZORecipe:
         self.eval_examples, self.eval_items = splits.eval_examples, splits.eval_items
         self.order = BatchOrder(len(self.train_items), c.batch_size, run.cfg.run.seed)
         self.skipped = 0
+        if self.private is not None:
+            try:
+                self.private.prepare_zo(dataset_size=len(self.train_items), batch_size=c.batch_size,
+                                        steps=int(run.cfg.run.steps), seed=int(run.cfg.run.seed),
+                                        perturbations=int(self.private_mezo.inner.q), parallel=run.parallel)
+            except ValueError as exc:
+                raise ConfigError(f"grad_transform: {exc}") from exc
 
     def __call__(self) -> dict[str, Any]:
         try:
-            return train_loop(self.run, self)
+            result = train_loop(self.run, self)
         finally:
             self.engine.close()
+        if self.private is not None:
+            result.update(self.private.summary())
+        return result
 
     # --- Task protocol -----------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         rc = self.run.cfg.run
         lr = self.mezo.lr_at(step, rc.steps)
-        indices = self.order(step - 1)
+        sampled = self.private.batch_indices(step) if self.private is not None else None
+        indices = sampled if sampled is not None else self.order(step - 1)
+        if self.private is not None:
+            self.private_mezo.step_index = step
+            if not indices:  # an empty Poisson batch still releases its noise (every rank alike)
+                grads = self.private_mezo.noise_only()
+                self.engine.apply_update(step_seed(rc.seed, step), grads, lr)
+                return {"train/lr": lr, "train/empty_batches": 1.0}
         if self.parallel is not None:
-            indices = self.parallel.local_batch(indices)
+            glob = indices
+            indices = self.parallel.local_batch(glob, uneven=sampled is not None)
+            # an empty share still runs the step's shifts (a stand-in example whose losses are not reported),
+            # so that every rank's parameters go through the same floating-point sequence
+            self.mezo.exclude_local_samples = not indices
+            indices = indices or glob[:1]
         items = [self.train_items[i] for i in indices]
         batch = {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
         losses, grads = self.engine.step(batch, step_seed(rc.seed, step), lr)
@@ -88,6 +123,9 @@ class ZORecipe:
             metrics.update(self.parallel.metrics())
         return metrics
 
+    def log_metrics(self, step: int) -> dict[str, float]:
+        return self.private.log_metrics(step) if self.private is not None else {}
+
     def evaluate(self) -> dict[str, float]:
         self.engine.flush()
 
@@ -99,7 +137,10 @@ class ZORecipe:
                            self.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.engine.state_dict(), "skipped": self.skipped, "world_size": self.world_size}
+        state = {"model": self.engine.state_dict(), "skipped": self.skipped, "world_size": self.world_size}
+        if self.private is not None:
+            state["grad_transform"] = self.private.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = int(state.get("world_size", 1))
@@ -108,3 +149,5 @@ class ZORecipe:
                               f"same world size (this run has {self.world_size})")
         self.engine.load_state_dict(state["model"])
         self.skipped = int(state.get("skipped", 0))
+        if self.private is not None:
+            self.private.load_state_dict(state["grad_transform"])
