@@ -106,7 +106,9 @@ def register_datasets(register):
 
 @hookimpl
 def register_recipes(register):
-    register("depth", build_depth, config=DepthRecipeConfig, requires=("model", "data"), uses=(),
+    register("depth", build_depth, config=DepthRecipeConfig, requires=("model", "data"),
+             uses=("grad_transform", "transforms"),
              doc="self-supervised depth + ego-motion: min reprojection, auto-mask, smoothness; AbsRel and ATE")
-    register("classify", build_classify, config=ClassifyRecipeConfig, requires=("model", "data"), uses=(),
+    register("classify", build_classify, config=ClassifyRecipeConfig, requires=("model", "data"),
+             uses=("grad_transform", "transforms"),
              doc="from-scratch image classification with class weights / focal / balanced sampling; bal. acc, MCC")

@@ -8,6 +8,10 @@ the class token barely depends on the image (measured, red-lesion set, 25 steps:
 vs 0.017 standardised; balanced accuracy 0.50 vs 0.76 after 150 steps). AdamW with linear warm-up then
 cosine decay. Evaluation: accuracy, balanced accuracy, macro-F1, MCC, the majority-class reference, and the
 confusion matrix as a TensorBoard image.
+
+The recipe is the objective (`batch_indices`, `mean_loss`, `sample_losses`); the shared
+`plait.step.FirstOrderStep` moves the parameters, so ``grad_transform:`` (sam, flashdp, dp-flat, chains) and
+``transforms:`` (freeze, …) apply. Under DP each example's loss is w_y·ℓ_i (docs/capsule.md, "The shared step").
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
-from plait.step import lr_factor
+from plait.step import FirstOrderStep
 
 from .config import ClassifyRecipeConfig
 from .metrics import classification_metrics, confusion_image, confusion_matrix
@@ -38,16 +42,24 @@ def class_weights(counts: torch.Tensor, scheme: str, beta: float) -> torch.Tenso
     return (w / w.mean()).float()
 
 
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Lin et al.: −w_y (1 − p_y)^γ log p_y, averaged over the batch."""
+def focal_losses(logits: torch.Tensor, y: torch.Tensor, gamma: float,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Lin et al. per example: −w_y (1 − p_y)^γ log p_y, shape [B]."""
     logp = F.log_softmax(logits, -1).gather(1, y[:, None])[:, 0]
     loss = -((1 - logp.exp()) ** gamma) * logp
     if weight is not None:
         loss = loss * weight[y]
-    return loss.mean()
+    return loss
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Lin et al.: −w_y (1 − p_y)^γ log p_y, averaged over the batch."""
+    return focal_losses(logits, y, gamma, weight).mean()
 
 
 class ClassifyRecipe:
+    """The objective (batches, augmentation, loss) and the evaluation; `FirstOrderStep` moves the parameters."""
+
     def __init__(self, run: Run, **options: Any):
         self.run = run
         self.cfg = c = ClassifyRecipeConfig(**options)
@@ -55,13 +67,22 @@ class ClassifyRecipe:
             raise ConfigError(f"recipe.loss: {c.loss!r} is not supported; allowed: {', '.join(LOSSES)}")
         if c.sampler not in ("uniform", "weighted"):
             raise ConfigError(f"recipe.sampler: {c.sampler!r} is not supported; allowed: uniform, weighted")
+        for key in ("batch_size",):
+            if getattr(c, key) < 1:
+                raise ConfigError(f"recipe.{key}: must be at least 1, got {getattr(c, key)}")
+        for key in ("warmup_steps", "weight_decay", "label_smoothing"):
+            if getattr(c, key) < 0:
+                raise ConfigError(f"recipe.{key}: must be 0 or more, got {getattr(c, key)}")
         self.data = data = run.build("data")
-        self.model = run.build("model").to(run.device)
-        head = self.model.head.out_features
+        model = run.build("model")
+        for transform in run.build_transforms():  # transforms: (freeze, …), in order
+            model = transform(model)
+        model = model.to(run.device)
+        head = model.head.out_features
         if head != data.num_classes:
             raise ConfigError(f"model.num_classes is {head} but data {data.name!r} has {data.num_classes} classes")
-        size = self.model.pos_embed.shape[-1]
-        expected = (data.image_size - self.model.patch_embed.kernel_size[0]) // self.model.patch_embed.stride[0] + 1
+        size = model.pos_embed.shape[-1]
+        expected = (data.image_size - model.patch_embed.kernel_size[0]) // model.patch_embed.stride[0] + 1
         if size != expected:
             raise ConfigError(f"model.image_size does not match the data's {data.image_size}px images")
         self.mean = data.train.x.mean((0, 2, 3), keepdim=True)
@@ -69,18 +90,33 @@ class ClassifyRecipe:
         counts = torch.bincount(data.train.y, minlength=data.num_classes)
         self.weight = class_weights(counts, c.class_weighting, c.beta).to(run.device) if c.loss != "ce" else None
         self.sample_p = (1 / counts.double().clamp_min(1))[data.train.y] if c.sampler == "weighted" else None
-        decay = [p for n, p in self.model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
-        other = [p for n, p in self.model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                            {"params": other, "weight_decay": 0.0}], lr=c.lr)
         self.gen = torch.Generator().manual_seed(run.cfg.run.seed)
+        self._batches: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self._eval_step = 0
+        transform = run.build("grad_transform") if run.has("grad_transform") else None
+        self.step = FirstOrderStep(run, model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
+                                   schedule="cosine", warmup_steps=c.warmup_steps, batch_size=c.batch_size,
+                                   dataset_size=len(data.train.y), transform=transform,
+                                   param_groups=self._param_groups)
+        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, transform
+        if c.sampler == "weighted" and _samples_batches(self.step.transform):
+            raise ConfigError("recipe.sampler: 'weighted' does not apply under this grad_transform: it samples each "
+                              "batch itself (Poisson, every example at the same rate, which its privacy accounting "
+                              "assumes); use sampler: uniform and loss: weighted_ce or focal for the imbalance")
+
+    def _param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices and conv kernels except the position embedding; none on
+        biases, norms, the class token and the position embedding. Frozen parameters are left out."""
+        c = self.cfg
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and _decays(n, p)]
+        other = [p for n, p in model.named_parameters() if p.requires_grad and not _decays(n, p)]
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     def __call__(self) -> dict[str, Any]:
-        return train_loop(self.run, self)
-
-    def _lr(self, step: int) -> float:
-        return self.cfg.lr * lr_factor(step, self.run.cfg.run.steps, "cosine", self.cfg.warmup_steps)
+        result = train_loop(self.run, self)
+        result.update(self.step.summary())
+        return result
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(4, (1,), generator=self.gen))
@@ -94,24 +130,56 @@ class ClassifyRecipe:
             return focal_loss(logits, y, c.focal_gamma, self.weight)
         return F.cross_entropy(logits, y, weight=self.weight, label_smoothing=c.label_smoothing)
 
-    def train_step(self, step: int) -> dict[str, float]:
-        c, tr = self.cfg, self.data.train
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example losses [B], class weight included: w_y·ℓ_i (focal: w_y·(1 − p_y)^γ·(−log p_y)).
+
+        Their mean is `loss` for ``ce`` and ``focal``; for ``weighted_ce`` `loss` is Σ w_y ℓ_i / Σ w_y (torch's
+        weighted mean), their sum divided by the batch size instead."""
+        c = self.cfg
+        if c.loss == "focal":
+            return focal_losses(logits, y, c.focal_gamma, self.weight)
+        return F.cross_entropy(logits, y, weight=self.weight, label_smoothing=c.label_smoothing, reduction="none")
+
+    # --- Objective (plait.step) ----------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        """The step's examples from the recipe's generator: uniform, or class-balanced (``sampler: weighted``)."""
+        c, n = self.cfg, len(self.data.train.y)
         if self.sample_p is not None:
             idx = torch.multinomial(self.sample_p, c.batch_size, replacement=True, generator=self.gen)
         else:
-            idx = torch.randint(len(tr.y), (c.batch_size,), generator=self.gen)
-        x, y = (tr.x[idx] - self.mean) / self.std, tr.y[idx]
-        if c.augment:
-            x = self._augment(x)
-        lr = self._lr(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.model.train()
-        loss = self.loss(self.model(x.to(self.run.device)), y.to(self.run.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"train/loss": float(loss.detach()), "train/lr": lr}
+            idx = torch.randint(n, (c.batch_size,), generator=self.gen)
+        return idx.tolist()
+
+    def _batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised, augmented inputs and labels of ``idx`` (drawn by `batch_indices` or a transform's
+        Poisson sampling). Built once per step: a second evaluation of the same batch (SAM's ascent) sees the
+        same augmentation, and the generator advances as it did before the shared step."""
+        key = tuple(int(i) for i in idx)
+        if key not in self._batches:
+            tr, i = self.data.train, torch.tensor(key, dtype=torch.long)
+            x, y = (tr.x[i] - self.mean) / self.std, tr.y[i]
+            if self.cfg.augment:
+                x = self._augment(x)
+            self._batches[key] = (x.to(self.run.device), y.to(self.run.device))
+        return self._batches[key]
+
+    def mean_loss(self, idx) -> torch.Tensor:
+        """The recipe's batch loss (`loss`: CE with class weights / label smoothing, or focal)."""
+        x, y = self._batch(idx)
+        return self.loss(self.model(x), y)
+
+    def sample_losses(self, idx) -> torch.Tensor:
+        """Each example's loss, w_y·ℓ_i (what a private step sums; see `losses`)."""
+        x, y = self._batch(idx)
+        return self.losses(self.model(x), y)
+
+    # --- Task protocol -------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        self._batches.clear()
+        try:
+            return self.step(step)
+        finally:
+            self._batches.clear()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
@@ -132,15 +200,27 @@ class ClassifyRecipe:
         self._eval_step += 1
         return metrics
 
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The grad transforms' values at a logged step (e.g. DP's ε so far), not window-averaged."""
+        return self.step.log_metrics(step)
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and the batch/augmentation generator: all a bit-identical resume needs (the LR is a
-        function of the step)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.gen.get_state()}
+        """Model, optimizer (+ the grad transform's state) and the batch/augmentation generator: all a
+        bit-identical resume needs (the LR is a function of the step)."""
+        return {"model": self.model.state_dict(), **self.step.state_dict(), "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checkpoints written before the generator was saved still load (they resume on different batches)."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state)
         if "generator" in state:
             self.gen.set_state(state["generator"])
+
+
+def _samples_batches(chain) -> bool:
+    """Whether a member of the ``grad_transform:`` chain draws the batches (DP's Poisson sampling)."""
+    return chain is not None and any(hasattr(m, "batch_indices") and getattr(m, "poisson", True) for m in chain)
+
+
+def _decays(name: str, p: torch.Tensor) -> bool:
+    return p.dim() > 1 and "pos_embed" not in name

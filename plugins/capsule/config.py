@@ -116,12 +116,13 @@ class ViTConfig:
 
 @dataclass
 class DepthRecipeConfig:
-    """Recipe ``depth``: self-supervised depth + ego-motion (steps: ``run.steps``)."""
+    """Recipe ``depth``: self-supervised depth + ego-motion (steps: ``run.steps``). Adam on the shared first-order
+    step: accepts ``grad_transform:`` (not a private one: the encoders use BatchNorm) and ``transforms:``."""
 
     lr: float = 1.0e-3
     batch_size: int = 8
     weight_decay: float = 0.0
-    lr_step: int = 0  # StepLR step in steps (0: constant), γ 0.1
+    lr_step: int = 0  # LR × 0.1 after every lr_step steps (schedule "step", = StepLR stepped per step); 0: constant
     ssim_weight: float = 0.85
     smoothness: float = 1.0e-3  # divided by 2^scale
     automask: bool = True
@@ -133,7 +134,9 @@ class DepthRecipeConfig:
 
 @dataclass
 class ClassifyRecipeConfig:
-    """Recipe ``classify``: from-scratch image classification with imbalance handling (steps: ``run.steps``)."""
+    """Recipe ``classify``: from-scratch image classification with imbalance handling (steps: ``run.steps``).
+    AdamW (decay / no-decay groups), warm-up + cosine, on the shared first-order step: accepts ``grad_transform:``
+    (sam, flashdp, dp-flat, chains) and ``transforms:``."""
 
     lr: float = 1.0e-3
     weight_decay: float = 0.05

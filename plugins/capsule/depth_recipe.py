@@ -8,6 +8,11 @@ smoothness weighted 1/2^scale; mean over scales; for V2 with ``gyro_weight`` > 0
 the best constant depth, 5-frame ATE against zero-motion and constant-velocity baselines, the frame-to-frame
 rotation error (RPE-rot, degrees) against zero motion, both with the IMU windows shuffled across snippets
 (V2 only), and depth/warp images in TensorBoard.
+
+The recipe is the objective (`batch_indices`, `mean_loss`, `sample_losses`: per snippet); the shared
+`plait.step.FirstOrderStep` moves the parameters (Adam; ``lr_step`` is the schedule ``step``), so
+``grad_transform:`` and ``transforms:`` apply — except a private transform: the encoders' BatchNorm couples the
+samples of a batch, so DP is refused.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
+from plait.step import FirstOrderStep
 
 from . import geometry as geo
 from .config import DepthRecipeConfig
@@ -33,6 +39,8 @@ class DepthRecipe:
         self.cfg = c = DepthRecipeConfig(**options)
         if c.batch_size < 1 or c.lr <= 0 or c.eval_snippet < 2:
             raise ConfigError("recipe: batch_size must be >= 1, lr > 0 and eval_snippet >= 2")
+        if c.lr_step < 0:
+            raise ConfigError(f"recipe.lr_step: must be 0 (constant LR) or more, got {c.lr_step}")
         for key in ("smoothness", "gyro_weight"):
             if not getattr(c, key) >= 0:  # a negative weight would reward the error it is meant to penalise
                 raise ConfigError(f"recipe.{key}: must be a loss weight >= 0, got {getattr(c, key)}")
@@ -44,27 +52,46 @@ class DepthRecipe:
             raise ConfigError(f"recipe.eval_snippet: {c.eval_snippet} frames is longer than the test sequences of "
                               f"{data.test.num_frames} frames; allowed: 2 to {data.test.num_frames}")
         h, w = data.image_size
-        self.model = run.build("model", height=h, width=w, imu_window=data.imu_window, imu_rate=data.imu_rate,
-                               min_depth=data.min_depth, max_depth=data.max_depth).to(run.device)
-        if self.model.vibration is not None:
-            self.model.vibration.set_statistics(data.train.imu.flatten(0, 1).to(run.device))
+        model = run.build("model", height=h, width=w, imu_window=data.imu_window, imu_rate=data.imu_rate,
+                          min_depth=data.min_depth, max_depth=data.max_depth)
+        for transform in run.build_transforms():  # transforms: (freeze, …), in order
+            model = transform(model)
+        model = model.to(run.device)
+        if model.vibration is not None:
+            model.vibration.set_statistics(data.train.imu.flatten(0, 1).to(run.device))
         self.k = geo.scale_intrinsics(data.k_norm, h, w).to(run.device)
         self.inv_k = torch.linalg.inv(self.k)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.scheduler = (torch.optim.lr_scheduler.StepLR(self.optimizer, c.lr_step, 0.1) if c.lr_step else None)
         s, n = data.train.num_sequences, data.train.num_frames
         self.index = [(i, t) for i in range(s) for t in range(1, n - 1)]
         self.gen = torch.Generator().manual_seed(run.cfg.run.seed)
+        self._batches: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._parts: dict[str, float] = {}
         self._eval_step = 0
+        transform = run.build("grad_transform") if run.has("grad_transform") else None
+        # Adam + StepLR(lr_step, 0.1) stepped once per step, as the shared schedule "step"
+        self.step = FirstOrderStep(run, model, self, optimizer="adam", lr=c.lr, weight_decay=c.weight_decay,
+                                   schedule="step" if c.lr_step else "constant", decay_every=c.lr_step, gamma=0.1,
+                                   batch_size=c.batch_size, dataset_size=len(self.index), transform=transform)
+        if self.step.sum_loss:  # a private transform: flashdp refuses BatchNorm itself, this covers any other
+            refuse_batch_mixing(self.step.model)
+        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, transform
 
     def __call__(self) -> dict[str, Any]:
-        return train_loop(self.run, self)
+        result = train_loop(self.run, self)
+        result.update(self.step.summary())
+        return result
 
     # --- loss ------------------------------------------------------------------------------------------
-    def losses(self, frames: torch.Tensor, imu: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def losses(self, frames: torch.Tensor, imu: torch.Tensor, generator: torch.Generator,
+               per_sample: bool = False) -> dict[str, torch.Tensor]:
         """frames (B, 3, 3, H, W) = [t−1, t, t+1]; imu (B, 2, 6, T) for pairs (t−1, t) and (t, t+1);
-        ``generator`` draws the auto-mask tie-breaking noise."""
+        ``generator`` draws the auto-mask tie-breaking noise.
+
+        ``per_sample``: ``loss`` is each snippet's loss, shape [B] (every term reduced over that snippet's pixels
+        only; the smoothness, whose disparity normalisation is per image already, is evaluated image by image),
+        and their mean is the batch loss. The other parts are batch means either way."""
         c, m = self.cfg, self.model
+        reduce = (lambda v: v.flatten(1).mean(1)) if per_sample else (lambda v: v.mean())
         prev, target, nxt = frames.unbind(1)
         b = target.shape[0]
         k, inv_k = self.k.expand(b, 4, 4), self.inv_k.expand(b, 4, 4)
@@ -83,41 +110,73 @@ class DepthRecipe:
                       for src, t in zip((prev, nxt), poses)]
             per_pixel, mask = min_reprojection(reproj, identity, generator=generator)
             img_s = F.interpolate(target, size=disp.shape[-2:], mode="bilinear", align_corners=False) if s else target
-            sm = smoothness(disp, img_s)
-            total = total + per_pixel.mean() + c.smoothness * sm / 2**s
-            photo, smooth_total = photo + per_pixel.mean().detach(), smooth_total + sm.detach()
+            if per_sample:
+                sm = torch.stack([smoothness(disp[i:i + 1], img_s[i:i + 1]) for i in range(b)])
+            else:
+                sm = smoothness(disp, img_s)
+            photo_s = reduce(per_pixel)
+            total = total + photo_s + c.smoothness * sm / 2**s
+            photo, smooth_total = photo + photo_s.detach(), smooth_total + sm.detach()
         n = len(scales)
-        parts = {"loss": total / n, "photometric": photo / n, "smoothness": smooth_total / n,
+        parts = {"loss": total / n, "photometric": (photo / n).mean(), "smoothness": (smooth_total / n).mean(),
                  "automask_used": mask.mean().detach()}
         if c.gyro_weight > 0 and m.vibration is not None:
-            gyro = self.gyro_loss([p[0] for p in params], imu)
+            gyro = self.gyro_loss([p[0] for p in params], imu, per_sample)
             parts["loss"] = parts["loss"] + c.gyro_weight * gyro
-            parts["gyro"] = gyro.detach()
+            parts["gyro"] = gyro.detach().mean()
         return parts
 
-    def gyro_loss(self, axisangles: list[torch.Tensor], imu: torch.Tensor) -> torch.Tensor:
+    def gyro_loss(self, axisangles: list[torch.Tensor], imu: torch.Tensor, per_sample: bool = False
+                  ) -> torch.Tensor:
         """Mean |ω̂ − (−Σω·dt)| (rad) over both pairs: the predicted rotation of T_{b<-a} = R_bᵀR_a against
         the integrated gyro, which measures R_aᵀR_b (hence the sign). Self-supervised: the gyro is a sensor
-        input, not ground truth."""
+        input, not ground truth. ``per_sample``: one value per snippet, [B]."""
         target = [-self.model.vibration.preintegrate(imu[:, i])[:, :3] for i in range(2)]
+        if per_sample:
+            return torch.stack([(a - t).abs().mean(1) for a, t in zip(axisangles, target)]).mean(0)
         return torch.stack([(a - t).abs().mean() for a, t in zip(axisangles, target)]).mean()
+
+    # --- Objective (plait.step) ----------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        """The step's snippets (indices into ``self.index``), uniform with replacement from the recipe's
+        generator."""
+        return torch.randint(len(self.index), (self.cfg.batch_size,), generator=self.gen).tolist()
+
+    def _loss(self, idx, per_sample: bool) -> torch.Tensor:
+        """The loss of snippets ``idx`` (drawn by `batch_indices` or a transform's Poisson sampling). The batch
+        and the generator state before its auto-mask noise are kept for the step: a second evaluation (SAM's
+        ascent) sees the same frames and the same noise and does not advance the training generator."""
+        key = tuple(int(i) for i in idx)
+        if key in self._batches:
+            frames, imu, state = self._batches[key]
+            return self.losses(frames, imu, torch.Generator().set_state(state), per_sample)["loss"]
+        tr, dev = self.data.train, self.run.device
+        seq = torch.tensor([self.index[i][0] for i in key])
+        t = torch.tensor([self.index[i][1] for i in key])
+        frames = torch.stack([tr.frames[seq, t - 1], tr.frames[seq, t], tr.frames[seq, t + 1]], 1).to(dev)
+        imu = torch.stack([tr.imu[seq, t - 1], tr.imu[seq, t]], 1).to(dev)
+        self._batches[key] = (frames, imu, self.gen.get_state())
+        parts = self.losses(frames, imu, self.gen, per_sample)
+        self._parts = {f"train/{k}": float(v.detach().mean()) for k, v in parts.items() if k != "loss"}
+        return parts["loss"]
+
+    def mean_loss(self, idx) -> torch.Tensor:
+        """The batch loss: photometric (min reprojection, auto-masked) + smoothness (+ gyro), means over the batch."""
+        return self._loss(idx, per_sample=False)
+
+    def sample_losses(self, idx) -> torch.Tensor:
+        """Each snippet's loss, [B] (what a private step sums; see `losses`)."""
+        return self._loss(idx, per_sample=True)
 
     # --- Task protocol ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
-        tr, dev = self.data.train, self.run.device
-        idx = torch.randint(len(self.index), (self.cfg.batch_size,), generator=self.gen)
-        seq = torch.tensor([self.index[i][0] for i in idx])
-        t = torch.tensor([self.index[i][1] for i in idx])
-        frames = torch.stack([tr.frames[seq, t - 1], tr.frames[seq, t], tr.frames[seq, t + 1]], 1).to(dev)
-        imu = torch.stack([tr.imu[seq, t - 1], tr.imu[seq, t]], 1).to(dev)
-        self.model.train()
-        parts = self.losses(frames, imu, self.gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        return {f"train/{k}": float(v.detach()) for k, v in parts.items()} | {"train/lr": self.optimizer.param_groups[0]["lr"]}
+        self._batches.clear()
+        self._parts = {}
+        try:
+            metrics = self.step(step)
+        finally:
+            self._batches.clear()
+        return {**metrics, **self._parts}
 
     @torch.no_grad()
     def predict_depth(self, frames: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -217,20 +276,30 @@ class DepthRecipe:
         writer.add_image("warp/target|warped_next|next", torch.cat([frames[1], warped[0], frames[2]], -1).cpu()
                          .clamp(0, 1), step)
 
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The grad transforms' values at a logged step, not window-averaged."""
+        return self.step.log_metrics(step)
+
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer, the batch/auto-mask generator and the LR schedule: all a bit-identical resume needs."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "generator": self.gen.get_state()}
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        return state
+        """Model, optimizer (+ the grad transform's state) and the batch/auto-mask generator: all a bit-identical
+        resume needs (the LR is a function of the step)."""
+        return {"model": self.model.state_dict(), **self.step.state_dict(), "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Checkpoints written before the generator and scheduler were saved still load (they resume exactly
-        only in the model and optimizer)."""
+        """Checkpoints written before the generator was saved still load (they resume on other batches). The
+        StepLR state (``scheduler``) of checkpoints written before the shared step is ignored: the LR is now a
+        function of the step, so it resumes at the right LR anyway."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state)
         if "generator" in state:
             self.gen.set_state(state["generator"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def refuse_batch_mixing(model: torch.nn.Module) -> None:
+    """A private transform clips each sample's gradient; a training-mode BatchNorm normalises with the batch's
+    statistics, so one sample's loss depends on every other sample and no per-sample gradient exists."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(f"grad_transform: model layer '{name}' is a {type(module).__name__}: it mixes the "
+                              f"samples of a batch (batch statistics), so per-sample gradients and DP are not "
+                              f"defined for this model; drop the private transform (flashdp / dp-flat)")
