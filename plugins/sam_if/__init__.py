@@ -6,7 +6,8 @@ Registers
 * influence estimators ``if`` (Koh & Liang), ``sam_hessian`` (closed form at the final weights, with the
   perturbation's data dependence), ``tracin`` and ``sam_trajectory`` (from a recorded SAM trajectory);
 * datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, label flips) and model family ``tabular-mlp``;
-* recipe ``sam_train`` (`recipe`) and the CLI verb ``plait attribute RUN_DIR [estimator=…]`` (`attribute`).
+* recipe ``sam_train`` (`recipe`; before a private ``grad_transform:`` such as flashdp, DP-SAT) and the CLI verb
+  ``plait attribute RUN_DIR [estimator=…]`` (`attribute`).
 
 Python API::
 
@@ -119,8 +120,10 @@ def register_model_families(register):
 
 @hookimpl
 def register_recipes(register):
-    register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"), uses=(),
-             doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset; record_trajectory for trajectory influence")
+    register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"),
+             uses=("grad_transform", "transforms"),
+             doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset (before a private grad_transform: DP-SAT); "
+                 "record_trajectory for trajectory influence")
 
 
 @hookimpl

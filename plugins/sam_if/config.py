@@ -96,7 +96,8 @@ class TabularMLPConfig:
 
 @dataclass
 class SAMTrainConfig:
-    """Recipe ``sam_train``: SAM / ASAM + SGD on a tabular dataset (steps: ``run.steps``)."""
+    """Recipe ``sam_train``: SAM / ASAM + SGD on a tabular dataset (steps: ``run.steps``); before a private
+    ``grad_transform:`` (flashdp, dp-flat) the SAM runs as DP-SAT."""
 
     rho: float = 0.05  # perturbation radius ρ (0: plain SGD)
     adaptive: bool = False  # ASAM
@@ -105,9 +106,9 @@ class SAMTrainConfig:
     lr: float = 0.5
     schedule: str = "constant"  # constant | linear | cosine (decay to lr·min_lr_ratio at run.steps)
     min_lr_ratio: float = 0.0
-    momentum: float = 0.0
-    l2: float = 1.0e-2  # (l2/2)‖w‖² in the objective; the attribute verb uses the same value
+    momentum: float = 0.0  # SGD momentum (recorded in the trajectory's metadata)
+    l2: float = 1.0e-2  # (l2/2)‖w‖² in the objective (under DP: SGD weight decay); the attribute verb uses it
     batch_size: int = 0  # 0: full batch
-    m: Optional[int] = None  # m-sharpness group size (None: one perturbation per batch)
+    m: Optional[int] = None  # m-sharpness group size (None: one perturbation per batch; not with grad_transform)
     record_trajectory: bool = False  # write <run dir>/trajectory/ for the tracin / sam_trajectory estimators
     record_every: int = 1

@@ -1,26 +1,84 @@
 """Recipe ``sam_train``: train ``tabular-mlp`` on a tabular dataset (``digits`` / ``breast-cancer``) with SAM /
-ASAM (`sam.sam_gradient`, the step of `sam.train_sam`) inside `plait.run.train_loop`, optionally recording the
-trajectory (``record_trajectory: true`` → ``<run dir>/trajectory/``, the format of `sam.save_trajectory`) for the
-trajectory estimators. ``summary.json`` gets a ``sam_if`` block that ``plait attribute`` reads.
+ASAM inside `plait.run.train_loop`, optionally recording the trajectory (``record_trajectory: true`` →
+``<run dir>/trajectory/``, the format of `sam.save_trajectory`) for the trajectory estimators. ``summary.json``
+gets a ``sam_if`` block that ``plait attribute`` reads.
+
+The recipe is the objective (cross-entropy + (l2/2)‖w‖², `batch_indices` / `mean_loss` / `sample_losses`); the
+shared ``plait.step.FirstOrderStep`` moves the parameters (SGD with ``momentum``, the recipe's LR schedule). The
+recipe's own SAM (rho, adaptive, eta, eps) is the first member of the step's ``grad_transform:`` chain, followed
+by whatever the config's ``grad_transform:`` section holds:
+
+* none: SAM, the gradient at w + e with e from this batch's gradient (bit-identical to `sam.sam_gradient`);
+* a private transform (``{name: flashdp, noise_multiplier: 1.0}``, ``dp-flat``): DP-SAT (`sam.SAMTransform`,
+  ``compose_before_private``): e from the previous step's privatized gradient, the batch read once, by the private
+  transform, so the accountant counts exactly DP-SGD's mechanisms; rho = 0 is DP-SGD. The per-sample losses are
+  then the cross-entropies alone and (l2/2)‖w‖² enters as SGD weight decay (the same update; a data-independent
+  term must not pass through the per-sample clipping);
+* a ``sam`` entry is refused (the recipe already does SAM: set ``recipe.rho``).
+
+m-sharpness (``m`` < batch: one perturbation per group of m examples) has no chain form: it keeps the direct
+`sam.sam_gradient` step (same optimizer, same schedule), and is refused together with a ``grad_transform:``.
+``transforms:`` (e.g. ``freeze``) act on the model before anything else; frozen parameters are neither perturbed,
+updated nor recorded.
 
 The records recorded so far travel in every checkpoint (``state_dict()["trajectory"]``: T × p weights plus the
-perturbations), so a resumed run writes the same trajectory as an uninterrupted one.
+perturbations), so a resumed run writes the same trajectory as an uninterrupted one. Each record's ``e`` is the
+perturbation the step's gradient was taken at (DP-SAT: the one from the previous private gradient, zero at step
+1 and for rho = 0); ``batch`` the examples it read (DP: the Poisson batch). The trajectory's metadata carries the
+optimizer's ``momentum`` (and ``grad_transform`` / ``sam_mode`` for a private run).
 
     plait run configs/sam_if/digits.yaml
+    plait run configs/compose/dp_sam_digits.yaml        # DP-SAT (flashdp, ε = 8)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
+from plait.step import FirstOrderStep, TransformChain
 
 from .config import SAMTrainConfig
-from .sam import trainable_params, lr_at, sam_gradient, save_trajectory
+from .functional import perturbation
+from .sam import SAMTransform, _flat_grad, lr_at, sam_gradient, save_trajectory, trainable_params
 
 TRAJECTORY_DIR = "trajectory"
+
+
+class _RecipeSAM(SAMTransform):
+    """The recipe's SAM as the chain's first member; keeps the perturbation this step's gradient was taken at
+    (``applied``, flat, or None for none) for the trajectory. The step always supplies a loss closure."""
+
+    def __init__(self, rho: float, adaptive: bool, eta: float, eps: float, keep: bool):
+        super().__init__(rho=rho, adaptive=adaptive, eta=eta, eps=eps, replay_forward=False)
+        self.keep = keep
+        self.applied: torch.Tensor | None = None
+
+    def before_forward(self, model: torch.nn.Module, step: int) -> None:
+        super().before_forward(model, step)
+        self.applied = self._e.detach().clone() if self.keep and self._e is not None else None
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        if not self.private and self.keep:  # the e SAMTransform.__call__ is about to apply (same inputs, same op)
+            params = trainable_params(model)
+            g = _flat_grad(params)
+            w = torch.cat([p.detach().reshape(-1) for p in params]).to(g.dtype)
+            self.applied = perturbation(w, g, self.rho, self.adaptive, self.eta, self.eps)
+        return super().__call__(model, step)
+
+
+class _Step(FirstOrderStep):
+    """`FirstOrderStep` with sam_train's schedule: counted from 0, decaying to ``lr·min_lr_ratio`` at the last
+    step (`sam.lr_at`; FirstOrderStep's `lr_factor` reaches it one step later)."""
+
+    def __init__(self, *args: Any, base_lr: float, **kw: Any):
+        super().__init__(*args, **kw)
+        self.base_lr = base_lr
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step - 1, self.total, self.base_lr, self.schedule, self.min_lr_ratio)
 
 
 class SAMTrainRecipe:
@@ -35,24 +93,61 @@ class SAMTrainRecipe:
             raise ConfigError(f"recipe.schedule: {c.schedule!r} is not supported; allowed: constant, linear, cosine")
         if c.batch_size < 0 or c.record_every < 1 or (c.m is not None and c.m < 1):
             raise ConfigError("recipe: batch_size must be >= 0, record_every >= 1 and m >= 1 (or null)")
+        if c.momentum < 0:
+            raise ConfigError(f"recipe.momentum: must be >= 0, got {c.momentum}")
+        user = _user_chain(run)  # (names, private flags) of the grad_transform: section, or None
+        if user is not None:
+            names, private = user
+            if "sam" in names:
+                raise ConfigError(f"grad_transform[{names.index('sam')}]: 'sam' under recipe sam_train, which "
+                                  f"already does SAM; remove it and set recipe.rho / recipe.adaptive (before a "
+                                  f"private transform the recipe's SAM runs as DP-SAT)")
+            if c.m is not None:
+                raise ConfigError(f"recipe.m: m-sharpness (m={c.m}) does not combine with grad_transform "
+                                  f"{'+'.join(names)} (one perturbation per step, taken through the chain); set "
+                                  f"recipe.m=null")
         self.data = data = run.build("data")
         if not (hasattr(data, "train") and hasattr(data.train, "X") and hasattr(data, "test")):
             raise ConfigError(f"data {run.cfg.data.name!r}: sam_train needs a tabular dataset with train/test "
                               f"splits (digits, breast-cancer)")
-        self.model = run.build("model")
+        model = run.build("model")
         mc = run.cfg.model
         if mc.get("n_features") != data.n_features or mc.get("n_classes") != data.n_classes:
             raise ConfigError(f"model: n_features={mc.get('n_features')}, n_classes={mc.get('n_classes')} do not "
                               f"match data {data.name!r} ({data.n_features} features, {data.n_classes} classes)")
-        self.dtype = next(self.model.parameters()).dtype
+        for transform in run.build_transforms():
+            model = transform(model)
+        self.dtype = next(model.parameters()).dtype
         self.X, self.y = data.train.X.to(self.dtype), data.train.y
         self.Xt, self.yt = data.test.X.to(self.dtype), data.test.y
         self.n = self.X.shape[0]
-        self.params = trainable_params(self.model)
-        self.optimizer = torch.optim.SGD(self.params, lr=c.lr, momentum=c.momentum)
+        batch = c.batch_size if 0 < c.batch_size < self.n else self.n
+        self.msharp = c.m is not None and c.m < batch  # m-sharpness: the direct sam_gradient step
         self.record = c.record_trajectory
+        self.sam = _RecipeSAM(c.rho, c.adaptive, c.eta, c.eps, keep=self.record)
+        members, names = [self.sam], ["sam"]
+        if user is not None:
+            built = run.build("grad_transform")
+            if isinstance(built, TransformChain):
+                members, names = members + list(built.members), names + list(built.names)
+            else:
+                members, names = members + [built], names + user[0]
+            if any(user[1]):
+                self.sam.compose_before_private()
+        self.user_transform = user is not None
+        chain = TransformChain(members, names)
+        # a private step sums per-sample losses: (l2/2)‖w‖² must not pass through per-sample clipping, so it is the
+        # optimizer's weight decay there (SGD adds l2·w to the gradient before momentum: the same update)
+        self.reg_in_loss = chain.loss_reduction != "sum"
+        self.step = _Step(run, model, self, optimizer="sgd", lr=c.lr, momentum=c.momentum,
+                          weight_decay=0.0 if self.reg_in_loss else c.l2, schedule=c.schedule,
+                          min_lr_ratio=c.min_lr_ratio, max_grad_norm=0.0, grad_accum=1, batch_size=batch,
+                          dataset_size=self.n, transform=chain, base_lr=c.lr)
+        self.model, self.optimizer = self.step.model, self.step.optimizer
+        self.params = trainable_params(self.model)  # after the transforms' prepare (DP may freeze layers)
         self.rec: dict[str, list] = {"w": [], "e": [], "lr": [], "batch": [], "step": []}
         self._perms: dict[int, torch.Tensor] = {}
+        self._read: torch.Tensor | None = None  # the examples this step's loss read first
 
     def _batch(self, step: int) -> torch.Tensor:
         bs = self.cfg.batch_size
@@ -69,52 +164,100 @@ class SAMTrainRecipe:
         return torch.tensor(out, dtype=torch.long)
 
     def _closure(self, ix: torch.Tensor):
-        l2, params = self.cfg.l2, self.params
-
         def fn():
-            loss = torch.nn.functional.cross_entropy(self.model(self.X[ix]), self.y[ix])
-            return loss + 0.5 * l2 * sum((p * p).sum() for p in params)
+            return self.mean_loss(ix)
         return fn
 
     def __call__(self) -> dict[str, Any]:
         result = train_loop(self.run, self)
         c = self.cfg
         traj = None
+        extra = {}
+        if self.user_transform:
+            extra = {"grad_transform": self.step.transform.names[1:], "sam_mode": "dp-sat" if self.sam.private
+                     else "sam"}
         if self.record and self.rec["w"]:
             save_trajectory(self.run.dir / TRAJECTORY_DIR, self.rec,
                             dict(rho=c.rho, adaptive=c.adaptive, eta=c.eta, eps=c.eps, l2=c.l2, m=c.m,
                                  batch_size=c.batch_size or None, record_every=c.record_every,
-                                 seed=self.run.cfg.run.seed, n_train=self.n, steps=len(self.rec["step"])))
+                                 seed=self.run.cfg.run.seed, n_train=self.n, steps=len(self.rec["step"]),
+                                 momentum=c.momentum, **extra))
             traj = TRAJECTORY_DIR
         data_opts = {k: v for k, v in dict(self.run.cfg.data).items() if k != "name"}
         result["sam_if"] = {"dataset": self.data.name, "data_options": data_opts, "rho": c.rho,
-                            "adaptive": c.adaptive, "l2": c.l2, "m": c.m, "trajectory": traj,
+                            "adaptive": c.adaptive, "l2": c.l2, "m": c.m, "momentum": c.momentum, "trajectory": traj,
                             "n_train": self.n, "n_test": int(self.Xt.shape[0]),
-                            "n_flipped": int(len(self.data.flipped))}
+                            "n_flipped": int(len(self.data.flipped)), **extra}
+        if self.user_transform:
+            result.update(self.step.summary())
         return result
+
+    # --- Objective (plait.step) ----------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int) -> torch.Tensor:
+        return self._batch(step)
+
+    def _note(self, ix) -> None:
+        if self._read is None:
+            self._read = torch.as_tensor(ix, dtype=torch.long).clone()
+
+    def mean_loss(self, ix) -> torch.Tensor:
+        """The batch objective: mean cross-entropy + (l2/2)‖w‖² (the regulariser only where it is not the
+        optimizer's weight decay)."""
+        self._note(ix)
+        loss = torch.nn.functional.cross_entropy(self.model(self.X[ix]), self.y[ix])
+        if not self.reg_in_loss:
+            return loss
+        return loss + 0.5 * self.cfg.l2 * sum((p * p).sum() for p in self.params)
+
+    def sample_losses(self, ix) -> torch.Tensor:
+        """Each example's cross-entropy (a private step sums them; l2 is then weight decay)."""
+        self._note(ix)
+        return torch.nn.functional.cross_entropy(self.model(self.X[ix]), self.y[ix], reduction="none")
 
     # --- Task protocol -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         c = self.cfg
+        w_before = torch.cat([p.detach().reshape(-1) for p in self.params]) if self.record else None
+        self._read = None
+        if self.msharp:
+            out, lr, e = self._msharp_step(step)
+            metrics = {"train/loss": out["loss"], "train/perturbed_loss": out["perturbed_loss"],
+                       "train/grad_norm": out["grad_norm"], "train/lr": lr}
+        else:
+            m = self.step(step)
+            lr = m["train/lr"]
+            if self.user_transform:
+                metrics = m
+            else:  # the names sam_train has always logged
+                metrics = {"train/loss": m["train/loss"], "train/perturbed_loss": m["sam/perturbed_loss"],
+                           "train/grad_norm": m["sam/grad_norm"], "train/lr": lr}
+            e = (self.sam.applied if self.sam.applied is not None else torch.zeros_like(w_before)).unsqueeze(0) \
+                if self.record else None
+            self.sam.applied = None
+        if self.record and (step - 1) % c.record_every == 0:
+            self.rec["w"].append(w_before)
+            self.rec["e"].append(e)
+            self.rec["lr"].append(lr)
+            self.rec["batch"].append(self._read if self._read is not None else torch.zeros(0, dtype=torch.long))
+            self.rec["step"].append(step - 1)
+        self._read = None
+        return metrics
+
+    def _msharp_step(self, step: int) -> tuple[dict[str, Any], float, torch.Tensor]:
+        """m-sharpness: one perturbation per group of m consecutive batch examples (`sam.sam_gradient`)."""
+        c = self.cfg
         idx = self._batch(step)
-        lr = lr_at(step - 1, self.run.cfg.run.steps, c.lr, c.schedule, c.min_lr_ratio)
+        self._read = idx.clone()
+        lr = self.step.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        chunks = [idx] if c.m is None or c.m >= len(idx) else list(idx.split(c.m))
-        w_before = torch.cat([p.detach().reshape(-1) for p in self.params]) if self.record else None
+        chunks = list(idx.split(c.m))
         out = sam_gradient(self.model, [(len(ch) / len(idx), self._closure(ch)) for ch in chunks], c.rho,
                            c.adaptive, c.eta, c.eps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.record and (step - 1) % c.record_every == 0:
-            self.rec["w"].append(w_before)
-            self.rec["e"].append(out["perturbations"])
-            self.rec["lr"].append(lr)
-            self.rec["batch"].append(idx.clone())
-            self.rec["step"].append(step - 1)
-        return {"train/loss": out["loss"], "train/perturbed_loss": out["perturbed_loss"],
-                "train/grad_norm": out["grad_norm"], "train/lr": lr}
+        return out, lr, out["perturbations"]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -123,8 +266,12 @@ class SAMTrainRecipe:
         return {"eval/loss": float(torch.nn.functional.cross_entropy(logits, self.yt)),
                 "eval/accuracy": float((logits.argmax(1) == self.yt).double().mean())}
 
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The grad transforms' values at a logged step (DP's ε so far), not window-averaged."""
+        return self.step.log_metrics(step)
+
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), **self.step.state_dict()}
         if self.record:
             r = self.rec
             state["trajectory"] = {"w": list(r["w"]), "e": list(r["e"]), "batch": list(r["batch"]),
@@ -133,7 +280,7 @@ class SAMTrainRecipe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state)
         if self.record:
             if "trajectory" not in state:
                 raise ConfigError("recipe.record_trajectory: the checkpoint being resumed recorded no trajectory "
@@ -142,3 +289,12 @@ class SAMTrainRecipe:
             t = state["trajectory"]
             self.rec = {"w": list(t["w"]), "e": list(t["e"]), "batch": list(t["batch"]), "lr": list(t["lr"]),
                         "step": list(t["step"])}
+
+
+def _user_chain(run: Run) -> tuple[list[str], list[bool]] | None:
+    """Names and private flags of the ``grad_transform:`` section's entries, in order (None without one)."""
+    if not run.has("grad_transform"):
+        return None
+    comps = run.components["grad_transform"]
+    comps: Sequence[Any] = comps if isinstance(comps, list) else [comps]
+    return [cp.entry.name for cp in comps], [bool(cp.entry.extra.get("private")) for cp in comps]
