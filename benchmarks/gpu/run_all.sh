@@ -8,28 +8,35 @@
 #   sampling  Infinite-Sampling schedulers on a Qwen3-1.7B-shaped bf16 model with scripted lengths: peak
 #        allocated memory and tokens/s of full_group / micro_group / continuous / length_aware
 #        -> $OUT/sampling_gpu.json
-#   small  capsule V2-SfMLearner inference frames/s (64x80, 256x320; fp32/bf16) and the WiP min-product Triton
-#        kernel vs exact matmul and the cdist path, with a parity check -> $OUT/capsule_wip_gpu.json
+#   small  capsule V2-SfMLearner inference frames/s (64x80, 256x320; fp32/bf16; first, it is quick) and the WiP
+#        min-product Triton kernel vs exact matmul and the cdist path, with a parity check -> $OUT/capsule_wip_gpu.json
 # Each JSON is rewritten after every result, so a timeout still leaves the finished parts.
 #
 #   OUT=/some/dir bash benchmarks/gpu/run_all.sh        # from the repository root, on the GPU machine
-#   PARTS=dp OUT=/some/dir bash benchmarks/gpu/run_all.sh   # only the DP part (DP_S=... to give it more time)
+#   PARTS=dp OUT=/some/dir bash benchmarks/gpu/run_all.sh   # only the DP part (it may then use all of TOTAL_S)
 #
 # Installs nothing when torch + transformers are importable (the engine/flashdp is then imported from this
 # checkout even if plait is not installed); otherwise, on a machine with nvidia-smi, `pip install -e .` against
 # the torch already there, and elsewhere it stops (exit 2) rather than pull a CUDA torch into $PYTHON.
-# The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit; zo2 gets ZO2_S (205 s), dp
-# DP_S (135 s), sampling SAMPLING_S (95 s) and small SMALL_S (35 s), each cut to what is left of TOTAL_S (after
-# the later parts' shares) and hard-stopped by `timeout`; each python script also starts no new model
-# size/variant after its own --budget-s. Extra arguments go to zo2_gpu.py; DP_ARGS to dp_gpu.py,
-# SAMPLING_ARGS to sampling_gpu.py, SMALL_ARGS to capsule_wip_gpu.py. The exit status is the first non-zero one.
+# The whole script stays under 8 minutes: TOTAL_S (470 s) is the hard limit. Each part may run until only the
+# later parts' shares are left of TOTAL_S (5 s kept spare), so a part gets its share plus whatever the earlier
+# parts left unused, and it is hard-stopped there by `timeout`. Shares: zo2 ZO2_S (115 s), dp DP_S (170 s),
+# sampling SAMPLING_S (110 s), small SMALL_S (54 s); they add up to 449 s, the 470 s less ~16 s of setup and the
+# 5 s spare. Each python script starts no new model size/variant after its --budget-s, which is the part's time
+# less TAIL: what the last item started before the budget may still need, plus ~8 s of interpreter start/exit.
+# The shares and tails follow the first H200 run (2026-12-04): zo2 took 45 s for 1.3b + 2.7b (6.7b, ~2.5x the
+# 2.7b work, was skipped: its old 150 s tail left a 34 s budget); dp needed ~90 s for 3 of its 6 configs (the
+# first flashdp step compiles for 30 s); small hit its 35 s limit in the WiP timings at T=4096 (20 timed calls
+# of a cdist path that took 0.35 s a call already at T=2048; now capped per op, and the capsule part runs first).
+# Extra arguments go to zo2_gpu.py; DP_ARGS to dp_gpu.py, SAMPLING_ARGS to sampling_gpu.py, SMALL_ARGS to
+# capsule_wip_gpu.py. The exit status is the first non-zero one.
 set -euo pipefail
 
 TOTAL_S=${TOTAL_S:-470}                       # hard limit for everything below (< 8 min)
-ZO2_S=${ZO2_S:-205}                           # time for the zo2 part
-DP_S=${DP_S:-135}                             # time for the dp part
-SAMPLING_S=${SAMPLING_S:-95}                  # time for the sampling part
-SMALL_S=${SMALL_S:-35}                        # time for the small part (capsule + wip)
+ZO2_S=${ZO2_S:-115}                           # time for the zo2 part
+DP_S=${DP_S:-170}                             # time for the dp part
+SAMPLING_S=${SAMPLING_S:-110}                 # time for the sampling part
+SMALL_S=${SMALL_S:-54}                        # time for the small part (capsule + wip)
 PARTS=${PARTS:-"zo2 dp sampling small"}
 OUT=${OUT:-$PWD/benchmarks-out}
 PY=${PYTHON:-python}
@@ -57,7 +64,9 @@ fi
 # part -> script, time share, and the seconds its last item may still need after the script's --budget-s
 declare -A SCRIPT=([zo2]=zo2_gpu.py [dp]=dp_gpu.py [sampling]=sampling_gpu.py [small]=capsule_wip_gpu.py)
 declare -A SHARE=([zo2]=$ZO2_S [dp]=$DP_S [sampling]=$SAMPLING_S [small]=$SMALL_S)
-declare -A TAIL=([zo2]=150 [dp]=45 [sampling]=40 [small]=15)   # zo2: the 6.7b size; dp: LLaMA-1B fp32 Opacus
+# zo2: one 6.7b variant (ZO2 engine build ~12 s + 13 steps); dp: a first flashdp step that compiles (30 s);
+# sampling: one variant after the first (<= 850 decode steps); small: the T=4096 WiP timings (calls capped)
+declare -A TAIL=([zo2]=40 [dp]=45 [sampling]=40 [small]=15)
 declare -A EXTRA=([zo2]="$*" [dp]="${DP_ARGS:-}" [sampling]="${SAMPLING_ARGS:-}" [small]="${SMALL_ARGS:-}")
 ORDER=(zo2 dp sampling small)
 
@@ -69,8 +78,7 @@ for i in "${!ORDER[@]}"; do
     for later in "${ORDER[@]:$((i + 1))}"; do             # keep the later parts' shares
         [[ " $PARTS " == *" $later "* ]] && left=$(( left - SHARE[$later] ))
     done
-    (( left > SHARE[$part] )) && left=${SHARE[$part]}
-    budget=$(( left - TAIL[$part] ))
+    budget=$(( left - TAIL[$part] ))              # left: this part's share + what earlier parts did not use
     (( budget < 20 )) && budget=20
     if (( left < TAIL[$part] + 20 )); then
         log "no time left for ${SCRIPT[$part]} (${left}s)"

@@ -25,6 +25,12 @@ micro/full memory (paper: 10.64 / 21.55 GB = 0.49 with HF's dynamic cache), leng
 
     python benchmarks/gpu/sampling_gpu.py --out $OUT/sampling_gpu.json
     python benchmarks/gpu/sampling_gpu.py --device cpu --tiny --out /tmp/sampling_gpu.json   # CPU logic check
+    python benchmarks/gpu/sampling_gpu.py --device cpu --tiny --dtype bfloat16 --G 32 --g 8   # closer to the GPU run
+
+A failed variant is recorded with its full traceback (``runs.<variant>.trace``) and the next one starts. The
+first GPU run (2026-12-04, transformers 5.17.0) failed every variant in ``kv_cache.prefill``: the slot cache was
+passed as ``cache=``, a keyword transformers 5.17 does not know (it names it ``past_key_values``); see
+docs/infinite_sampling.md.
 
 Works without plait installed (imports the plugin's modules from this checkout). Timings are reported, never
 asserted. A summary JSON is printed on stdout at the end; progress goes to stderr.
@@ -42,6 +48,7 @@ import time
 import traceback
 
 import torch
+import transformers
 
 from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
@@ -87,6 +94,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="JSON file, rewritten after every variant")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="model dtype; auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--tiny", action="store_true", help="tiny Qwen3 shape and short lengths (CPU logic check)")
     ap.add_argument("--G", type=int, default=32)
     ap.add_argument("--g", type=int, default=8)
@@ -113,14 +122,18 @@ def main(argv=None) -> int:
     samplers = import_samplers()
     kv = importlib.import_module("plait.plugins.infinite_sampling.kv_cache")
     shape = TINY if args.tiny else QWEN3_1_7B
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.dtype == "auto":
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    else:
+        dtype = getattr(torch, args.dtype)
     variants = [v for v in args.variants.split(",") if v]
     bad = sorted(set(variants) - set(ORDER))
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; allowed: {', '.join(ORDER)}")
     res = Results(args.out, {
         "benchmark": "sampling_gpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+        "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "config": vars(args), "shape": shape, "dtype": str(dtype), "runs": {}})
     res.save()
@@ -181,7 +194,7 @@ def main(argv=None) -> int:
             del out
         except Exception as exc:  # noqa: BLE001 - record and go on to the next variant
             res.doc["runs"][name] = {"error": f"{type(exc).__name__}: {exc}",
-                                     "trace": traceback.format_exc(limit=3)}
+                                     "trace": traceback.format_exc()}  # the whole stack: where it really failed
             log(f"{name} failed: {exc}")
         res.save()
     runs = res.doc["runs"]

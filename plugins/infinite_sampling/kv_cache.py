@@ -10,8 +10,10 @@ A decode forward (`SlotKVCache.decode`) feeds one token per row, with
 * ``position_ids[r] = lengths[r]`` for rows that take part (0 for the others),
 * a 4-D additive mask ``[rows, 1, 1, capacity + 1]``: 0 on ``[0, lengths[r]]`` (the history and the token being
   written), dtype-min elsewhere; rows sitting out see only their scratch column,
-* ``cache=self`` — `SlotLayer.update` writes the new K/V of each row at its own position in place and hands the
-  whole slot tensors to attention, so HF's attention code runs unchanged (transformers returns a 4-D mask as-is).
+* the cache itself (``cache=self``, or ``past_key_values=self`` on transformers releases that name it so, up to
+  5.17 at least: `cache_kwarg`) — `SlotLayer.update` writes the new K/V of each row at its own position in place and
+  hands the whole slot tensors to attention, so HF's attention code runs unchanged (transformers returns a 4-D mask
+  as-is). A model that never calls ``update`` (the keyword ignored) raises instead of decoding without the cache.
 
 Rows are filled from a `PromptKV` (one prefill of the prompt, batch 1, copied into the row: prefix sharing) and
 released by setting their length to 0 (eviction costs nothing; the next fill overwrites the row).
@@ -22,6 +24,7 @@ of V times the valid tokens of the occupied rows. ``kv_bytes_per_token(model)`` 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,22 @@ def kv_bytes_per_token(model, dtype: torch.dtype | None = None) -> int:
     n_layers, n_kv, head_dim = kv_geometry(model)
     dtype = dtype or next(model.parameters()).dtype
     return 2 * n_layers * n_kv * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_kwarg(model) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` (transformers 5.25) or ``past_key_values``
+    (4.x and 5.x up to 5.17 at least; an unknown ``cache=`` there falls into ``**kwargs`` and is ignored)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _ignored_cache(model) -> RuntimeError:
+    return RuntimeError(
+        f"{type(model).__name__}.forward did not write the KV cache passed as {cache_kwarg(model)}=...; "
+        "infinite_sampling needs a Hugging Face causal LM (transformers 5.x) that uses the cache it is given")
 
 
 @dataclass
@@ -66,8 +85,10 @@ def prefill(model, prompt_ids: list[int]) -> PromptKV:
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, position_ids=torch.arange(len(prompt_ids), device=device)[None], cache=cache,
-                use_cache=True)
+    out = model(input_ids=ids, position_ids=torch.arange(len(prompt_ids), device=device)[None], use_cache=True,
+                **{cache_kwarg(model): cache})
+    if not cache.layers or any(layer.keys is None for layer in cache.layers):
+        raise _ignored_cache(model)
     keys = [layer.keys[0] for layer in cache.layers]
     values = [layer.values[0] for layer in cache.layers]
     return PromptKV(keys, values, out.logits[0, -1].float())
@@ -86,7 +107,7 @@ class SlotLayer(CacheLayerMixin):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.is_initialized = True
         self.device = device
-        self.write_pos: torch.Tensor | None = None  # [rows], set by SlotKVCache.decode
+        self.write_pos: torch.Tensor | None = None  # [rows], set by SlotKVCache.decode, cleared by update
         self._rows = torch.arange(rows, device=device)
 
     def lazy_initialization(self, key_states, value_states):  # preallocated
@@ -95,8 +116,11 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if key_states.shape[-2] != 1:
             raise ValueError("SlotLayer.update takes one new token per row (decode); prefill with `prefill`")
+        if self.write_pos is None:
+            raise RuntimeError("SlotLayer.update called twice in one decode forward, or outside SlotKVCache.decode")
         self.keys[self._rows, :, self.write_pos] = key_states[:, :, 0].to(self.keys.dtype)
         self.values[self._rows, :, self.write_pos] = value_states[:, :, 0].to(self.values.dtype)
+        self.write_pos = None
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -164,8 +188,12 @@ class SlotKVCache(Cache):
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         position_ids = torch.where(torch.tensor(active, device=self.device), write_pos, 0)[:, None]
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        out = model(input_ids=ids, attention_mask=mask[:, None, None, :], position_ids=position_ids, cache=self,
-                    use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask[:, None, None, :], position_ids=position_ids, use_cache=True,
+                    **{cache_kwarg(model): self})
+        if any(layer.write_pos is not None for layer in self.layers):  # some layer never saw this token
+            for layer in self.layers:
+                layer.write_pos = None
+            raise _ignored_cache(model)
         for r in range(self.rows):
             if active[r]:
                 self.lengths[r] += 1
