@@ -4,7 +4,9 @@ Personal Hardware", EdgeFM 2024; the operator is our documented design, see docs
 Registers
 * model transform ``wip_attention``: swap the attention similarity (QKᵀ) of HF OPT / Qwen3 / LLaMA models for
   ``exact``, ``l1`` (AdderNet), ``pot`` (power-of-two shifts), ``minprod`` (Σ sign(q·k)·min(|q|,|k|)) or
-  ``mitchell`` (integer add of float bit patterns), through transformers' attention interface;
+  ``mitchell`` (integer add of float bit patterns), through transformers' attention interface; with
+  ``calibrate: true`` the closed-form calibration runs on the run's own first training batch inside the first
+  training forward, so any first-order recipe trains the calibrated swap (docs/wip.md);
 * recipe ``wip_recover``: perplexity of each operator after the swap, after closed-form per-head calibration
   and after ≤ 100 steps on the calibration parameters and norms, with op counts and energy;
 * model family ``wip-lm`` (the bundled ~0.9M-parameter LLaMA trained on Python's own docs by

@@ -85,6 +85,10 @@ class WipAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(num_heads))
         self.register_buffer("calibrated", torch.tensor(False))
         self.collector = None  # a recovery.CalibrationStats while calibration data is collected
+        # forwards whose attention logits came from the operator (not the exact collection passes of the
+        # calibration, not the exact fast path) and their similarity entries (B·H·Tq·Tk): plain counters, not state
+        self.op_calls = 0
+        self.op_pairs = 0
 
     def extra_repr(self) -> str:
         return (f"operator={self.op.name}, mixer={self.mixer}, heads={self.num_heads}, kv_heads={self.kv_heads}, "
@@ -123,6 +127,9 @@ class WipAttention(nn.Module):
             knorm = None  # ‖k‖₁·scale [B, H, 1, Tk]: only the calibration statistics and the key bias use it
             if self.collector is not None or (calibrated and self.key_bias):
                 knorm = kb.abs().sum(-1).unsqueeze(-2) * scale
+            if self.collector is None:
+                self.op_calls += 1
+                self.op_pairs += sim.numel()
             if self.collector is not None:
                 # calibration pass: record (operator, exact) pairs, continue with the exact attention so that
                 # every layer sees the original model's activations
@@ -234,13 +241,36 @@ def wip_modules(model: nn.Module) -> list[WipAttention]:
     return [m for m in model.modules() if isinstance(m, WipAttention)]
 
 
-class WipAttentionTransform:
-    """Model transform ``wip_attention``: :func:`swap_attention` with the configured operator."""
+def operator_counts(model: nn.Module) -> dict[str, int]:
+    """``{"calls": …, "pairs": …}`` summed over the :class:`WipAttention` layers: forwards whose logits the
+    operator computed (counted since the swap) and their similarity entries."""
+    wips = wip_modules(model)
+    return {"calls": sum(w.op_calls for w in wips), "pairs": sum(w.op_pairs for w in wips)}
 
-    def __init__(self, operator: str, mixer: str, key_bias: bool, dim_scales: bool):
+
+class WipAttentionTransform:
+    """Model transform ``wip_attention``: :func:`swap_attention` with the configured operator.
+
+    With ``calibrate`` the swapped model also gets a one-shot closed-form calibration on the run's own first
+    ``calibrate_batches`` training batches, done inside the first training forward(s)
+    (:class:`plait.plugins.wip.recovery.FirstBatchCalibration`, kept as ``model.wip_calibration``).
+    """
+
+    def __init__(self, operator: str, mixer: str, key_bias: bool, dim_scales: bool, calibrate: bool = False,
+                 calibrate_batches: int = 1):
         get_operator(operator)
         check_mixer(mixer)
+        if calibrate_batches < 1:
+            raise ValueError(f"calibrate_batches must be at least 1, got {calibrate_batches}")
         self.operator, self.mixer, self.key_bias, self.dim_scales = operator, mixer, key_bias, dim_scales
+        self.calibrate, self.calibrate_batches = bool(calibrate), int(calibrate_batches)
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        return swap_attention(model, self.operator, self.mixer, self.key_bias, self.dim_scales)
+        model = swap_attention(model, self.operator, self.mixer, self.key_bias, self.dim_scales)
+        if self.calibrate:
+            from .recovery import FirstBatchCalibration
+
+            hook = FirstBatchCalibration(self.calibrate_batches)
+            model.register_forward_pre_hook(hook, with_kwargs=True)
+            model.wip_calibration = hook  # a plain attribute (not a module, not in the state dict)
+        return model

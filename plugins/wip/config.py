@@ -11,6 +11,10 @@ class WipAttentionConfig:
     mixer: str = "exact"  # A·V: exact | pot
     key_bias: bool = False  # calibration also fits γ·‖k‖₁ per head
     dim_scales: bool = False  # trainable per-dimension q/k input scales of the operator (fine-tune; fold into W_q/W_k)
+    # closed-form calibration of α/β/γ (wip_recover's) on the run's own first training batch(es), inside the first
+    # training forward: step 1 already trains the calibrated operator (docs/wip.md "Calibrated in any recipe")
+    calibrate: bool = False
+    calibrate_batches: int = 1  # training forwards whose inputs are the calibration data (see docs/wip.md)
 
 
 @dataclass

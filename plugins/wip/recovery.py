@@ -19,9 +19,13 @@ the eval split is never used.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from plait.errors import ConfigError
 
 from .attention import WipAttention, wip_modules
 
@@ -31,6 +35,9 @@ class CalibrationStats:
 
     def __init__(self):
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        # [B, T] padding mask (1 = real token) of the batch being collected, or None: the query rows of padding
+        # positions are left out of the fit (the additive attention mask only hides padding *keys*)
+        self.query_mask: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(self, wip: WipAttention, sim: torch.Tensor, knorm: torch.Tensor, exact: torch.Tensor,
@@ -38,6 +45,9 @@ class CalibrationStats:
         x, y = sim.double(), exact.double()
         n = knorm.double().expand_as(x)
         valid = torch.ones_like(x, dtype=torch.bool) if mask is None else (mask == 0).expand_as(x)
+        q = self.query_mask
+        if q is not None and tuple(q.shape) == (x.shape[0], x.shape[2]):
+            valid = valid & q.to(device=x.device, dtype=torch.bool)[:, None, :, None]
         w = valid.double()
         count = w.sum(-1, keepdim=True).clamp_min(1.0)
 
@@ -75,49 +85,72 @@ class CalibrationStats:
 
 def _batches(blocks: torch.Tensor, batch_size: int):
     for i in range(0, len(blocks), batch_size):
-        yield blocks[i:i + batch_size]
+        yield {"input_ids": blocks[i:i + batch_size]}
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16, min_blocks: int = 1) -> dict:
-    """Fit α, β, γ of every WipAttention of ``model`` on ``blocks`` [n, T] and switch calibration on.
+def calibrate(model: nn.Module, blocks, batch_size: int = 16, min_blocks: int = 1) -> dict:
+    """Fit α, β, γ of every WipAttention of ``model`` and switch calibration on.
 
-    Returns {"alpha": [[per head] per layer], ...} for logging. ValueError if the model was not swapped or
-    there are fewer than ``min_blocks`` blocks.
+    ``blocks``: token blocks ``[n, T]`` (no padding; fed ``batch_size`` at a time), or a list of batches
+    ``{"input_ids": [B, T], "attention_mask": [B, T] (optional, 1 = real token)}`` as a recipe feeds its
+    model; padding query rows are left out of the fit. Returns {"alpha": [[per head] per layer], ...} for
+    logging. ValueError if the model was not swapped or there is too little data.
     """
     wips = wip_modules(model)
     if not wips:
         raise ValueError("the model has no swapped attention; apply the wip_attention transform first")
-    if blocks.dim() != 2 or len(blocks) < max(1, min_blocks) or blocks.shape[1] < 2:
-        raise ValueError(f"calibration needs at least {max(1, min_blocks)} token blocks of length ≥ 2, got a "
-                         f"tensor of shape {tuple(blocks.shape)}")
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dim() != 2 or len(blocks) < max(1, min_blocks) or blocks.shape[1] < 2:
+            raise ValueError(f"calibration needs at least {max(1, min_blocks)} token blocks of length ≥ 2, got a "
+                             f"tensor of shape {tuple(blocks.shape)}")
+        batches = list(_batches(blocks, batch_size))
+    else:
+        batches = list(blocks)
+        if not batches or any(b["input_ids"].dim() != 2 or b["input_ids"].shape[1] < 2 for b in batches):
+            raise ValueError("calibration needs at least one batch of input_ids [B, T ≥ 2]")
     for w in wips:
         w.calibrated.fill_(False)
-    stats = _collect(model, wips, blocks, batch_size)
-    fitted = {"alpha": [], "beta": [], "gamma": []}
-    for w in wips:
-        for name, value in zip(("alpha", "beta", "gamma"), stats.solve(w)):
-            getattr(w, name).data.copy_(value.to(getattr(w, name).dtype))
-            fitted[name].append([round(float(v), 5) for v in value])
-        w.calibrated.fill_(True)
-    return fitted
+    return apply_calibration(model, collect(model, batches))
 
 
-def _collect(model: nn.Module, wips: list[WipAttention], blocks: torch.Tensor, batch_size: int) -> CalibrationStats:
-    stats = CalibrationStats()
+@torch.no_grad()
+def collect(model: nn.Module, batches, stats: CalibrationStats | None = None) -> CalibrationStats:
+    """Run ``batches`` (dicts with ``input_ids`` and optionally ``attention_mask``) through ``model`` in eval
+    mode with the exact attention in every layer, accumulating the fit's statistics (into ``stats`` if given)."""
+    wips = wip_modules(model)
+    stats = stats if stats is not None else CalibrationStats()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for w in wips:
             w.collector = stats
-        for batch in _batches(blocks, batch_size):
-            model(input_ids=batch.to(device))
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            stats.query_mask = mask
+            kwargs = {"input_ids": batch["input_ids"].to(device)}
+            if mask is not None:
+                kwargs["attention_mask"] = mask.to(device)
+            model(**kwargs)
     finally:
+        stats.query_mask = None
         for w in wips:
             w.collector = None
         model.train(was_training)
     return stats
+
+
+@torch.no_grad()
+def apply_calibration(model: nn.Module, stats: CalibrationStats) -> dict:
+    """Solve the collected fit, write α, β, γ of every WipAttention and switch calibration on."""
+    fitted = {"alpha": [], "beta": [], "gamma": []}
+    for w in wip_modules(model):
+        for name, value in zip(("alpha", "beta", "gamma"), stats.solve(w)):
+            getattr(w, name).data.copy_(value.to(getattr(w, name).dtype))
+            fitted[name].append([round(float(v), 5) for v in value])
+        w.calibrated.fill_(True)
+    return fitted
 
 
 def recovery_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -220,3 +253,109 @@ def finetune(model: nn.Module, blocks: torch.Tensor, steps: int, lr: float = 3e-
                 for p, v in zip(train, best[1]):
                     p.copy_(v)
     return losses
+
+
+class FirstBatchCalibration:
+    """The ``calibrate: true`` of the ``wip_attention`` transform: the closed-form calibration above, on the
+    run's own training batches, done inside the first training forward(s) (a forward pre-hook on the model).
+
+    A model transform runs at build time with no data, so the transform registers this object as a forward
+    pre-hook of the swapped model (and keeps it as ``model.wip_calibration``). It acts on the first forward
+    made **with gradients enabled** — a training forward: evaluation forwards (``torch.no_grad``) pass through
+    untouched, so the run's first evaluation measures the uncalibrated swap. On each of the first ``batches``
+    training forwards it runs one extra forward of the same ``input_ids`` / ``attention_mask`` without
+    gradients, in eval mode, with the exact attention in every layer (:func:`collect`, as :func:`calibrate`
+    does), and before the ``batches``-th one proceeds it solves the fit (:func:`apply_calibration`). So with
+    ``batches = 1`` (the default) the first training forward — for ``sft``, step 1's first micro-batch —
+    is the calibration data, and step 1's loss and gradients already use the calibrated operator. With more,
+    the first ``batches - 1`` training forwards still run the uncalibrated operator; unless they are
+    micro-batches of one step (``grad_accum ≥ batches``), the later batches are collected on weights that
+    earlier steps already moved.
+
+    * Resume: α, β, γ and the ``calibrated`` flags are module parameters / buffers, so they are in the
+      checkpoint; when the first forward finds every layer calibrated (a loaded state) nothing is fitted again.
+      (A run checkpointed before its ``batches``-th training forward collects afresh after the resume.)
+    * A recipe that never runs a forward with gradients (``zo``: MeZO's steps are forward-only) cannot be
+      calibrated this way: a forward without gradients that finds the calibration parameters moved (perturbed
+      or updated) while calibration is still pending is refused, instead of training an uncalibrated model.
+    * Under a DP grad transform (``flashdp``) the calibration would read private training data outside the
+      accountant: refused.
+    """
+
+    def __init__(self, batches: int = 1):
+        if batches < 1:
+            raise ValueError(f"calibrate_batches must be at least 1, got {batches}")
+        self.batches = batches
+        self.state = "pending"  # pending | calibrated | loaded (a calibrated state was loaded: nothing to fit)
+        self.used: list[dict] = []  # per calibration batch: its shape and number of real tokens
+        self.fitted: dict[str, list[torch.Tensor]] | None = None  # α, β, γ per layer as fitted
+        self._stats: CalibrationStats | None = None
+        self._busy = False
+
+    def summary(self) -> dict:
+        out = {"state": self.state, "batches": len(self.used),
+               "tokens": sum(u["tokens"] for u in self.used)}
+        if self.fitted is not None:
+            out["alpha_mean"] = float(torch.cat(self.fitted["alpha"]).mean())
+        return out
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict):
+        if self.state != "pending" or self._busy:
+            return None
+        wips = wip_modules(model)
+        if wips and all(bool(w.calibrated) for w in wips):
+            self.state = "loaded"
+            return None
+        if not torch.is_grad_enabled():
+            _check_untouched(wips)
+            return None
+        _refuse_private(model)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ConfigError("transforms wip_attention: calibrate: true needs the training forward to pass "
+                              "input_ids [B, T] (got none: inputs_embeds are not supported)")
+        batch = {"input_ids": ids.detach()}
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            batch["attention_mask"] = mask.detach()
+        self._busy = True
+        try:
+            self._stats = collect(model, [batch], self._stats)
+        finally:
+            self._busy = False
+        self.used.append({"shape": list(ids.shape),
+                          "tokens": int(mask.sum()) if "attention_mask" in batch else ids.numel()})
+        if len(self.used) == self.batches:
+            apply_calibration(model, self._stats)
+            self._stats = None
+            self.fitted = {name: [getattr(w, name).detach().clone() for w in wips]
+                           for name in ("alpha", "beta", "gamma")}
+            self.state = "calibrated"
+            print(f"plait: wip_attention: calibrated {len(wips)} attention layer(s) on {len(self.used)} training "
+                  f"batch(es) ({self.summary()['tokens']} tokens) before the first calibrated training forward; "
+                  f"mean alpha {self.summary()['alpha_mean']:.4g}", file=sys.stderr)
+        return None
+
+
+_INITIAL = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "q_scale": 1.0, "k_scale": 1.0}
+
+
+def _check_untouched(wips: list[WipAttention]) -> None:
+    for w in wips:
+        for name, start in _INITIAL.items():
+            p = getattr(w, name, None)
+            if isinstance(p, torch.Tensor) and p.numel() and not bool((p.detach().float() == start).all()):
+                raise ConfigError(
+                    "transforms wip_attention: calibrate: true fits the calibration on the first training forward "
+                    "with gradients, but the calibration parameters changed before any (a forward-only recipe such "
+                    "as zo perturbs and updates them without one); use a first-order recipe (sft, grpo, ...) or "
+                    "calibrate: false")
+
+
+def _refuse_private(model: nn.Module) -> None:
+    private = sorted({type(m).__name__ for m in model.modules()
+                      if type(m).__module__.startswith("plait.plugins.flashdp")})
+    if private:
+        raise ConfigError(
+            f"transforms wip_attention: calibrate: true would fit on private training data outside the DP "
+            f"accountant (the model has flashdp layers: {', '.join(private)}); use calibrate: false under flashdp")
