@@ -15,10 +15,13 @@ Objects come from the factories (``g``, ``cache_capacity`` … from the config) 
                                 pad_id=tok.pad_token_id)
 
 Also registers recipe ``grpo`` (rollouts from the ``sampler:`` section -> rewards -> group advantages ->
-clipped policy loss, optional k3 KL to a frozen reference; rewards are listed in the recipe's ``rewards:`` option)
-and the bundled verifiable tasks as datasets ``addition`` and ``copy``::
+clipped policy loss, optional k3 KL to a frozen reference; rewards are listed in the recipe's ``rewards:`` option;
+the update is the shared ``plait.step.FirstOrderStep``, so ``grad_transform:`` works: ``sam``, and ``flashdp`` /
+``dp-flat`` for DP GRPO with one training prompt as the privacy unit) and the bundled verifiable tasks as datasets
+``addition`` and ``copy``::
 
     plait run configs/grpo/addition.yaml
+    plait run configs/compose/dp_grpo_addition.yaml
 
 Modules: ``schedule`` (plans, dispatchers, simulator; pure Python), ``kv_cache`` (slot KV cache over HF models),
 ``samplers`` (the schedulers and `Rollouts`), ``grpo_loss``, ``rewards``, ``tasks``, ``recipe`` (``grpo``),
@@ -98,4 +101,4 @@ def register_datasets(register):
 def register_recipes(register):
     register("grpo", build_grpo, config=GRPORecipeConfig,
              doc="GRPO: G sampled completions per prompt, rewards, group advantages, clipped loss (+ k3 KL)",
-             requires=("model", "data", "sampler"), uses=("transforms",))
+             requires=("model", "data", "sampler"), uses=("transforms", "grad_transform"))

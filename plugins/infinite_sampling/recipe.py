@@ -2,25 +2,57 @@
 
 Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run repeats an uninterrupted one):
 
-1. ``prompts_per_step`` train prompts (a seeded permutation per epoch, as ``plait.step.BatchOrder``);
+1. ``prompts_per_step`` train prompts (a seeded permutation per epoch, as ``plait.step.BatchOrder``), or the
+   grad transform's own sample (DP: Poisson sampling of prompts);
 2. ``group_size`` completions per prompt from ``run.build("sampler")`` (each rollout seeded by
-   ``(sampler.seed, step, prompt, sample)``), at most ``max_new_tokens`` tokens, EOS included;
+   ``(sampler.seed, step, prompt, sample)``; under DP by `rollout_key`, below), at most ``max_new_tokens``
+   tokens, EOS included;
 3. rewards: the weighted sum of the ``rewards:`` specs (`rewards.evaluate_rewards`; a raising or non-finite value
    fails the run naming the sample, or counts 0 with ``reward_on_error: skip``);
 4. advantages `grpo_loss.group_advantages` (scale group / batch / none);
-5. ``num_iterations`` AdamW updates on `grpo_loss.grpo_loss` (clip, k3 KL to a frozen reference when
-   ``beta > 0``). The old-policy log-probs are computed once per step, before the first update, without
-   gradient (the snapshot); with ``num_iterations = 1`` they equal the current ones (ratio 1). With
-   ``micro_batch_size`` > 0 every forward (loss, snapshot, reference) takes that many of the ``B * G`` rows,
-   each trimmed to its longest row, and the gradients accumulate (`accumulate_grpo_gradients`: the sum of
-   the micro-batch shares is the one-batch loss for every aggregation). The LR follows ``lr_schedule``
-   (constant / linear / cosine to 0 at ``run.steps``, after ``lr_warmup_steps`` linear warm-up steps), set
-   from the step number, so a resumed run follows the same schedule.
+5. ``num_iterations`` updates of the shared first-order step (`plait.step.FirstOrderStep`: AdamW, the LR of
+   ``lr_schedule`` — constant / linear / cosine to 0 at ``run.steps``, after ``lr_warmup_steps`` linear warm-up
+   steps — set from the step number so that a resumed run follows the same schedule, global-norm clipping at
+   ``max_grad_norm``, and the ``grad_transform:`` chain) whose objective is `grpo_loss.grpo_loss` over the step's
+   rollouts (clip, k3 KL to a frozen reference when ``beta > 0``). The old-policy log-probs are computed once per
+   step, before the first update, without gradient (the snapshot); with ``num_iterations = 1`` they equal the
+   current ones (ratio 1). With ``micro_batch_size`` > 0 every forward (loss, snapshot, reference) takes that
+   many of the ``B * G`` rows, each trimmed to its longest row, and each micro-batch's share is backwarded before
+   the next forward (`accumulate_grpo_gradients`: the sum of the shares is the one-batch loss for every
+   aggregation). Without a grad transform the trajectory is the one this recipe had before the shared step.
+
+Grad transforms (``grad_transform:``, one mapping or a list; see `plait.step`): ``sam`` (its ascent re-runs the
+step's loss on the same rollouts, micro-batches included), ``flashdp`` / ``dp-flat`` (DP GRPO). The rollouts,
+rewards, advantages, snapshot and reference log-probs are made before the step, at the current weights; the
+transform only sees the loss.
+
+DP GRPO — the privacy unit is one training prompt (its record: prompt and answer fields). The transform's Poisson
+sampling draws prompts (``batch_indices(step)`` gives prompt indices, rate q = ``prompts_per_step`` / train
+prompts, which is what the accountant uses); the G rollouts are then generated for the sampled prompts. Each
+prompt's G rollouts and their loss terms are one "sample": `sample_losses` returns one loss per prompt (its share
+of the GRPO objective: ``grpo`` — the mean over its G completions of each one's token mean; ``dr_grpo`` — its
+token sum over ``G * max_new_tokens``; the batch loss is their mean), and the loss forward packs each prompt's
+rollouts into one row (`pack_groups`: block-diagonal causal mask, positions restarting per rollout, so the logits
+are those of the unpacked rows; the attention of a packed row is quadratic in G * (prompt + completion)
+length, and a model that does not honour the 4-D mask and positions is refused at start-up by `check_packing`).
+The DP layers take the rows of a forward as the samples, so a row's per-sample gradient is the prompt's whole
+gradient and clipping bounds each prompt's influence at C (clipping the B * G unpacked rows would bound each
+rollout at C and a prompt at G * C: not the unit sampled). A prompt's loss depends
+on its own record only: rewards come from the model's own samples and the record's answer fields; advantages are
+scaled within the group; each prompt's rollouts are drawn with seeds keyed by the prompt's text and the step
+(`rollout_key`), not by its place in the batch. Hence refused with a private transform: ``advantage_scale:
+batch`` and aggregations ``dapo`` / ``bnpo`` (they normalise over the batch), ``num_iterations`` > 1 (several
+updates per sampled batch), ``micro_batch_size`` > 0 (the DP layers clip and add noise in one backward per step),
+``warmup_sft_steps`` > 0 and a length ``predictor`` (both learn from the prompts without DP). Reward functions
+must score each completion from its own prompt and fields (the built-in ones do). The logged ``train/*`` values
+are computed from the sampled batch and are not covered by ε (as in ``sft``): the guarantee is for the weights.
 
 The policy runs in eval mode throughout (no dropout): sampling, old log-probs and the loss then see the same
-function, so the ratio is exactly 1 on the first pass. ``warmup_sft_steps`` > 0 first trains on the task's
-``completion`` field (teacher forcing, AdamW at ``warmup_lr``); the reference model is the model after warm-up.
-Warm-up runs only in a fresh run (a resumed run restores the weights it produced).
+function, so the ratio is exactly 1 on the first pass (`FirstOrderStep` switches the model to train mode at each
+step; the objective switches it back before any forward, and the step ends in eval mode).
+``warmup_sft_steps`` > 0 first trains on the task's ``completion`` field (teacher forcing, AdamW at
+``warmup_lr``); the reference model is the model after warm-up. Warm-up runs only in a fresh run (a resumed run
+restores the weights it produced).
 
 Evaluation: greedy decoding of the eval prompts; ``eval/accuracy`` is exact match against ``answer`` (stripped),
 ``eval/reward_mean`` the configured reward.
@@ -30,23 +62,28 @@ Evaluation: greedy decoding of the eval prompts; ``eval/accuracy`` is exact matc
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
-from plait.step import BatchOrder, lr_factor
+from plait.step import BatchOrder, FirstOrderStep
 from plait.run import Run, train_loop
 
 from .config import GRPORecipeConfig
-from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss_part
+from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss, grpo_loss_part
 from .predictor import PREDICTORS, build_predictor, kendall_tau, smape
 from .rewards import ON_ERROR, REGEX_MODES, ExactMatch, PythonCallable, RegexFormat, evaluate_rewards
+from .samplers import Rollouts, RolloutStats
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+PER_PROMPT_AGGREGATIONS = ("grpo", "dr_grpo")  # the batch loss is the mean of per-prompt losses
+PACKING_TOLERANCE = 1e-3  # |Δ log-prob| between packed and unpacked rollouts accepted by the start-up check
 REWARD_KINDS = {
     "exact_match": ("field", "strip"),
     "regex": ("pattern", "reward", "mode"),
@@ -134,6 +171,35 @@ def batched_logp(model, seqs: dict[str, torch.Tensor], micro_batch_size: int = 0
     return out
 
 
+def grpo_micro_losses(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
+                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, micro_batch_size: int = 0,
+                      **loss_kwargs):
+    """The GRPO loss of all ``N`` rows as one `grpo_loss_part` per micro-batch of ``micro_batch_size`` rows
+    (0: one), yielded as ``(loss, stats)`` one forward at a time, so that the caller can backward each share
+    before the next forward (gradient accumulation: the shares sum to the one-batch loss for every aggregation).
+    ``old_logp`` None means the current policy (ratio 1, μ = 1)."""
+    n = seqs["input_ids"].shape[0]
+    total_tokens = float(seqs["completion_mask"][:, 1:].sum())
+    for rows in micro_batches(n, micro_batch_size):
+        part = take_rows(seqs, rows)
+        logp, mask = completion_logp(model, part)
+        width = logp.shape[1]
+        old = logp.detach() if old_logp is None else old_logp[rows, :width]
+        ref = None if ref_logp is None else ref_logp[rows, :width]
+        yield grpo_loss_part(logp, old, ref, advantages[rows], mask, total_rows=n, total_tokens=total_tokens,
+                             **loss_kwargs)
+
+
+def token_weighted(stats: list[dict[str, float]]) -> dict[str, float]:
+    """The token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean`` over micro-batches' stats."""
+    sums, tokens = {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}, 0.0
+    for st in stats:
+        tokens += st["num_tokens"]
+        for k in sums:
+            sums[k] += st[k] * st["num_tokens"]
+    return {k: v / tokens if tokens else 0.0 for k, v in sums.items()}
+
+
 def accumulate_grpo_gradients(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
                               old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                               micro_batch_size: int = 0, **loss_kwargs) -> tuple[float, dict[str, float]]:
@@ -141,23 +207,89 @@ def accumulate_grpo_gradients(model, seqs: dict[str, torch.Tensor], advantages: 
     accumulation; 0: one forward). Each micro-batch adds its `grpo_loss_part`, so the accumulated gradient is the
     one-batch gradient for every aggregation. ``old_logp`` None means the current policy (ratio 1, μ = 1).
     Returns the loss value and the token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean``."""
-    n = seqs["input_ids"].shape[0]
-    total_tokens = float(seqs["completion_mask"][:, 1:].sum())
-    loss_value, sums, tokens = 0.0, {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}, 0.0
-    for rows in micro_batches(n, micro_batch_size):
-        part = take_rows(seqs, rows)
-        logp, mask = completion_logp(model, part)
-        width = logp.shape[1]
-        old = logp.detach() if old_logp is None else old_logp[rows, :width]
-        ref = None if ref_logp is None else ref_logp[rows, :width]
-        loss, stats = grpo_loss_part(logp, old, ref, advantages[rows], mask, total_rows=n,
-                                     total_tokens=total_tokens, **loss_kwargs)
+    loss_value, stats = 0.0, []
+    for loss, st in grpo_micro_losses(model, seqs, advantages, old_logp, ref_logp, micro_batch_size,
+                                      **loss_kwargs):
         loss.backward()
         loss_value += float(loss.detach())
-        tokens += stats["num_tokens"]
-        for k in sums:
-            sums[k] += stats[k] * stats["num_tokens"]
-    return loss_value, {k: v / tokens if tokens else 0.0 for k, v in sums.items()}
+        stats.append(st)
+    return loss_value, token_weighted(stats)
+
+
+def pack_groups(seqs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """The ``N = B * G`` rows of `Rollouts.sequences` packed into ``B`` rows, one per prompt: its G rollouts side
+    by side (each prompt + completion, padding dropped), with a block-diagonal causal mask (a token attends only to
+    its own rollout's earlier tokens) and positions restarting at 0 in every rollout, so each rollout's logits are
+    those of its own unpacked row (up to float rounding). Returns ``input_ids`` / ``position_ids`` ``[B, L]``,
+    ``segment`` ``[B, L]`` (the rollout of each position, -1 on padding) and, to read the packed log-probs back in
+    the unpacked layout ``[N, T-1]``, ``row`` / ``col`` (where row n's next-token log-prob t lies) and ``valid``.
+    One packed row per prompt is what makes a per-sample gradient (DP) a per-prompt gradient."""
+    ids, attn = seqs["input_ids"], seqs["attention_mask"]
+    n, t = ids.shape
+    if n % group_size:
+        raise ValueError(f"{n} rows are not groups of {group_size}")
+    b = n // group_size
+    lengths = attn.sum(1).tolist()
+    width = max(sum(lengths[p * group_size:(p + 1) * group_size]) for p in range(b))
+    packed = torch.zeros((b, width), dtype=ids.dtype)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    segment = torch.full((b, width), -1, dtype=torch.long)
+    row = torch.zeros((n, t - 1), dtype=torch.long)
+    col = torch.zeros((n, t - 1), dtype=torch.long)
+    valid = torch.zeros((n, t - 1), dtype=torch.bool)
+    ids_cpu = ids.cpu()
+    for p in range(b):
+        offset = 0
+        for i in range(group_size):
+            r, length = p * group_size + i, lengths[p * group_size + i]
+            packed[p, offset:offset + length] = ids_cpu[r, :length]
+            positions[p, offset:offset + length] = torch.arange(length)
+            segment[p, offset:offset + length] = i
+            row[r] = p
+            col[r, :length - 1] = torch.arange(offset, offset + length - 1)
+            valid[r, :length - 1] = True
+            offset += length
+    device = ids.device
+    return {"input_ids": packed.to(device), "position_ids": positions.to(device), "segment": segment.to(device),
+            "row": row.to(device), "col": col.to(device), "valid": valid.to(device)}
+
+
+def packed_logp(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`completion_logp`'s log-probs ``[N, T-1]`` (0 past each row's end) from one forward of the packed rows
+    (`pack_groups`): a 4-D additive attention mask (0 where a token may attend, the dtype's minimum elsewhere; a
+    padding position attends to itself only) and explicit ``position_ids``, which HF causal LMs take as given."""
+    seg = packed["segment"]
+    width = seg.shape[1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & causal
+    allowed |= torch.eye(width, dtype=torch.bool, device=seg.device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    ids = packed["input_ids"]
+    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=packed["position_ids"]).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
+    out = logp[packed["row"], packed["col"]]
+    return torch.where(packed["valid"], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def check_packing(model, prompts: list[list[int]], pad_id: int) -> float:
+    """Largest |Δ log-prob| between `packed_logp` and `completion_logp` on two short made-up rollouts of each of
+    up to two train prompts (every position compared): a model that ignores the 4-D mask or the positions shows
+    a large difference."""
+    rows = [p + p[-1:] * k for p in prompts[:2] for k in (1, 2)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        attn[r, :len(row)] = 1
+    device = next(model.parameters()).device
+    seqs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "completion_mask": attn.to(device)}
+    with torch.no_grad():
+        ref, mask = completion_logp(model, seqs)
+        got = packed_logp(model, pack_groups(seqs, 2))
+    return float(((got - ref).abs() * mask).max())
 
 
 @torch.no_grad()
@@ -193,12 +325,16 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
 
 
 class GRPORecipe:
-    """Builds model, data, sampler, rewards and AdamW from the run, then drives `train_loop`."""
+    """Builds model, data, sampler and rewards from the run; the shared `FirstOrderStep` moves the parameters
+    (the GRPO loss over the step's rollouts is its objective); `train_loop` drives."""
 
     def __init__(self, run: Run, **options: Any):
         self.run = run
         self.cfg = c = GRPORecipeConfig(**options)
         self._check_options()
+        self.private = _declares_private(run)
+        if self.private:
+            self._check_private()
         self.fns, self.weights = build_rewards([_plain(s) for s in c.rewards])
         self.sampler = run.build("sampler")
         g = getattr(self.sampler, "g", 0)
@@ -230,11 +366,28 @@ class GRPORecipe:
         self._check_capacity()
         self.fields = sorted(set.intersection(*(set(e) for e in self.train_examples)) - {"prompt"})
         self.order = BatchOrder(len(self.train_prompts), c.prompts_per_step, run.cfg.run.seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.ref = None  # made after warm-up (fresh run) or from the checkpoint (resume)
-        if c.beta > 0:
+        if c.beta > 0:  # copied before the grad transforms prepare the policy (a DP transform swaps its layers)
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        transform = run.build("grad_transform") if run.has("grad_transform") else None
+        # per-sample losses summed (DP): one loss per prompt, from one packed row per prompt
+        self.per_prompt = getattr(transform, "loss_reduction", "mean") == "sum"
+        if self.per_prompt:
+            self.private = True
+            self._check_private()
+            gap = check_packing(self.model, self.train_prompts, self.pad_id)
+            if not gap < PACKING_TOLERANCE:
+                raise ConfigError(f"model: {type(self.model).__name__} does not compute packed rollouts (a 4-D "
+                                  f"attention mask and position_ids) like unpacked ones (log-probs differ by "
+                                  f"{gap:.3g}); a private grad_transform needs one packed row per prompt — use an "
+                                  f"HF causal LM with attn_implementation eager or sdpa")
+        self.step = FirstOrderStep(run, self.model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
+                                   schedule=c.lr_schedule, warmup_steps=c.lr_warmup_steps,
+                                   max_grad_norm=c.max_grad_norm, grad_accum=1, batch_size=c.prompts_per_step,
+                                   dataset_size=len(self.train_prompts), transform=transform)
+        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, self.step.transform
+        self._batch: _StepBatch | None = None  # the rollouts of the step in progress
+        self._stats: dict[str, float] | None = None
         self.skipped = 0
         self.prefix_tokens = int(getattr(self.sampler, "prefix_tokens", 0) or 0)
         if self.prefix_tokens and c.predictor == "none":
@@ -310,6 +463,29 @@ class GRPORecipe:
             raise ConfigError(f"recipe.{key}: the longest prompt plus {key} is {need} tokens, more than the "
                               f"model's {limit} positions")
 
+    def _check_private(self) -> None:
+        """What a private ``grad_transform:`` (DP) cannot compose with: each would spend privacy the accountant does
+        not count, or give a prompt a loss that depends on other prompts (no per-prompt sensitivity)."""
+        c = self.cfg
+        refusals = [
+            (c.warmup_sft_steps > 0, f"recipe.warmup_sft_steps: {c.warmup_sft_steps} supervised steps train on the "
+             "private prompts' completions without DP; set 0 and start from a model tuned on public data"),
+            (c.num_iterations > 1, f"recipe.num_iterations: {c.num_iterations} updates on one Poisson-sampled batch "
+             "would each be counted by the accountant as a fresh sample; use 1"),
+            (c.micro_batch_size > 0, f"recipe.micro_batch_size: {c.micro_batch_size}; under DP the step's loss is one "
+             "forward and one backward (the DP layers clip every prompt's gradient and add the noise in that "
+             "backward); use 0"),
+            (c.advantage_scale == "batch", "recipe.advantage_scale: 'batch' scales every advantage by the std of the "
+             "whole batch's rewards, so one prompt's loss depends on the others; use group or none"),
+            (c.aggregation not in PER_PROMPT_AGGREGATIONS, f"recipe.aggregation: {c.aggregation!r} divides by the "
+             "batch's total token count, so one prompt's loss depends on the others; use grpo or dr_grpo"),
+            (c.predictor != "none", f"recipe.predictor: {c.predictor!r} learns from the private prompts' rollout "
+             "lengths without DP (and is saved in checkpoints); use none"),
+        ]
+        for refused, message in refusals:
+            if refused:
+                raise ConfigError(f"{message} (with a private grad_transform)")
+
     # --- run ----------------------------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:
         if self.run.resume_state is None and self.cfg.warmup_sft_steps:
@@ -318,6 +494,7 @@ class GRPORecipe:
                 self.ref.load_state_dict(self.model.state_dict())
         result = train_loop(self.run, self)
         result["reward_skipped"] = self.skipped
+        result.update(self.step.summary())
         return result
 
     def _warmup(self) -> dict[str, float]:
@@ -366,10 +543,48 @@ class GRPORecipe:
     def _sequences(self, rollouts) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in rollouts.sequences(self.pad_id).items()}
 
+    def _generate(self, prompts: list[list[int]], examples: list[dict], step: int, predicted):
+        """The G rollouts of each prompt. Under a private transform each prompt's rollouts are drawn in a call of
+        their own whose seeds are keyed by the prompt's record (`rollout_key`), not by its place in the batch: a
+        prompt's rollouts (and so its loss) then do not depend on which other prompts were sampled."""
+        c = self.cfg
+        kw = dict(group_size=c.group_size, max_new_tokens=c.max_new_tokens,
+                  sampling={"temperature": c.temperature, "top_k": c.top_k}, eos_id=self.eos_id, pad_id=self.pad_id)
+        if not self.private:
+            return self.sampler.generate(self.model, prompts, step=step, predicted_lengths=predicted, **kw)
+        parts = [self.sampler.generate(self.model, [p], step=rollout_key(step, e["prompt"]), **kw)
+                 for p, e in zip(prompts, examples)]
+        return merge_rollouts(parts)
+
     # --- Task protocol ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         c = self.cfg
-        idx = self.order(step - 1)
+        chain = self.step.transform
+        idx = chain.batch_indices(step) if chain is not None else None  # Poisson-sampled prompts (DP)
+        sampled = idx is not None
+        if idx is None:
+            idx = self.batch_indices(step, 0)
+        out: dict[str, float] = {"train/prompts": float(len(idx))} if sampled else {}
+        self._batch = self._rollout_batch(step, list(idx), out) if len(idx) else None
+        sums: dict[str, float] = {}
+        for _ in range(c.num_iterations):
+            self._stats = None
+            metrics = self.step(step)  # an empty Poisson batch: the transform supplies the (noise) update
+            self.model.eval()  # FirstOrderStep sets train mode; the policy runs in eval mode (no dropout)
+            if self._stats is not None:
+                metrics.update({f"train/{k}": v for k, v in self._stats.items()})
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            lr = metrics["train/lr"]
+        self._batch = None
+        out.update({k: v / c.num_iterations for k, v in sums.items()})
+        out["train/lr"] = lr  # the step's LR (the same for every iteration), not a mean of copies
+        return out
+
+    def _rollout_batch(self, step: int, idx: list[int], out: dict[str, float]) -> "_StepBatch":
+        """Rollouts, rewards and advantages of the step's prompts, and the snapshot / reference log-probs; the
+        step's metrics are added to ``out``."""
+        c = self.cfg
         examples = [self.train_examples[i] for i in idx]
         prompts = [self.train_prompts[i] for i in idx]
         predicted = None
@@ -378,10 +593,7 @@ class GRPORecipe:
         elif self.predictor is not None:  # before generation: no prefix; one value per prompt, repeated G times
             per_prompt = self.predictor.predict_batch(prompts, [[] for _ in prompts])
             predicted = [[v] * c.group_size for v in per_prompt]
-        rollouts = self.sampler.generate(self.model, prompts, group_size=c.group_size,
-                                         max_new_tokens=c.max_new_tokens, step=step,
-                                         sampling={"temperature": c.temperature, "top_k": c.top_k},
-                                         eos_id=self.eos_id, pad_id=self.pad_id, predicted_lengths=predicted)
+        rollouts = self._generate(prompts, examples, step, predicted)
         pred_metrics: dict[str, float] = {}
         if self.prefix_tokens:  # score and train on the remaining lengths of the jobs that outlived the probe
             k, planned = self.prefix_tokens, self.sampler.last_predictions
@@ -409,49 +621,97 @@ class GRPORecipe:
         r = torch.tensor(rewards, dtype=torch.float32).view(len(examples), G)
         adv = group_advantages(r, scale=c.advantage_scale).reshape(-1).to(self.device)
         seqs = self._sequences(rollouts)
-        lr = c.lr * lr_factor(step, self.run.cfg.run.steps, c.lr_schedule, c.lr_warmup_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         mb = c.micro_batch_size
         old_logp = batched_logp(self.model, seqs, mb) if c.num_iterations > 1 else None
         ref_logp = batched_logp(self.ref, seqs, mb) if self.ref is not None else None
-        stats_sum: dict[str, float] = {}
-        losses = []
-        for _ in range(c.num_iterations):
-            loss, stats = accumulate_grpo_gradients(
-                self.model, seqs, adv, old_logp, ref_logp, micro_batch_size=mb, clip_eps_low=c.clip_eps_low,
-                clip_eps_high=c.clip_eps_high, beta=c.beta, aggregation=c.aggregation,
-                max_completion_length=c.max_new_tokens)
-            if c.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            for k in ("kl", "clip_frac", "ratio_mean"):
-                stats_sum[k] = stats_sum.get(k, 0.0) + stats[k]
         st = rollouts.stats
         lengths = [n for row in rollouts.lengths for n in row]
-        return {
+        out.update({
             "train/reward_mean": float(r.mean()),
             "train/reward_std": float(r.std()),
-            "train/loss": sum(losses) / len(losses),
-            "train/kl": stats_sum["kl"] / c.num_iterations,
-            "train/clip_frac": stats_sum["clip_frac"] / c.num_iterations,
-            "train/ratio_mean": stats_sum["ratio_mean"] / c.num_iterations,
             "train/completion_len": sum(lengths) / len(lengths),
-            "train/lr": lr,
             "train/reward_skipped": float(skipped),
             "perf/decode_steps": float(st.decode_steps),
             "perf/rollout_s": float(st.wall_time_s),
             "mem/peak_kv_bytes": float(st.peak_kv_bytes),
             **pred_metrics,
-        }
+        })
+        return _StepBatch(step, idx, seqs, adv, old_logp, ref_logp)
+
+    # --- Objective (plait.step) -----------------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        """The step's prompts (dataset indices) when no transform samples them: a seeded permutation per epoch."""
+        return self.order(step - 1)
+
+    def _current(self, idx) -> "_StepBatch":
+        b = self._batch
+        if b is None or list(idx) != b.idx:
+            raise RuntimeError(f"grpo: the step asked for the loss of prompts {list(idx)[:8]}, but the rollouts were "
+                               f"generated for {None if b is None else b.idx[:8]}: a grad transform's "
+                               f"batch_indices(step) must return the same prompts every time it is asked")
+        self.model.eval()
+        return b
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        c = self.cfg
+        return dict(clip_eps_low=c.clip_eps_low, clip_eps_high=c.clip_eps_high, beta=c.beta,
+                    aggregation=c.aggregation, max_completion_length=c.max_new_tokens)
+
+    def _note(self, stats: dict[str, float]) -> None:
+        """The step's kl / clip_frac / ratio_mean: from its first loss (SAM's ascent recomputes it at w + e)."""
+        if self._stats is None:
+            self._stats = stats
+
+    def mean_loss(self, idx) -> torch.Tensor:
+        """The step's GRPO loss (`grpo_loss` over its ``B * G`` rollouts, ``aggregation`` as configured). With
+        ``micro_batch_size`` > 0 each micro-batch's share is backwarded as soon as it is computed (only one
+        micro-batch's activations are alive) and the value comes back as an already-backwarded scalar: a leaf the
+        step's own backward reaches nothing of the model through."""
+        b = self._current(idx)
+        if self.cfg.micro_batch_size == 0:
+            loss, stats = next(grpo_micro_losses(self.model, b.seqs, b.adv, b.old_logp, b.ref_logp, 0,
+                                                 **self._loss_kwargs()))
+            self._note(token_weighted([stats]))
+            return loss
+        value, stats = accumulate_grpo_gradients(self.model, b.seqs, b.adv, b.old_logp, b.ref_logp,
+                                                 micro_batch_size=self.cfg.micro_batch_size, **self._loss_kwargs())
+        self._note(stats)
+        return torch.tensor(value, dtype=torch.float64, requires_grad=True)
+
+    def sample_losses(self, idx) -> torch.Tensor:
+        """One loss per prompt, shape [B]: the prompt's share of the GRPO objective, ``grpo_loss`` over its own G
+        rollouts (``grpo``: the mean over them of each one's token mean; ``dr_grpo``: their token sum over
+        ``G * max_new_tokens``), so that the batch loss is their mean. All prompts run in one forward of one packed
+        row each (`pack_groups`): a per-sample gradient (DP) is then the gradient of one prompt's G rollouts."""
+        c = self.cfg
+        if c.aggregation not in PER_PROMPT_AGGREGATIONS or c.advantage_scale == "batch":
+            raise RuntimeError(f"grpo: aggregation {c.aggregation!r} / advantage_scale {c.advantage_scale!r} couple "
+                               f"the prompts of a batch: there is no per-prompt loss")
+        b = self._current(idx)
+        G = c.group_size
+        logp = packed_logp(self.model, pack_groups(b.seqs, G))
+        mask = b.seqs["completion_mask"][:, 1:]
+        losses, stats = [], []
+        for p in range(len(b.idx)):
+            rows = slice(p * G, (p + 1) * G)
+            old = logp[rows].detach() if b.old_logp is None else b.old_logp[rows]
+            ref = None if b.ref_logp is None else b.ref_logp[rows]
+            loss, st = grpo_loss(logp[rows], old, ref, b.adv[rows], mask[rows], **self._loss_kwargs())
+            losses.append(loss)
+            stats.append(st)
+        self._note(token_weighted(stats))
+        return torch.stack(losses)
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """The grad transforms' values at a logged step (e.g. DP's ε so far), not window-averaged."""
+        return self.step.log_metrics(step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
             return {}
         c = self.cfg
+        self.model.eval()
         comps = greedy_generate(self.model, self.eval_prompts, c.eval_max_new_tokens or c.max_new_tokens,
                                 self.eos_id, self.pad_id)
         texts = [self._decode(t) for t in comps]
@@ -465,8 +725,7 @@ class GRPORecipe:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "reward_skipped": self.skipped}
+        state = {"model": self.model.state_dict(), **self.step.state_dict(), "reward_skipped": self.skipped}
         if self.ref is not None:
             state["ref"] = self.ref.state_dict()
         if self.predictor is not None:
@@ -475,7 +734,7 @@ class GRPORecipe:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state)
         self.skipped = int(state.get("reward_skipped", 0))
         if self.predictor is not None and "predictor" in state:
             self.predictor.load_state_dict(state["predictor"])
@@ -484,6 +743,48 @@ class GRPORecipe:
                 raise ConfigError("run.resume: the checkpoint has no reference model (it was made with beta = 0); "
                                   "resume with the beta it was trained with")
             self.ref.load_state_dict(state["ref"])
+
+
+@dataclass
+class _StepBatch:
+    """What one step's loss needs: its prompts (dataset indices), rollouts as rows ``b * G + i``, advantages and
+    the snapshot / reference log-probs (None: the current policy / no reference)."""
+
+    step: int
+    idx: list[int]
+    seqs: dict[str, torch.Tensor]
+    adv: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+
+
+def rollout_key(step: int, prompt: str) -> int:
+    """The ``step`` a private run hands the sampler for one prompt's rollouts: a 63-bit hash of the step and the
+    prompt's text, so the rollout seeds ``(sampler.seed, key, 0, i)`` depend on the prompt's own record only."""
+    digest = hashlib.blake2b(f"{step}:{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
+    """One `Rollouts` from per-prompt calls, prompt-major; counters summed, peaks maxed."""
+    stats = RolloutStats()
+    for r in parts:
+        s = r.stats
+        for key in ("decode_steps", "forward_calls", "prefills", "tokens_generated", "idle_slot_steps", "probe_steps"):
+            setattr(stats, key, getattr(stats, key) + getattr(s, key))
+        for key in ("peak_kv_bytes", "peak_prompt_kv_bytes", "peak_allocated_kv_bytes"):
+            setattr(stats, key, max(getattr(stats, key), getattr(s, key)))
+        stats.live_kv_trace.extend(s.live_kv_trace)
+        stats.wall_time_s += s.wall_time_s
+    return Rollouts([p for r in parts for p in r.prompt_ids], [g for r in parts for g in r.completions],
+                    [n for r in parts for n in r.lengths], [t for r in parts for t in r.truncated], stats)
+
+
+def _declares_private(run: Run) -> bool:
+    """Whether a ``grad_transform:`` entry (or a chain member) is registered as private (DP)."""
+    comp = run.components.get("grad_transform")
+    comps = comp if isinstance(comp, list) else [comp] if comp is not None else []
+    return any(c.entry.extra.get("private") for c in comps)
 
 
 def _plain(spec: Any) -> Any:
