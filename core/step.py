@@ -98,7 +98,8 @@ class Objective(Protocol):
     ``batch_indices(step, micro)`` — the examples of micro-batch ``micro`` (0-based) of ``step`` when no
     transform samples the batch; ``sample_losses(indices)`` — each example's loss, shape [B], differentiable
     (a private step sums them). Optional: ``mean_loss(indices)`` — the recipe's own batch loss for a mean
-    reduction (e.g. a token mean over the batch or a class-weighted mean; default: the mean of sample_losses).
+    reduction (e.g. a token mean over the batch or a class-weighted mean; default: the mean of sample_losses),
+    or a `Backwarded` value when it ran its own backward(s).
     """
 
     def batch_indices(self, step: int, micro: int) -> Sequence[int]: ...
@@ -246,6 +247,10 @@ class FirstOrderStep:
             per_sample = obj.sample_losses(idx)
             return per_sample.sum(), float(per_sample.detach().mean())
         loss = obj.mean_loss(idx) if hasattr(obj, "mean_loss") else obj.sample_losses(idx).mean()
+        if isinstance(loss, Backwarded):  # the objective ran its own backward(s), e.g. to free activations early
+            if self.grad_accum != 1:
+                raise RuntimeError("an objective that backwards its own loss needs grad_accum 1")
+            return loss, float(loss)
         return loss / self.grad_accum, float(loss.detach()) / self.grad_accum
 
     def loss_closure(self) -> torch.Tensor:
@@ -256,7 +261,7 @@ class FirstOrderStep:
             loss, value = self._loss(idx)
             loss.backward()
             total += value
-        return _Backwarded(total)
+        return Backwarded(total)
 
     def __call__(self, step: int) -> dict[str, float]:
         lr = self.lr_at(step)
@@ -270,10 +275,8 @@ class FirstOrderStep:
             chain.before_backward(step)
         self._micro = []
         total = 0.0
-        for j in range(self.grad_accum):
+        for j in range(1 if chosen is not None else self.grad_accum):  # a sampled batch is the step's whole batch
             idx = chosen if chosen is not None else self.objective.batch_indices(step, j)
-            if chosen is not None and j > 0:
-                break  # a sampled batch is the whole step's batch
             if len(idx) == 0:
                 continue  # an empty (Poisson-sampled) batch: the transform supplies the update
             self._micro.append(idx)
@@ -314,9 +317,10 @@ class FirstOrderStep:
             self.transform.load_state_dict(state["grad_transform"])
 
 
-class _Backwarded(float):
-    """The value `FirstOrderStep.loss_closure` returns: the loss, already backwarded (``.backward()`` and
-    ``.detach()`` are no-ops, so a transform written for a tensor closure works unchanged)."""
+class Backwarded(float):
+    """A loss whose gradient is already in ``.grad``: what `FirstOrderStep.loss_closure` returns, and what an
+    objective's ``mean_loss`` may return after running its own backward(s) (``.backward()`` and ``.detach()``
+    are no-ops, so code written for a tensor loss works unchanged)."""
 
     def backward(self) -> None:
         pass

@@ -31,9 +31,8 @@ from typing import Any, Optional
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
+from .mechanism import check_noise_options, poisson_batch, step_seed
 from .prv import PRVAccountant
-
-SEED_MOD = 2**63 - 1
 
 
 @dataclass
@@ -63,22 +62,9 @@ class DPZO:
         if math.isinf(C) and not allow_no_privacy:
             raise ValueError("grad_transform.max_grad_norm inf bounds nothing (no privacy); set "
                              "grad_transform.allow_no_privacy=true to run without clipping")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("grad_transform: give exactly one of noise_multiplier and target_epsilon")
-        if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"grad_transform.noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-        if noise_multiplier == 0 and not allow_no_privacy:
-            raise ValueError("grad_transform.noise_multiplier 0 gives no privacy; set "
-                             "grad_transform.allow_no_privacy=true to run clipping only")
+        check_noise_options(noise_multiplier, target_epsilon, allow_no_privacy, poisson, conversion, accountant)
         if target_epsilon is not None and math.isinf(C):
             raise ValueError("grad_transform.target_epsilon needs a finite max_grad_norm")
-        if not poisson and not allow_no_privacy:
-            raise ValueError("grad_transform.poisson false gives no privacy guarantee (the accountant assumes Poisson "
-                             "sampling); keep poisson true, or set grad_transform.allow_no_privacy=true")
-        if conversion not in ("opacus", "classic"):
-            raise ValueError(f"grad_transform.conversion {conversion!r}; allowed: opacus, classic")
-        if accountant not in ("rdp", "prv"):
-            raise ValueError(f"grad_transform.accountant {accountant!r}; allowed: rdp, prv")
         check_delta(delta)
         self.C, self.sigma, self.target_epsilon, self.delta = C, noise_multiplier, target_epsilon, float(delta)
         self.allow_no_privacy, self.poisson, self.conversion = allow_no_privacy, poisson, conversion
@@ -114,15 +100,9 @@ class DPZO:
         """The noise multiplier of the per-step mechanism: σ / √q_z (L2 sensitivity C·√q_z)."""
         return float(self.sigma) / math.sqrt(self.q_z)
 
-    def _step_seed(self, step: int) -> int:
-        return (self.seed * 1_000_003 + step) % SEED_MOD
-
     def batch_indices(self, step: int) -> list[int] | None:
         """Poisson sampling: each example joins step ``step``'s batch with probability q."""
-        if not self.poisson:
-            return None
-        g = torch.Generator().manual_seed(self._step_seed(step))
-        return torch.nonzero(torch.rand(self.n, generator=g) < self.q).flatten().tolist()
+        return poisson_batch(self.n, self.q, step_seed(self.seed, step)) if self.poisson else None
 
     # --- per step ------------------------------------------------------------------------------------------
     def privatize(self, step: int, sample_grads: torch.Tensor | None) -> list[float]:
@@ -135,7 +115,7 @@ class DPZO:
                 g = g.clamp(-self.C, self.C)
             total = g.sum(0)
         if self.sigma:
-            gen = torch.Generator().manual_seed(self._step_seed(step) ^ 0x5DEECE66D)
+            gen = torch.Generator().manual_seed(step_seed(self.seed, step) ^ 0x5DEECE66D)
             total = total + torch.randn(self.q_z, generator=gen, dtype=torch.float64) * (self.sigma * self.C)
         self.accountant.step(self.effective_sigma, self.q)
         return [float(v) for v in total / self.expected_batch]

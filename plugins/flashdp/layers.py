@@ -42,10 +42,11 @@ from torch import nn
 
 from plait.kernels import dp_clip
 
+from .mechanism import SEED_MOD
+
 EPS = 1e-6
 # Seeds are reduced into [0, 2**63 - 1): what torch.Generator and the Triton Philox kernel accept. (A CPU
 # torch.Generator keys on only the low 32 bits; CUDA's Philox and the Triton kernel use all of them.)
-SEED_MOD = 2**63 - 1
 _BLOCK_ELEMS = 1 << 22  # per-sample gradients of a grouped convolution held at once (4M elements)
 
 # nn.Embedding subclasses with their own forward that are handled exactly: the subclass's forward is kept and

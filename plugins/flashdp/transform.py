@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
+from .mechanism import check_noise_options, poisson_batch, step_seed
 from .prv import PRVAccountant
-from .layers import (SEED_MOD, SUPPORTED, DPContext, Group, accumulate, broadcast_candidate, exact_possible,
+from .layers import (SUPPORTED, DPContext, Group, accumulate, broadcast_candidate, exact_possible,
                      guard_param, layer_params, make_broadcast_owner, make_private_layer, mixes_samples, refusal,
                      supported_kind, total_threshold)
 
@@ -57,21 +58,7 @@ class FlashDP:
                              "threshold, max_grad_norm: remove thresholds")
         if unsupported not in ("freeze", "error"):
             raise ValueError(f"grad_transform.unsupported {unsupported!r}; allowed: freeze, error")
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError("grad_transform: give exactly one of noise_multiplier and target_epsilon")
-        if noise_multiplier is not None and noise_multiplier < 0:
-            raise ValueError(f"grad_transform.noise_multiplier must be >= 0, got {noise_multiplier}")
-        if noise_multiplier == 0 and not allow_no_privacy:
-            raise ValueError("grad_transform.noise_multiplier 0 gives no privacy; set "
-                             "grad_transform.allow_no_privacy=true to run clipping only")
-        if not poisson and not allow_no_privacy:
-            raise ValueError("grad_transform.poisson false gives no privacy guarantee: the recipe then takes shuffled "
-                             "fixed-size batches, not the Poisson sampling the accountant assumes; keep poisson true, "
-                             "or set grad_transform.allow_no_privacy=true (ε is then reported as inf)")
-        if conversion not in ("opacus", "classic"):
-            raise ValueError(f"grad_transform.conversion {conversion!r}; allowed: opacus, classic")
-        if accountant not in ("rdp", "prv"):
-            raise ValueError(f"grad_transform.accountant {accountant!r}; allowed: rdp, prv")
+        check_noise_options(noise_multiplier, target_epsilon, allow_no_privacy, poisson, conversion, accountant)
         self.mode, self.max_grad_norm, self.thresholds = mode, max_grad_norm, dict(thresholds)
         self.sigma, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.skip, self.unsupported, self.poisson, self.conversion = list(skip), unsupported, poisson, conversion
@@ -208,15 +195,14 @@ class FlashDP:
         """Poisson sampling: each example joins step ``step``'s batch with probability q (seeded by step)."""
         if not self.poisson:
             return None
-        g = torch.Generator().manual_seed(self._step_seed(step))
-        return torch.nonzero(torch.rand(self.n, generator=g) < self.q).flatten().tolist()
+        return poisson_batch(self.n, self.q, self._step_seed(step))
 
     def before_backward(self, step: int) -> None:
         self.ctx.seed = self._step_seed(step)
         self.ctx.new_step()
 
     def _step_seed(self, step: int) -> int:
-        return (self.seed * 1_000_003 + step) % SEED_MOD
+        return step_seed(self.seed, step)
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         norms = self.ctx.finish_flat() if self.mode == "flat" else None

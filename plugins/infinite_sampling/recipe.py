@@ -72,7 +72,7 @@ import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
-from plait.step import BatchOrder, FirstOrderStep
+from plait.step import Backwarded, BatchOrder, FirstOrderStep
 from plait.run import Run, train_loop
 
 from .config import GRPORecipeConfig
@@ -665,8 +665,7 @@ class GRPORecipe:
     def mean_loss(self, idx) -> torch.Tensor:
         """The step's GRPO loss (`grpo_loss` over its ``B * G`` rollouts, ``aggregation`` as configured). With
         ``micro_batch_size`` > 0 each micro-batch's share is backwarded as soon as it is computed (only one
-        micro-batch's activations are alive) and the value comes back as an already-backwarded scalar: a leaf the
-        step's own backward reaches nothing of the model through."""
+        micro-batch's activations are alive) and the value comes back as `plait.step.Backwarded`."""
         b = self._current(idx)
         if self.cfg.micro_batch_size == 0:
             loss, stats = next(grpo_micro_losses(self.model, b.seqs, b.adv, b.old_logp, b.ref_logp, 0,
@@ -676,7 +675,7 @@ class GRPORecipe:
         value, stats = accumulate_grpo_gradients(self.model, b.seqs, b.adv, b.old_logp, b.ref_logp,
                                                  micro_batch_size=self.cfg.micro_batch_size, **self._loss_kwargs())
         self._note(stats)
-        return torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        return Backwarded(value)
 
     def sample_losses(self, idx) -> torch.Tensor:
         """One loss per prompt, shape [B]: the prompt's share of the GRPO objective, ``grpo_loss`` over its own G

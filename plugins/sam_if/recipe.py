@@ -41,32 +41,9 @@ from plait.run import Run, train_loop
 from plait.step import FirstOrderStep, TransformChain
 
 from .config import SAMTrainConfig
-from .functional import perturbation
-from .sam import SAMTransform, _flat_grad, lr_at, sam_gradient, save_trajectory, trainable_params
+from .sam import SAMTransform, lr_at, sam_gradient, save_trajectory, trainable_params
 
 TRAJECTORY_DIR = "trajectory"
-
-
-class _RecipeSAM(SAMTransform):
-    """The recipe's SAM as the chain's first member; keeps the perturbation this step's gradient was taken at
-    (``applied``, flat, or None for none) for the trajectory. The step always supplies a loss closure."""
-
-    def __init__(self, rho: float, adaptive: bool, eta: float, eps: float, keep: bool):
-        super().__init__(rho=rho, adaptive=adaptive, eta=eta, eps=eps, replay_forward=False)
-        self.keep = keep
-        self.applied: torch.Tensor | None = None
-
-    def before_forward(self, model: torch.nn.Module, step: int) -> None:
-        super().before_forward(model, step)
-        self.applied = self._e.detach().clone() if self.keep and self._e is not None else None
-
-    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        if not self.private and self.keep:  # the e SAMTransform.__call__ is about to apply (same inputs, same op)
-            params = trainable_params(model)
-            g = _flat_grad(params)
-            w = torch.cat([p.detach().reshape(-1) for p in params]).to(g.dtype)
-            self.applied = perturbation(w, g, self.rho, self.adaptive, self.eta, self.eps)
-        return super().__call__(model, step)
 
 
 class _Step(FirstOrderStep):
@@ -124,7 +101,8 @@ class SAMTrainRecipe:
         batch = c.batch_size if 0 < c.batch_size < self.n else self.n
         self.msharp = c.m is not None and c.m < batch  # m-sharpness: the direct sam_gradient step
         self.record = c.record_trajectory
-        self.sam = _RecipeSAM(c.rho, c.adaptive, c.eta, c.eps, keep=self.record)
+        self.sam = SAMTransform(rho=c.rho, adaptive=c.adaptive, eta=c.eta, eps=c.eps, replay_forward=False)
+        self.sam.keep_perturbation = self.record  # the trajectory records the e each gradient was taken at
         members, names = [self.sam], ["sam"]
         if user is not None:
             built = run.build("grad_transform")

@@ -249,6 +249,8 @@ class SAMTransform:
         self._prev: torch.Tensor | None = None  # ĝ_{t-1}, flat
         self._e: torch.Tensor | None = None  # the perturbation applied this step (DP-SAT)
         self.ascents = 0  # steps whose gradient was taken at a perturbed point
+        self.keep_perturbation = False  # keep `applied` after the step (e.g. a recorded trajectory)
+        self.applied: torch.Tensor | None = None  # flat e this step's gradient was taken at (None: none), if kept
 
     def compose_before_private(self) -> None:
         """Called by the core when a private transform follows in the chain: become DP-SAT (no second read of
@@ -297,6 +299,7 @@ class SAMTransform:
 
     def before_forward(self, model: torch.nn.Module, step: int) -> None:
         """DP-SAT: move to w + ρ ĝ_{t-1}/‖ĝ_{t-1}‖ before the step's forward (nothing at step 1)."""
+        self.applied = None
         if not self.private or self._prev is None or self.rho == 0:
             self._e = None
             return
@@ -305,6 +308,8 @@ class SAMTransform:
         self._e = perturbation(w, self._prev.to(w.device), self.rho, self.adaptive, self.eta, self.eps)
         _add_flat(params, self._e)
         self.ascents += 1
+        if self.keep_perturbation:
+            self.applied = self._e
 
     def after_transforms(self, model: torch.nn.Module, step: int) -> None:
         """DP-SAT: keep ĝ_t (the privatized gradient the optimizer is about to use) and return to w."""
@@ -323,6 +328,8 @@ class SAMTransform:
         g = _flat_grad(params)
         w = torch.cat([p.detach().reshape(-1) for p in params]).to(g.dtype)
         e = perturbation(w, g, self.rho, self.adaptive, self.eta, self.eps)
+        if self.keep_perturbation:
+            self.applied = e
         _add_flat(params, e)
         _zero(params)
         try:
