@@ -28,8 +28,11 @@ keeps Opacus' own fallback). Opacus variants do no privacy accounting here (no `
 ``__call__`` does (an RDP step + epsilon per step) and that cost is included.
 
 The variants run interleaved in one process (round r: every variant does step r, the starting variant rotating
-each round); the first ``--warmup`` rounds are not in the summary. Reports the median/min/mean ms per step,
-tokens/s (batch*seq per step), ratios to non_dp and the goals flashdp/non_dp <= 1.25 and
+each round); the first ``--warmup`` rounds are not in the summary; after ``--steps`` timed rounds, rounds go on
+until the headline ratios' bootstrap 95 % intervals are within ±5 % (``benchmarks/_stable.py``) or
+``--max-rounds`` / ``--max-seconds`` run out. Reports the median/min/mean ms per step, tokens/s (batch*seq per
+step), ratios to non_dp and the goals (median of per-round ratios, with the interval; ``unsettled`` when it is
+wider than ±5 % or straddles the goal) flashdp/non_dp <= 1.10 and
 best_opacus/flashdp >= 1.8 (CPU). ``first_loss`` must agree across variants (same model, same batch). A
 variant that fails is reported with its error string; nothing is asserted.
 
@@ -59,7 +62,7 @@ sys.path.insert(0, str(HERE))
 VARIANTS = ("non_dp", "flashdp", "dp_flat", "opacus_flat", "opacus_per_layer", "opacus_ghost")
 OPACUS = ("opacus_flat", "opacus_per_layer", "opacus_ghost")
 SIGMA, C, DELTA, DATASET_SIZE, LR = 1.0, 1.0, 1e-5, 10_000, 1e-3
-GOALS = {"flashdp/non_dp": ("<=", 1.25), "best_opacus/flashdp": (">=", 1.8)}
+GOALS = {"flashdp/non_dp": ("<=", 1.10), "best_opacus/flashdp": (">=", 1.8)}
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
@@ -84,7 +87,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(ap)
     ap.add_argument("--warmup", type=int, default=2, help="rounds not counted")
-    ap.add_argument("--steps", type=int, default=8, help="timed rounds")
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds at least")
+    ap.add_argument("--max-rounds", type=int, default=40, help="timed rounds at most (until the ratios settle)")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="stop adding rounds after this")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     return ap.parse_args(argv)
 
@@ -259,12 +264,6 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else round(a / b, 3)
 
 
-def _goal(name: str, value):
-    op, bound = GOALS[name]
-    met = None if value is None else (value <= bound if op == "<=" else value >= bound)
-    return {"value": value, "goal": f"{op} {bound}", "met": met}
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -273,6 +272,7 @@ def main(argv=None) -> None:
     import transformers
 
     from _common import choose_variants, emit, log
+    from _stable import bootstrap_ratio, judge, load_average
 
     chosen = choose_variants(args.variants, VARIANTS, ("non_dp",))
 
@@ -290,8 +290,20 @@ def main(argv=None) -> None:
 
     times = {v: [] for v in runners}
     losses = {v: [] for v in runners}
-    rounds = args.warmup + args.steps
-    for r in range(rounds):
+    load_start, t_rounds = load_average(), time.perf_counter()
+
+    def settled() -> bool:  # the headline ratios' 95 % intervals within ±5 %
+        pairs = [("flashdp", "non_dp")] + [(o, "flashdp") for o in OPACUS if o in runners]
+        return all(judge(*bootstrap_ratio(times[a][args.warmup:], times[b][args.warmup:]))["settled"]
+                   for a, b in pairs if a in runners and b in runners)
+
+    r = -1
+    while True:
+        r += 1
+        timed_rounds = r - args.warmup
+        if timed_rounds >= args.steps and (timed_rounds >= args.max_rounds or settled()
+                                           or time.perf_counter() - t_rounds > args.max_seconds):
+            break
         ids, pos = make_batch(r, args)
         live = [v for v in chosen if v in runners]
         order = live[r % len(live):] + live[: r % len(live)] if live else []
@@ -330,6 +342,11 @@ def main(argv=None) -> None:
     def med(v):
         return results.get(v, {}).get("median_ms")
 
+    def paired(a, b, goal=None):  # median of per-round ratios with its bootstrap 95 % interval
+        if a not in runners or b not in runners:
+            return None
+        return judge(*bootstrap_ratio(times[a][args.warmup:], times[b][args.warmup:]), goal=goal)
+
     base = med("non_dp")
     ratios = {f"{v}/non_dp": _ratio(med(v), base) for v in chosen if v != "non_dp"}
     ops = {v: med(v) for v in OPACUS if med(v) is not None}
@@ -337,8 +354,8 @@ def main(argv=None) -> None:
     ratios["best_opacus"] = best
     ratios["best_opacus/flashdp"] = _ratio(ops[best], med("flashdp")) if best else None
     ratios["flashdp/dp_flat"] = _ratio(med("flashdp"), med("dp_flat"))
-    goals = {"flashdp/non_dp": _goal("flashdp/non_dp", ratios.get("flashdp/non_dp")),
-             "best_opacus/flashdp": _goal("best_opacus/flashdp", ratios["best_opacus/flashdp"])}
+    goals = {"flashdp/non_dp": paired("flashdp", "non_dp", GOALS["flashdp/non_dp"]),
+             "best_opacus/flashdp": paired(best, "flashdp", GOALS["best_opacus/flashdp"]) if best else None}
     first = {v: results[v]["first_loss"] for v in chosen if "first_loss" in results[v]}
     emit({
         "benchmark": "dp_speed",
@@ -348,7 +365,9 @@ def main(argv=None) -> None:
                    "sigma": SIGMA, "max_grad_norm": C, "optimizer": "SGD", "loss": "sum over samples of mean token nll",
                    "opacus_conv1d": args.opacus_conv1d, "warmup": args.warmup, "steps": args.steps,
                    "threads": args.threads, "device": "cpu"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_average(),
+                    "timed_rounds": len(next(iter(times.values()), [])) - args.warmup,
+                    "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "transformers": transformers.__version__,
                     "opacus": _version("opacus")},
         "date": time.strftime("%Y-%m-%d"),
