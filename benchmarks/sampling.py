@@ -18,7 +18,8 @@ Variants (all through the registered schedulers' ``generate``):
 Reported: decode steps, peak live KV bytes (measured from the slot cache tensors each step), wall seconds and
 tokens/s (generated tokens / wall, planning included), each variant's repeats interleaved (rotating start).
 Ratios: peak KV micro/full (goal <= 0.30), decode steps length_aware/micro (goal <= 0.55), tokens/s
-length_aware/micro (goal >= 1.3); ``analytic`` holds the schedule simulator's values for the same lengths (the
+length_aware/micro (goal >= 1.3); ``floor`` gives each schedule's decode steps over the analytic bound
+max(⌈ΣL/g⌉, max L) and tokens/s length_aware/continuous; ``analytic`` holds the schedule simulator's values for the same lengths (the
 real runs must equal them) and a noise sweep of simulated steps.
 
 ``predictors`` (no model; the schedule simulator) asks whether a *length predictor's* plans cut decode steps
@@ -327,6 +328,14 @@ def main(argv=None) -> dict:
             for name, x in v.items()}
         out["runs_equal_simulator"] = all(v[n]["decode_steps"] == a["steps"][n] for n in v)
     out["goals"] = {k: {"value": val, "goal": goal} for k, (val, goal) in goals.items()}
+    # the floor: no schedule of g slots decodes the rollouts in fewer than max(ceil(sum L / g), max L) steps
+    bound = a["steps"]["lower_bound"]
+    out["floor"] = {"lower_bound_steps": bound, **{
+        f"{n}/bound": round(a["steps"][n] / bound, 4)
+        for n in ("micro_group", "continuous", "length_aware_oracle", "length_aware_noisy") if n in a["steps"]}}
+    if not args.skip_model:
+        out["floor"]["tokens_per_s_length_aware_over_continuous"] = round(
+            v["length_aware_noisy"]["tokens_per_s"] / v["continuous"]["tokens_per_s"], 4)
     if args.predictor_steps > 0:
         log("predictor plans")
         out["predictors"] = predictor_part(args)
