@@ -91,14 +91,17 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 def _merge(base: DictConfig, layer: DictConfig) -> DictConfig:
     """Deep merge, except that a component section whose ``name`` changes is replaced, not merged: the
-    options of the old entry mean nothing to the new one (``data.name=jsonl`` drops ``n_train``)."""
+    options of the old entry mean nothing to the new one (``data.name=jsonl`` drops ``n_train``). A section that
+    changes between one mapping and a list (``grad_transform``) is replaced too."""
     base = base.copy()
     for section in list(layer.keys()):
         if section == "run" or section not in base:
             continue
         old, new = base[section], layer[section]
         if (isinstance(old, DictConfig) and isinstance(new, DictConfig) and old.get("name") is not None
-                and new.get("name") is not None and old.get("name") != new.get("name")):
+                and new.get("name") is not None and old.get("name") != new.get("name")) or (
+                isinstance(old, (DictConfig, ListConfig)) and isinstance(new, (DictConfig, ListConfig))
+                and type(old) is not type(new)):
             with _open(base):
                 del base[section]
     return OmegaConf.merge(base, layer)
