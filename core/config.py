@@ -367,6 +367,14 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
                               f"sections: {used}); remove it (~{section}) or choose a recipe that uses it")
     if "grad_transform" in components:
         _check_update_kind(recipe, components["grad_transform"], registries)
+    # the recipe's checks across sections (a transform its model or its own update cannot take): the entry's
+    # ``check_components=fn(components)``, raising ConfigError (or ValueError) with the line to print
+    check_components = recipe.entry.extra.get("check_components")
+    if check_components is not None:
+        try:
+            check_components(components)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return components
 
 

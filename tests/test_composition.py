@@ -91,11 +91,44 @@ def test_sft_with_freeze_and_sam_moves_only_the_unfrozen_parameters(tmp_path, fr
     ("basics/sft_quickstart", "offload={name: zo2}", r"recipe 'sft' does not use a 'offload:' section"),
     ("basics/sft_quickstart", f"grad_transform=[{DP}, {SAM}]", r"grad_transform\[1\]: 'sam' after the private"),
     ("basics/sft_quickstart", f"grad_transform=[{DP}, {DP_FLAT}]", r"grad_transform\[1\]: a second private"),
+    # cells refused when the recipe is built before, now by the recipe entries' check_components at validate
+    ("sam_if/digits", f"grad_transform={SAM}", r"^error: grad_transform\[0\]: 'sam' under recipe sam_train, which "
+                                               r"already does SAM; remove it and set recipe\.rho"),
+    ("sam_if/digits", f"grad_transform=[{SAM}, {DP}]", r"grad_transform\[0\]: 'sam' under recipe sam_train"),
+    ("sam_if/digits", f"grad_transform={DP}\nrecipe.m=4", r"recipe\.m: m-sharpness \(m=4\) does not combine"),
+    ("capsule/depth_v2", f"grad_transform={DP}", r"^error: grad_transform: the private 'flashdp' needs per-sample "
+                                                 r"gradients, but model 'v2_sfmlearner' with norm: batch .*BatchNorm"),
+    ("capsule/depth_v2", f"grad_transform=[{SAM}, {DP_FLAT}]", r"grad_transform\[1\]: the private 'dp-flat'"),
+    ("capsule/depth_v2", f"grad_transform={DP}\nmodel.norm=group", r"grad_transform\.skip: pose_net and vibration "
+                                                                     r"run twice per snippet"),
 ])
-def test_refused_cells_are_one_line_and_exit_2(config, override, match, fresh_host, capsys):
+def test_refused_cells_are_one_line_and_exit_2(config, override, match, fresh_host, capsys, tmp_path):
+    """`plait validate` refuses in one line with exit 2; `plait run` refuses the same way and writes nothing."""
     from plait.cli import main
 
     fresh_host()
-    assert main(["validate", config, override]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(match, err), err
+    overrides = override.split("\n")
+    for verb in ("validate", "run"):
+        capsys.readouterr()
+        assert main([verb, config, *overrides, f"run.out_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_command_line_list_replaces_a_mapping_section_and_back(tmp_path, fresh_host):
+    """``grad_transform=[…]`` on the command line over a file's one mapping (and a mapping over a list) replaces the
+    section instead of failing to merge (a TypeError traceback before)."""
+    from omegaconf import ListConfig
+
+    from plait.config import load_config
+
+    fresh_host()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(LM.format(steps=1, out=tmp_path / "runs", arch="opt") + f"grad_transform: {DP}\n")
+    chained = load_config(cfg, [f"grad_transform=[{SAM}, {DP_FLAT}]"])
+    assert isinstance(chained.grad_transform, ListConfig)
+    assert [m.name for m in chained.grad_transform] == ["sam", "dp-flat"]
+    cfg.write_text(LM.format(steps=1, out=tmp_path / "runs", arch="opt") + f"grad_transform: [{SAM}, {DP}]\n")
+    single = load_config(cfg, [f"grad_transform={DP_FLAT}"])
+    assert single.grad_transform.name == "dp-flat" and single.grad_transform.noise_multiplier == 0.5

@@ -18,7 +18,8 @@ from __future__ import annotations
 from plait import hookimpl
 
 from .config import (ClassifyRecipeConfig, DepthRecipeConfig, ImageFolderConfig, LesionConfig, PiTConfig,
-                     RedLesionConfig, TubeConfig, V2SfMLearnerConfig, VideoIMUConfig, ViTConfig)
+                     RedLesionConfig, TubeConfig, V2SfMLearnerConfig, VideoIMUConfig, ViTConfig,
+                     check_depth_components, check_v2_sfmlearner)
 
 
 def build_v2(**kwargs):
@@ -83,7 +84,7 @@ def build_classify(run, **kwargs):
 
 @hookimpl
 def register_model_families(register):
-    register("v2_sfmlearner", build_v2, config=V2SfMLearnerConfig,
+    register("v2_sfmlearner", build_v2, config=V2SfMLearnerConfig, check=check_v2_sfmlearner,
              doc="Monodepth2-style depth + pose nets with an IMU vibration branch and Fourier fusion (zero-conv init)")
     register("pit", build_pit, config=PiTConfig,
              doc="pooling vision transformer (overlapping patches, depthwise-conv pooling), Ti/XS/S/B or custom")
@@ -107,7 +108,7 @@ def register_datasets(register):
 @hookimpl
 def register_recipes(register):
     register("depth", build_depth, config=DepthRecipeConfig, requires=("model", "data"),
-             uses=("grad_transform", "transforms"),
+             uses=("grad_transform", "transforms"), check_components=check_depth_components,
              doc="self-supervised depth + ego-motion: min reprojection, auto-mask, smoothness; AbsRel and ATE")
     register("classify", build_classify, config=ClassifyRecipeConfig, requires=("model", "data"),
              uses=("grad_transform", "transforms"),

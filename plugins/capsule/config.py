@@ -80,6 +80,7 @@ class V2SfMLearnerConfig:
     vibration: bool = True  # false: the vision-only ablation
     vibration_dim: int = 32
     lstm_hidden: int = 16
+    norm: str = "batch"  # batch (Monodepth2) | group: GroupNorm, per sample, so a private grad_transform is exact
     seed: int = 0
 
 
@@ -117,7 +118,8 @@ class ViTConfig:
 @dataclass
 class DepthRecipeConfig:
     """Recipe ``depth``: self-supervised depth + ego-motion (steps: ``run.steps``). Adam on the shared first-order
-    step: accepts ``grad_transform:`` (not a private one: the encoders use BatchNorm) and ``transforms:``."""
+    step: accepts ``grad_transform:`` (a private one only with ``model.norm: group``: BatchNorm mixes the samples)
+    and ``transforms:``."""
 
     lr: float = 1.0e-3
     batch_size: int = 8
@@ -149,3 +151,44 @@ class ClassifyRecipeConfig:
     sampler: str = "uniform"  # uniform | weighted (each class drawn equally often)
     label_smoothing: float = 0.0
     augment: bool = True  # random flips and 90° rotations (capsule images have no canonical orientation)
+
+
+def check_v2_sfmlearner(norm: str = "batch", **_: object) -> None:
+    """Model ``v2_sfmlearner``'s checks at validate (the entry's ``check=``), without building the nets."""
+    if norm not in ("batch", "group"):
+        raise ValueError(f"model.norm: {norm!r} is not supported; allowed: batch, group")
+
+
+def check_depth_components(components: dict) -> None:
+    """Recipe ``depth`` across sections, at ``plait validate`` (the entry's ``check_components``): a private
+    ``grad_transform:`` needs per-sample gradients, which a training-mode BatchNorm (``model.norm: batch``, the
+    default) does not have: it normalises with the batch's statistics, mixing the samples."""
+    from plait.errors import ConfigError
+
+    chain = components.get("grad_transform")
+    model = components.get("model")
+    if chain is None or model is None:
+        return
+    members = chain if isinstance(chain, list) else [chain]
+    private = [(i, c.entry.name) for i, c in enumerate(members) if c.entry.extra.get("private")]
+    if not private:
+        return
+    i, name = private[0]
+    where = f"grad_transform[{i}]" if isinstance(chain, list) else "grad_transform"
+    if getattr(model.options, "norm", None) == "batch":
+        raise ConfigError(f"{where}: the private {name!r} needs per-sample gradients, but model "
+                          f"{model.entry.name!r} with norm: batch normalises with the batch's statistics (BatchNorm "
+                          f"mixes the samples); set model.norm=group (GroupNorm, per sample) or remove {name!r}")
+    # The pose net (and the vibration branch) run twice per snippet, once per frame pair; the DP layers clip the
+    # gradient of one call per step, so these must be left out of DP (frozen, listed in dp/frozen).
+    import fnmatch
+
+    skip = list(getattr(members[i].options, "skip", []) or [])
+    twice = ["pose_net"] + (["vibration"] if getattr(model.options, "vibration", False) else [])
+    missing = [m for m in twice if not any(fnmatch.fnmatchcase(f"{m}.head", p) or fnmatch.fnmatchcase(m, p)
+                                           for p in skip)]
+    if missing:
+        pats = ", ".join(f"'{m}*'" for m in twice)
+        raise ConfigError(f"{where}.skip: {' and '.join(missing)} run{'s' if len(missing) == 1 else ''} twice per snippet (once per frame pair) and "
+                          f"the private {name!r} clips one call per step; leave them out of DP "
+                          f"({where}.skip=[{pats}]: frozen, listed in dp/frozen) or remove {name!r}")

@@ -14,6 +14,9 @@
   vision-only model, bit for bit (the ablation the paper's "compatible with vision-only algorithms" implies).
 
 The fusion acts on the pose-encoder bottleneck (vibration mostly corrupts ego-motion); depth is vision-only.
+
+``norm``: ``batch`` (default, Monodepth2's BatchNorm in the encoders and the FCN) or ``group`` (GroupNorm, ≤ 8
+groups, at the same places): per sample, so a private ``grad_transform:`` gets exact per-sample gradients.
 """
 from __future__ import annotations
 
@@ -27,18 +30,35 @@ from .geometry import disp_to_depth, transformation_from_parameters
 
 IMU_CHANNELS = 6
 PREINT_DIM = 9  # gyro integral (3), mean specific force (3), displacement shape (3)
+NORMS = ("batch", "group")
+GROUPS = 8  # GroupNorm groups (fewer when the width is not a multiple: the largest divisor <= 8)
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"model.norm: {norm!r} is not supported; allowed: {', '.join(NORMS)}")
+
+
+def norm_layer(norm: str, channels: int, dim: int = 2) -> nn.Module:
+    """``batch``: BatchNorm (Monodepth2's choice; batch statistics, so samples are not independent); ``group``:
+    GroupNorm (Wu & He 2018), per sample, so per-sample gradients and DP are exact."""
+    check_norm(norm)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels) if dim == 2 else nn.BatchNorm1d(channels)
+    groups = max(g for g in range(1, GROUPS + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "batch"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm_layer(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm_layer(norm, cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -49,17 +69,19 @@ class BasicBlock(nn.Module):
 class ResNetEncoder(nn.Module):
     """ResNet-style encoder; ``forward`` returns all levels (first at stride 2)."""
 
-    def __init__(self, in_channels: int = 3, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)):
+    def __init__(self, in_channels: int = 3, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 norm: str = "batch"):
         super().__init__()
         self.channels = [width] + [width * 2**i for i in range(len(blocks))]
         self.stride = 2 ** (len(blocks) + 1)
         self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(norm, width)
         self.stages = nn.ModuleList()
         cin = width
         for i, n in enumerate(blocks):
             cout = self.channels[i + 1]
-            layers = [BasicBlock(cin, cout, 1 if i == 0 else 2)] + [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
+            layers = [BasicBlock(cin, cout, 1 if i == 0 else 2, norm)] + [BasicBlock(cout, cout, 1, norm)
+                                                                          for _ in range(n - 1)]
             self.stages.append(nn.Sequential(*layers))
             cin = cout
 
@@ -118,7 +140,7 @@ class VibrationBranch(nn.Module):
     """
 
     def __init__(self, window: int, dim: int, hidden: int = 16, fcn: tuple[int, int, int] = (32, 64, 32),
-                 imu_rate: float = 100.0):
+                 imu_rate: float = 100.0, norm: str = "batch"):
         super().__init__()
         self.window, self.dt = window, 1.0 / imu_rate
         self.register_buffer("mean", torch.zeros(IMU_CHANNELS, 1))
@@ -129,7 +151,7 @@ class VibrationBranch(nn.Module):
         kernels = (7, 5, 3)  # MLSTM-FCN uses 8; odd kernels keep "same" padding symmetric
         layers, cin = [], IMU_CHANNELS
         for i, (c, k) in enumerate(zip(fcn, kernels)):
-            layers += [nn.Conv1d(cin, c, k, padding="same"), nn.BatchNorm1d(c), nn.ReLU()]
+            layers += [nn.Conv1d(cin, c, k, padding="same"), norm_layer(norm, c, dim=1), nn.ReLU()]
             if i < 2:
                 layers.append(_SqueezeExcite1d(c))
             cin = c
@@ -240,9 +262,9 @@ class PoseNet(nn.Module):
     V2 is the vision-only model.
     """
 
-    def __init__(self, width: int, blocks: tuple[int, ...], vibration_dim: int = 0):
+    def __init__(self, width: int, blocks: tuple[int, ...], vibration_dim: int = 0, norm: str = "batch"):
         super().__init__()
-        self.encoder = ResNetEncoder(6, width, blocks)
+        self.encoder = ResNetEncoder(6, width, blocks, norm)
         c = self.encoder.channels[-1]
         self.squeeze = nn.Conv2d(c, 256 if width >= 64 else 4 * width, 1)
         mid = self.squeeze.out_channels
@@ -287,8 +309,9 @@ class V2SfMLearner(nn.Module):
                  pose_width: int = 64, pose_blocks: tuple[int, ...] = (2, 2, 2, 2),
                  decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 256), scales: int = 4,
                  min_depth: float = 0.05, max_depth: float = 8.0, vibration: bool = True, imu_window: int = 10,
-                 vibration_dim: int = 32, lstm_hidden: int = 16, imu_rate: float = 100.0):
+                 vibration_dim: int = 32, lstm_hidden: int = 16, imu_rate: float = 100.0, norm: str = "batch"):
         super().__init__()
+        check_norm(norm)
         stride = 2 ** (max(len(depth_blocks), len(pose_blocks)) + 1)
         if height % stride or width % stride:
             raise ValueError(f"image size {height}x{width} is not divisible by the network stride {stride} "
@@ -297,10 +320,10 @@ class V2SfMLearner(nn.Module):
             raise ValueError(f"decoder_channels needs {len(depth_blocks) + 1} entries (one per encoder level), "
                              f"got {len(decoder_channels)}")
         self.height, self.width, self.min_depth, self.max_depth = height, width, min_depth, max_depth
-        self.depth_encoder = ResNetEncoder(3, depth_width, tuple(depth_blocks))
+        self.depth_encoder = ResNetEncoder(3, depth_width, tuple(depth_blocks), norm)
         self.depth_decoder = DepthDecoder(self.depth_encoder.channels, list(decoder_channels), scales)
-        self.pose_net = PoseNet(pose_width, tuple(pose_blocks), vibration_dim if vibration else 0)
-        self.vibration = (VibrationBranch(imu_window, vibration_dim, lstm_hidden, imu_rate=imu_rate)
+        self.pose_net = PoseNet(pose_width, tuple(pose_blocks), vibration_dim if vibration else 0, norm)
+        self.vibration = (VibrationBranch(imu_window, vibration_dim, lstm_hidden, imu_rate=imu_rate, norm=norm)
                           if vibration else None)
 
     @property

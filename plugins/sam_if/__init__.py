@@ -28,7 +28,7 @@ from __future__ import annotations
 from plait import hookimpl
 
 from .config import (IFConfig, SAMConfig, SAMHessianConfig, SAMTrainConfig, SAMTrajectoryConfig, TabularConfig,
-                     TabularMLPConfig, TracInConfig)
+                     TabularMLPConfig, TracInConfig, check_sam_train_components)
 
 
 def build_sam(**kwargs):
@@ -121,7 +121,7 @@ def register_model_families(register):
 @hookimpl
 def register_recipes(register):
     register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"),
-             uses=("grad_transform", "transforms"),
+             uses=("grad_transform", "transforms"), check_components=check_sam_train_components,
              doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset (before a private grad_transform: DP-SAT); "
                  "record_trajectory for trajectory influence")
 

@@ -112,3 +112,24 @@ class SAMTrainConfig:
     m: Optional[int] = None  # m-sharpness group size (None: one perturbation per batch; not with grad_transform)
     record_trajectory: bool = False  # write <run dir>/trajectory/ for the tracin / sam_trajectory estimators
     record_every: int = 1
+
+
+def check_sam_train_components(components: dict) -> None:
+    """What recipe ``sam_train`` refuses across sections, at ``plait validate`` (the entry's ``check_components``)
+    and again when it builds: a ``sam`` transform (the recipe already does SAM: recipe.rho / recipe.adaptive, which
+    before a private transform runs as DP-SAT) and m-sharpness with any ``grad_transform:`` (one perturbation per
+    step is taken through the chain). ``components``: section -> validated component (a list for a chain)."""
+    from plait.errors import ConfigError
+
+    chain = components.get("grad_transform")
+    if chain is None:
+        return
+    members = chain if isinstance(chain, list) else [chain]
+    names = [c.entry.name for c in members]
+    if "sam" in names:
+        raise ConfigError(f"grad_transform[{names.index('sam')}]: 'sam' under recipe sam_train, which already does SAM; remove it and set "
+                          f"recipe.rho / recipe.adaptive (before a private transform the recipe's SAM runs as DP-SAT)")
+    m = getattr(getattr(components.get("recipe"), "options", None), "m", None)
+    if m is not None:
+        raise ConfigError(f"recipe.m: m-sharpness (m={m}) does not combine with grad_transform {'+'.join(names)} "
+                          f"(one perturbation per step, taken through the chain); set recipe.m=null")

@@ -40,7 +40,7 @@ from plait.errors import ConfigError
 from plait.run import Run, train_loop
 from plait.step import FirstOrderStep, TransformChain
 
-from .config import SAMTrainConfig
+from .config import SAMTrainConfig, check_sam_train_components
 from .sam import SAMTransform, lr_at, sam_gradient, save_trajectory, trainable_params
 
 TRAJECTORY_DIR = "trajectory"
@@ -72,17 +72,8 @@ class SAMTrainRecipe:
             raise ConfigError("recipe: batch_size must be >= 0, record_every >= 1 and m >= 1 (or null)")
         if c.momentum < 0:
             raise ConfigError(f"recipe.momentum: must be >= 0, got {c.momentum}")
+        check_sam_train_components(run.components)  # also run by `plait validate` (check_components)
         user = _user_chain(run)  # (names, private flags) of the grad_transform: section, or None
-        if user is not None:
-            names, private = user
-            if "sam" in names:
-                raise ConfigError(f"grad_transform[{names.index('sam')}]: 'sam' under recipe sam_train, which "
-                                  f"already does SAM; remove it and set recipe.rho / recipe.adaptive (before a "
-                                  f"private transform the recipe's SAM runs as DP-SAT)")
-            if c.m is not None:
-                raise ConfigError(f"recipe.m: m-sharpness (m={c.m}) does not combine with grad_transform "
-                                  f"{'+'.join(names)} (one perturbation per step, taken through the chain); set "
-                                  f"recipe.m=null")
         self.data = data = run.build("data")
         if not (hasattr(data, "train") and hasattr(data.train, "X") and hasattr(data, "test")):
             raise ConfigError(f"data {run.cfg.data.name!r}: sam_train needs a tabular dataset with train/test "

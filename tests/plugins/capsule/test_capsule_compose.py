@@ -227,25 +227,109 @@ def test_classify_refuses_the_weighted_sampler_under_poisson_sampling(tmp_path, 
 
 
 @pytest.mark.parametrize("name", ["flashdp", "dp-flat"])
-def test_depth_with_a_private_transform_is_refused_in_one_line_naming_the_batchnorm(tmp_path, fresh_host, capsys,
-                                                                                   name):
-    """The depth and pose encoders normalise with BatchNorm: one snippet's loss depends on the others in its
-    batch, so no per-sample gradient exists. ``plait run`` exits 2 with one line naming the layer."""
+@pytest.mark.parametrize("verb", ["validate", "run"])
+def test_depth_with_a_private_transform_and_batchnorm_is_refused_at_validate(tmp_path, fresh_host, capsys, name,
+                                                                              verb):
+    """The depth and pose encoders normalise with BatchNorm by default (model.norm: batch): one snippet's loss
+    depends on the others in its batch, so no per-sample gradient exists. ``plait validate`` (and ``plait run``,
+    before anything is written) exits 2 with one line naming the section, BatchNorm and the fix."""
     from plait.cli import main
 
     fresh_host()
-    assert main(["run", str(CONFIGS / "depth_v2.yaml"), f"run.out_dir={tmp_path}", "run.steps=2", *TINY_DEPTH,
+    capsys.readouterr()
+    assert main([verb, str(CONFIGS / "depth_v2.yaml"), f"run.out_dir={tmp_path}", "run.steps=2", *TINY_DEPTH,
                  f"grad_transform={{name: {name}, noise_multiplier: 1.0}}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: grad_transform: ")
-    assert "BatchNorm" in err[-1] and "'depth_encoder.bn1'" in err[-1]
-    assert not list(Path(tmp_path).rglob("metrics.jsonl"))  # refused before any step
+    assert len(err) == 1 and err[0].startswith(f"error: grad_transform: the private '{name}' needs per-sample"), err
+    assert "BatchNorm" in err[0] and "model.norm=group" in err[0]
+    assert not any(Path(tmp_path).iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("skip,missing", [("[]", "pose_net and vibration run twice"),
+                                          ("['pose_net*']", "vibration runs twice")])
+def test_depth_private_with_groupnorm_needs_the_twice_called_nets_skipped(tmp_path, fresh_host, capsys, skip,
+                                                                         missing):
+    """With norm: group the nets are per sample, but the pose net and the vibration branch run once per frame
+    pair (twice per snippet) and the DP layers clip one call per step: refused at validate with the skip to set."""
+    from plait.cli import main
+
+    fresh_host()
+    capsys.readouterr()
+    assert main(["validate", str(CONFIGS / "depth_v2.yaml"), *TINY_DEPTH, "model.norm=group",
+                 f"grad_transform={{name: flashdp, noise_multiplier: 1.0, skip: {skip}}}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: grad_transform.skip: {missing} per snippet"), err
+    assert "['pose_net*', 'vibration*']" in err[0]
+
+
+def test_depth_norm_is_checked_at_validate(fresh_host, capsys):
+    from plait.cli import main
+
+    fresh_host()
+    capsys.readouterr()
+    assert main(["validate", str(CONFIGS / "depth_v2.yaml"), "model.norm=layer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.norm: 'layer' is not supported; allowed: batch, group" in err[0], err
+
+
+def test_group_norm_nets_are_per_sample(fresh_host):
+    """norm: group puts GroupNorm where BatchNorm was (same layer names, no BatchNorm left), and a sample's depth
+    and pose no longer depend on the rest of its batch in training mode (they do with BatchNorm)."""
+    from plait.plugins.capsule.depthnet import build_v2_sfmlearner
+
+    kw = dict(height=32, width=48, depth_width=8, pose_width=8, depth_blocks=[1, 1], pose_blocks=[1, 1],
+              decoder_channels=[8, 8, 16], imu_window=10, seed=0)
+    bn, gn = build_v2_sfmlearner(**kw), build_v2_sfmlearner(norm="group", **kw)
+    kinds = lambda m: {n: type(x).__name__ for n, x in m.named_modules() if "Norm" in type(x).__name__}  # noqa: E731
+    assert set(kinds(bn)) == set(kinds(gn)) and set(kinds(bn).values()) == {"BatchNorm1d", "BatchNorm2d"}
+    assert set(kinds(gn).values()) == {"GroupNorm"}
+    g = torch.Generator().manual_seed(0)
+    a, b, imu = torch.rand(4, 3, 32, 48, generator=g), torch.rand(4, 3, 32, 48, generator=g), torch.randn(4, 6, 10, generator=g)
+    for model, independent in ((gn, True), (bn, False)):
+        model.train()
+        full_d, full_p = model.depth(a).depth, model.pose_parameters(a, b, imu)[0]
+        half_d, half_p = model.depth(a[:2]).depth, model.pose_parameters(a[:2], b[:2], imu[:2])[0]
+        assert torch.allclose(full_d[:2], half_d, atol=1e-6) is independent
+        assert torch.allclose(full_p[:2], half_p, atol=1e-7) is independent
+
+
+@pytest.mark.slow
+def test_private_depth_with_group_norm_trains_the_depth_net_and_reports_epsilon(tmp_path, fresh_host):
+    """model.norm: group with flashdp (the pose net and vibration branch left out of DP): the depth net's
+    parameters move, the skipped nets are frozen (dp/frozen) and do not move, ε is finite and equals Opacus'
+    RDP accountant's for the run's σ, q and steps."""
+    from opacus.accountants import RDPAccountant
+
+    fresh_host()
+    steps = 3
+    run, recipe = _recipe(tmp_path, "depth_v2.yaml", TINY_DEPTH + [
+        f"run.steps={steps}", "model.norm=group",
+        "grad_transform={name: flashdp, target_epsilon: 8.0, delta: 1.0e-3, skip: ['pose_net*', 'vibration*']}"])
+    before = _params(recipe.model)
+    result = _train(run, recipe)
+    assert math.isfinite(result["privacy/epsilon"]) and result["privacy/epsilon"] <= 8.0 + 1e-6
+    assert result["privacy/steps"] == steps
+    ref = RDPAccountant()
+    ref.history = [(result["privacy/noise_multiplier"], result["privacy/sample_rate"], steps)]
+    assert result["privacy/epsilon"] == pytest.approx(ref.get_epsilon(1.0e-3), rel=1e-6)
+    frozen = result["dp/frozen"]
+    assert frozen and all(n.startswith(("pose_net", "vibration")) for n in frozen)
+    after = dict(recipe.model.named_parameters())
+    assert any(not torch.equal(after[n].detach(), before[n]) for n in before if n.startswith("depth_"))
+    for n in before:
+        if n.startswith(("pose_net", "vibration")):
+            assert torch.equal(after[n].detach(), before[n]), n
+    rows = [r for r in _rows(run.dir) if "privacy/epsilon" in r]
+    assert rows and all(math.isfinite(r["privacy/epsilon"]) for r in rows)
 
 
 def test_depth_refuses_batchnorm_under_any_private_transform(tmp_path, fresh_host, monkeypatch):
-    """The recipe's own check, for a private transform that does not refuse BatchNorm itself."""
+    """The recipe's own check at build, for a private transform that does not refuse BatchNorm itself (validate's
+    check switched off here to reach it)."""
+    import plait.plugins.capsule as capsule
     from plait.plugins.flashdp.transform import FlashDP
 
+    monkeypatch.setattr(capsule, "check_depth_components", lambda components: None)
     fresh_host()
     monkeypatch.setattr(FlashDP, "prepare", lambda self, model, **kw: model)
     with pytest.raises(ConfigError, match=r"grad_transform: model layer 'depth_encoder\.bn1' is a BatchNorm2d"):
