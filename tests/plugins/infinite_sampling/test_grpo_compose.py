@@ -290,3 +290,32 @@ def test_what_dp_grpo_cannot_compose_with_is_one_line_exit_2(tmp_path, fresh_hos
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and match in err and "with a private grad_transform" in err, err
     assert not list((tmp_path / "runs").glob("*/*"))
+
+
+def test_dp_sat_grpo_counts_ascents_and_spends_dp_sgds_epsilon(tmp_path, fresh_host, hash_reward):
+    """``grad_transform: [sam, flashdp]`` under grpo is DP-SAT (Park et al., 2023): from step 2 on, each update's
+    gradient is taken at w + ρ ĝ_{t-1}/‖ĝ_{t-1}‖ (one ascent per step after the first, a nonzero perturbation
+    logged), the batch is read once, by flashdp, so ε is the RDP accountant's for flashdp's σ, q and steps alone
+    (Opacus' accountant as the reference), finite."""
+    from opacus.accountants import RDPAccountant
+
+    fresh_host()
+    steps, delta = 3, 1.0e-3
+    run = execute(load_config(_cfg(tmp_path, steps=steps, G=4, B=4, model=GPT2_F64.replace("float64", "float32"),
+                                   rewards=hash_reward), [f"grad_transform=[{{name: sam, rho: 0.05}}, {DP}]"]))
+    assert run.status == "completed"
+    summary = json.loads((run.dir / "summary.json").read_text())
+    assert summary["sam/mode"] == "dp-sat" and summary["sam/ascent_steps"] == steps - 1
+    rows = {r["step"]: r for r in _rows(run) if "privacy/epsilon" in r}
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[1]["sam/perturbation_norm"] == 0.0  # no ĝ_0: step 1 is a DP-SGD step
+    assert all(rows[s]["sam/perturbation_norm"] > 0 for s in (2, 3))
+    assert summary["privacy/noise_multiplier"] == 1.0 and summary["privacy/steps"] == steps
+    q = summary["privacy/sample_rate"]
+    assert q == pytest.approx(4 / 44)
+    ref = RDPAccountant()
+    ref.history = [(1.0, q, steps)]
+    assert math.isfinite(summary["privacy/epsilon"])
+    assert summary["privacy/epsilon"] == pytest.approx(ref.get_epsilon(delta), rel=1e-6)
+    trained = [r for r in rows.values() if "train/loss" in r]
+    assert trained and all(math.isfinite(r["train/loss"]) for r in trained)
