@@ -48,6 +48,10 @@ QUICK_ARGS: dict[str, list[str]] = {
     # Capsule: one seed, 10 training steps per depth/classify run, 2 worker processes, then the fps part
     # (always at its fixed sizes; defaults: 3 seeds, 300 steps, 3 jobs). 11-14 s.
     "capsule": ["--seeds", "1", "--depth-steps", "10", "--cls-steps", "10", "--jobs", "2"],
+    # Composition: every configs/compose/ first-order preset and each of its components alone, 6 steps per run,
+    # then the five plain recipes on this tree vs the tree before the shared step (git archive 03ef209), 2
+    # interleaved rounds of 8 steps (defaults: the presets' own steps, 4 rounds of 30 steps).
+    "compose": ["--quick"],
     # DistZO2: OPT "tiny", batch 8, seq 32, 10 steps in windows of 5 (one window after the warm-up one is left),
     # single + pertp + zo_ddp through `plait run` / torchrun on gloo (defaults: "small", batch 16, 25 steps). 28-30 s.
     "dist_zo": ["--size", "tiny", "--batch", "8", "--seq", "32", "--steps", "10", "--window", "5"],
