@@ -185,10 +185,13 @@ def check_depth_components(components: dict) -> None:
 
     skip = list(getattr(members[i].options, "skip", []) or [])
     twice = ["pose_net"] + (["vibration"] if getattr(model.options, "vibration", False) else [])
-    missing = [m for m in twice if not any(fnmatch.fnmatchcase(f"{m}.head", p) or fnmatch.fnmatchcase(m, p)
-                                           for p in skip)]
+    # representative module names of each net (first, middle, last layer): every one must be skipped
+    names = {"pose_net": ["pose_net.encoder.conv1", "pose_net.squeeze", "pose_net.head"],
+             "vibration": ["vibration.lstm", "vibration.fcn.0", "vibration.out"]}
+    missing = [m for m in twice if not all(any(fnmatch.fnmatchcase(n, p) for p in skip) for n in names[m])]
     if missing:
         pats = ", ".join(f"'{m}*'" for m in twice)
-        raise ConfigError(f"{where}.skip: {' and '.join(missing)} run{'s' if len(missing) == 1 else ''} twice per snippet (once per frame pair) and "
+        verb = "runs" if len(missing) == 1 else "run"
+        raise ConfigError(f"{where}.skip: {' and '.join(missing)} {verb} twice per snippet (once per frame pair) and "
                           f"the private {name!r} clips one call per step; leave them out of DP "
                           f"({where}.skip=[{pats}]: frozen, listed in dp/frozen) or remove {name!r}")

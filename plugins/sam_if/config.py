@@ -127,8 +127,9 @@ def check_sam_train_components(components: dict) -> None:
     members = chain if isinstance(chain, list) else [chain]
     names = [c.entry.name for c in members]
     if "sam" in names:
-        raise ConfigError(f"grad_transform[{names.index('sam')}]: 'sam' under recipe sam_train, which already does SAM; remove it and set "
-                          f"recipe.rho / recipe.adaptive (before a private transform the recipe's SAM runs as DP-SAT)")
+        raise ConfigError(f"grad_transform[{names.index('sam')}]: 'sam' under recipe sam_train, which already does "
+                          f"SAM; remove it and set recipe.rho / recipe.adaptive (before a private transform the "
+                          f"recipe's SAM runs as DP-SAT)")
     m = getattr(getattr(components.get("recipe"), "options", None), "m", None)
     if m is not None:
         raise ConfigError(f"recipe.m: m-sharpness (m={m}) does not combine with grad_transform {'+'.join(names)} "

@@ -284,7 +284,8 @@ def test_group_norm_nets_are_per_sample(fresh_host):
     assert set(kinds(bn)) == set(kinds(gn)) and set(kinds(bn).values()) == {"BatchNorm1d", "BatchNorm2d"}
     assert set(kinds(gn).values()) == {"GroupNorm"}
     g = torch.Generator().manual_seed(0)
-    a, b, imu = torch.rand(4, 3, 32, 48, generator=g), torch.rand(4, 3, 32, 48, generator=g), torch.randn(4, 6, 10, generator=g)
+    a, b = torch.rand(4, 3, 32, 48, generator=g), torch.rand(4, 3, 32, 48, generator=g)
+    imu = torch.randn(4, 6, 10, generator=g)
     for model, independent in ((gn, True), (bn, False)):
         model.train()
         full_d, full_p = model.depth(a).depth, model.pose_parameters(a, b, imu)[0]
