@@ -26,6 +26,11 @@ Estimators
   Σ_t ω_t ∇ℓ_t(w_t)·∇ℓ_j(w̃_t) (TracIn-CP with SAM's perturbed training gradient); ``sam_trajectory`` adds the
   e-coupling term ω_t ∇ℓ_t(w_t)ᵀ H_B(w̃_t) ∂e/∂g ∇ℓ_j(w_t) and counts only steps whose batch holds z_j
   (ω_t = η_t · n/|B_t|, the first-order same-noise leave-one-out change times n).
+  **Momentum** (``momentum`` in the trajectory's metadata, torch SGD b ← μ b + g, w ← w − η b): each example's
+  training vector v_j,t (its weighted gradient, plus the coupling vector) goes through its own momentum buffer,
+  b_j,t = μ b_j,t−1 + v_j,t, and the score is Σ_t η_t ∇ℓ_test(w_t)·b_j,t — the part of each step's movement that
+  z_j caused, dotted with the test gradient there (μ = 0: the SGD sum above). Steps between recorded ones
+  (``record_every`` / ``every`` > 1) hold the recorded vectors.
 """
 from __future__ import annotations
 
@@ -225,6 +230,8 @@ class TrajectoryEstimator:
         gl = grad(obj.group_loss)
         T = tr["weights"].shape[0]
         used = 0
+        mu = float(meta.get("momentum", 0.0) or 0.0)
+        buf = torch.zeros(n, fm.size, dtype=X.dtype) if mu > 0 else None
         for t in range(0, T, self.every):
             w = tr["weights"][t].to(X.dtype)
             batch = tr["batch"][t]
@@ -241,6 +248,17 @@ class TrajectoryEstimator:
             wt = w.unsqueeze(0) + E[grp] if self.perturbed else w.unsqueeze(0).expand(n, -1)
             g_train = fm.example_grads(wt, X, y)
             g_test = fm.example_grads(w, Xt, yt) if test is not None else fm.example_grads(w, X, y)
+            if mu > 0:  # the momentum buffer of each example's training vector, stepped once per SGD step
+                V = g_train
+                if self.coupling and sam["rho"] > 0:
+                    V = V + self._coupling(fm, obj, gl, w, X, y, batch, mm, grp, None, True, sam, vectors=True)
+                c = (n / len(batch)) * in_b.to(X.dtype) if self.in_batch else torch.ones(n, dtype=X.dtype)
+                for _ in range(every * self.every):  # unrecorded steps: the recorded vectors held
+                    buf = mu * buf + c.unsqueeze(1) * V
+                    step_lr = float(tr["lrs"][t])
+                    out += step_lr * (buf @ g_test.T if test is not None else (buf * g_test).sum(1, keepdim=True))
+                used += 1
+                continue
             if test is not None:
                 contrib = g_train @ g_test.T
             else:
@@ -249,16 +267,20 @@ class TrajectoryEstimator:
                 contrib = contrib + self._coupling(fm, obj, gl, w, X, y, batch, mm, grp, g_test, test is None, sam)
             out += weight.unsqueeze(1) * contrib
             used += 1
-        self.last_info = {"checkpoints": used}
+        self.last_info = {"checkpoints": used, "momentum": mu}
         return out if test is not None else out[:, 0]
 
     @staticmethod
-    def _coupling(fm, obj, gl, w, X, y, batch, mm, grp, g_test, self_mode, sam):
-        """∇ℓ_t(w)ᵀ H_k(w̃_k) ∂e/∂g|_(w, g_k) ∇ℓ_j(w) for every row j (k = its group), [n, n_test] or [n, 1]."""
+    def _coupling(fm, obj, gl, w, X, y, batch, mm, grp, g_test, self_mode, sam, vectors=False):
+        """∇ℓ_t(w)ᵀ H_k(w̃_k) ∂e/∂g|_(w, g_k) ∇ℓ_j(w) for every row j (k = its group), [n, n_test] or [n, 1];
+        ``vectors=True``: the training-side vectors H_k(w̃_k) ∂e/∂g ∇ℓ_j(w) themselves, [n, p]."""
         K = -(-len(batch) // mm)
         idx = [batch[k * mm:(k + 1) * mm] for k in range(K)]
         g_here = fm.example_grads(w, X, y)
-        out = torch.zeros(X.shape[0], 1 if self_mode else g_test.shape[0], dtype=X.dtype)
+        if vectors:
+            out = torch.zeros(X.shape[0], w.numel(), dtype=X.dtype)
+        else:
+            out = torch.zeros(X.shape[0], 1 if self_mode else g_test.shape[0], dtype=X.dtype)
         for k in range(K):
             ones = torch.ones(len(idx[k]), dtype=X.dtype)
             gk = gl(w, idx[k], ones)
@@ -267,7 +289,9 @@ class TrajectoryEstimator:
             de = lambda v: jvp(lambda gg: perturbation(w, gg, **sam), (gk,), (v,))[1]  # noqa: E731
             q = vmap(de)(g_here[rows])  # [r, p]
             hv = lambda v: jvp(lambda u: gl(u, idx[k], ones), (wt,), (v,))[1]  # noqa: E731
-            if self_mode:
+            if vectors:
+                out[rows] = vmap(hv)(q)
+            elif self_mode:
                 Hq = vmap(hv)(q)
                 out[rows, 0] = (g_test[rows] * Hq).sum(1)
             else:

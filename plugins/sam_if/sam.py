@@ -138,7 +138,8 @@ def train_sam(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, rho: 
     epoch. ``m`` splits each batch into consecutive groups of ``m`` with their own perturbations (m-sharpness).
     ``tol`` stops early once ‖SAM update direction‖ < tol. With ``record_dir`` every ``record_every``-th step's
     weights w_k, perturbations e_k (one per group), lr_k and batch indices are written to
-    ``record_dir/trajectory.safetensors`` + ``trajectory.json`` (see `load_trajectory`).
+    ``record_dir/trajectory.safetensors`` + ``trajectory.json`` (see `load_trajectory`); the metadata carries
+    ``momentum`` (torch SGD: b ← μ b + g, w ← w − η b), which the trajectory estimators apply.
     """
     n = X.shape[0]
     c = torch.ones(n, dtype=X.dtype) if sample_weight is None else torch.as_tensor(sample_weight, dtype=X.dtype)
@@ -188,7 +189,7 @@ def train_sam(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, rho: 
     if record_dir is not None:
         save_trajectory(record_dir, rec, dict(rho=rho, adaptive=adaptive, eta=eta, eps=eps, l2=l2, m=m,
                                               batch_size=batch_size, record_every=record_every, seed=seed,
-                                              n_train=n, steps=k + 1))
+                                              n_train=n, steps=k + 1, momentum=momentum))
     return result
 
 
