@@ -4,7 +4,9 @@
 Registers
 * grad transform ``sam`` (SAM / ASAM for first-order recipes such as ``sft``);
 * influence estimators ``if`` (Koh & Liang), ``sam_hessian`` (closed form at the final weights, with the
-  perturbation's data dependence), ``tracin`` and ``sam_trajectory`` (from a recorded SAM trajectory);
+  perturbation's data dependence), ``tracin`` and ``sam_trajectory`` (from a recorded SAM trajectory), ``ekfac``
+  (EK-FAC on chosen Linear modules, `ekfac`); `projected.CheckpointTracIn` sums TracIn over saved checkpoints of
+  any module with randomly projected per-example gradients;
 * datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, label flips) and model family ``tabular-mlp``;
 * recipe ``sam_train`` (`recipe`; before a private ``grad_transform:`` such as flashdp, DP-SAT) and the CLI verb
   ``plait attribute RUN_DIR [estimator=…]`` (`attribute`).
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import (IFConfig, SAMConfig, SAMHessianConfig, SAMTrainConfig, SAMTrajectoryConfig, TabularConfig,
-                     TabularMLPConfig, TracInConfig, check_sam_train_components)
+from .config import (EKFACConfig, IFConfig, SAMConfig, SAMHessianConfig, SAMTrainConfig, SAMTrajectoryConfig,
+                     TabularConfig, TabularMLPConfig, TracInConfig, check_sam_train_components)
 
 
 def build_sam(**kwargs):
@@ -53,6 +55,12 @@ def build_tracin(**kwargs):
     from .influence import TrajectoryEstimator
 
     return TrajectoryEstimator(**kwargs)
+
+
+def build_ekfac(l2: float = 0.0, damping: float = 1e-3, **kwargs):
+    from .ekfac import EKFACEstimator
+
+    return EKFACEstimator(damping=damping + l2, **kwargs)
 
 
 def build_sam_trajectory(**kwargs):
@@ -102,6 +110,8 @@ def register_influence_estimators(register):
              doc="TracIn-CP over a recorded SAM trajectory: Σ_t η_t ∇ℓ(z_test, w_t)·∇ℓ(z_train, w_t + e_t)")
     register("sam_trajectory", build_sam_trajectory, config=SAMTrajectoryConfig,
              doc="trajectory influence for SAM: in-batch TracIn plus the perturbation-coupling HVP term")
+    register("ekfac", build_ekfac, config=EKFACConfig,
+             doc="EK-FAC influence (as kronfluence) on chosen Linear modules, damping as an option")
 
 
 @hookimpl

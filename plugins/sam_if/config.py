@@ -72,6 +72,18 @@ class SAMTrajectoryConfig(TracInConfig):
 
 
 @dataclass
+class EKFACConfig:
+    """Influence estimator ``ekfac``: EK-FAC on chosen Linear modules (`ekfac.EKFACEstimator`)."""
+
+    params: List[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on Linear module names
+    damping: float = 1.0e-3  # λ added to every eigenvalue
+    damping_ratio: float = 0.0  # plus ratio × mean(Λ) per layer (kronfluence's heuristic uses 0.1)
+    loss: str = "ce"  # ce | mse
+    batch_size: int = 256  # rows per factor / gradient pass
+    l2: float = 0.0  # the objective's (l2/2)‖w‖²: its Hessian l2·I is added to the damping (exact)
+
+
+@dataclass
 class TabularConfig:
     """Datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, no download)."""
 

@@ -151,3 +151,25 @@ def test_attribute_remove_harmful_examples(tmp_path, fresh_host, capsys):
     assert e["harmful"]["predicted"] < 0 and {"one_step", "retrained"} <= set(e["harmful"])
     assert main(["attribute", str(run_dir), "--remove", "500"]) == 2
     assert "K must be in 1..119" in capsys.readouterr().err
+
+
+def test_attribute_ekfac_equals_the_estimator_with_l2_as_damping(tmp_path, fresh_host, capsys):
+    # the verb fills l2 from the run: EK-FAC's damping then holds the regulariser's exact Hessian l2·I
+    from safetensors.torch import load_file
+
+    from plait.plugins.sam_if.attribute import _load
+    from plait.plugins.sam_if.ekfac import EKFACEstimator
+    from plait.manager import get_host
+
+    fresh_host()
+    run_dir = _train(tmp_path, steps=3)
+    assert main(["attribute", str(run_dir), "estimator=ekfac", "damping=1e-3"]) == 0
+    got = load_file(str(run_dir / "attribution" / "ekfac" / "scores.safetensors"))["scores"]
+    _, data, model, _ = _load(run_dir, get_host())
+    ref = EKFACEstimator(damping=1e-3 + 1e-2).scores(model, (data.train.X.double(), data.train.y),
+                                                     (data.test.X.double(), data.test.y))
+    assert torch.allclose(got, ref, rtol=1e-10, atol=0)
+    capsys.readouterr()
+    assert main(["attribute", str(run_dir), "estimator=ekfac", "params=[decoder.*]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "match no Linear module" in err and len(err.splitlines()) == 1
