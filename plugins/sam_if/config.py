@@ -80,6 +80,7 @@ class EKFACConfig:
     damping_ratio: float = 0.0  # plus ratio × mean(Λ) per layer (kronfluence's heuristic uses 0.1)
     loss: str = "ce"  # ce | mse
     batch_size: int = 256  # rows per factor / gradient pass
+    fisher: str = "true"  # true (exact expectation over the model's labels) | empirical (the true labels)
     l2: float = 0.0  # the objective's (l2/2)‖w‖²: its Hessian l2·I is added to the damping (exact)
 
 

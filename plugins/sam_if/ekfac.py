@@ -11,7 +11,8 @@ A ⊗ S, A = E[a aᵀ], S = E[s sᵀ], with the eigenbases Q_A, Q_S and the *eig
 Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ and score[j, t] = Σ_layers ⟨(F̂ + λI)⁻¹ G_j, G_t⟩ (Koh & Liang sign: > 0 is a
 proponent). The expectations over the model's predictive distribution are taken *exactly*, not by sampling
 labels: for cross-entropy E_y[r rᵀ] = diag(p) − p pᵀ for the logits gradient r, for ``mse`` (ℓ = ½‖z − y‖²) the
-identity, and each class direction is back-propagated to every chosen layer (one backward per logit). Block
+identity, and each class direction is back-propagated to every chosen layer (one backward per logit);
+``fisher: empirical`` uses the true labels' gradients instead (kronfluence's ``use_empirical_fisher``). Block
 diagonal across layers, as kronfluence. Inputs must be [n, features] (one position per example).
 
 ``damping`` λ is absolute; ``damping_ratio`` (kronfluence's heuristic: 0.1 × mean(Λ) per layer) adds to it.
@@ -30,13 +31,15 @@ LOSSES = ("ce", "mse")
 
 class EKFACEstimator:
     def __init__(self, params: Sequence[str] = ("*",), damping: float = 1e-3, damping_ratio: float = 0.0,
-                 loss: str = "ce", batch_size: int = 256):
+                 loss: str = "ce", batch_size: int = 256, fisher: str = "true"):
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher: {fisher!r} is not supported; allowed: true, empirical")
         if loss not in LOSSES:
             raise ValueError(f"loss: {loss!r} is not supported; allowed: {', '.join(LOSSES)}")
         if damping < 0 or damping_ratio < 0:
             raise ValueError(f"damping: must be >= 0, got {damping} (damping_ratio {damping_ratio})")
         self.params, self.damping, self.damping_ratio = list(params) or ["*"], float(damping), float(damping_ratio)
-        self.loss, self.batch_size = loss, int(batch_size)
+        self.loss, self.batch_size, self.fisher = loss, int(batch_size), fisher
         self.last_info: dict[str, Any] = {}
 
     # --- layers and per-example quantities ---------------------------------------------------------------
@@ -68,9 +71,11 @@ class EKFACEstimator:
             raise ValueError("ekfac: needs [n, features] inputs and [n, outputs] logits (one position per example)")
         return ins, outs, logits
 
-    def _pseudo(self, logits: torch.Tensor) -> torch.Tensor:
-        """L [n, C, C] with L Lᵀ = E_y[r rᵀ | x] (r = ∂ℓ/∂logits)."""
+    def _pseudo(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L [n, C, C] with L Lᵀ = E_y[r rᵀ | x] (r = ∂ℓ/∂logits); empirical Fisher: r itself, [n, C, 1]."""
         n, C = logits.shape
+        if self.fisher == "empirical":
+            return self._real(logits, y).unsqueeze(2)
         if self.loss == "mse":
             return torch.eye(C, dtype=logits.dtype).expand(n, C, C)
         p = torch.softmax(logits.detach(), 1)
@@ -84,14 +89,14 @@ class EKFACEstimator:
             return logits.detach() - y.to(logits.dtype)
         return torch.softmax(logits.detach(), 1) - torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
 
-    def _fit(self, model, X) -> dict[str, dict[str, torch.Tensor]]:
+    def _fit(self, model, X, y) -> dict[str, dict[str, torch.Tensor]]:
         layers = self._layers(model)
         stats: dict[str, dict[str, torch.Tensor]] = {}
         n = X.shape[0]
         # pass 1: A and S
         for start in range(0, n, self.batch_size):
             ins, outs, logits = self._capture(model, layers, X[start:start + self.batch_size])
-            Ls = self._pseudo(logits)
+            Ls = self._pseudo(logits, y[start:start + self.batch_size])
             for c in range(Ls.shape[2]):
                 gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=Ls[:, :, c],
                                          retain_graph=True)
@@ -107,7 +112,7 @@ class EKFACEstimator:
         # pass 2: the eigenvalue correction
         for start in range(0, n, self.batch_size):
             ins, outs, logits = self._capture(model, layers, X[start:start + self.batch_size])
-            Ls = self._pseudo(logits)
+            Ls = self._pseudo(logits, y[start:start + self.batch_size])
             for c in range(Ls.shape[2]):
                 gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=Ls[:, :, c],
                                          retain_graph=True)
@@ -140,14 +145,14 @@ class EKFACEstimator:
     def scores(self, model: torch.nn.Module, train: Any, test: Any) -> torch.Tensor:
         X, y = as_xy(train)
         Xt, yt = as_xy(test)
-        stats = self._fit(model, X)
+        stats = self._fit(model, X, y)
         Gtr = self._precondition(stats, self._grads(model, X, y))
         Gte = self._grads(model, Xt, yt)
         return sum(Gtr[nm].flatten(1) @ Gte[nm].flatten(1).T for nm in Gtr)
 
     def self_influence(self, model: torch.nn.Module, train: Any) -> torch.Tensor:
         X, y = as_xy(train)
-        stats = self._fit(model, X)
+        stats = self._fit(model, X, y)
         G = self._grads(model, X, y)
         P = self._precondition(stats, G)
         return sum((P[nm] * G[nm]).flatten(1).sum(1) for nm in G)
