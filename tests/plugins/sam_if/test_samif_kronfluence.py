@@ -1,6 +1,11 @@
-"""`ekfac` against kronfluence 1.0.1's EK-FAC scores on a tiny MLP (test-only dependency: pip install
-kronfluence==1.0.1 torch==<the venv's>; skipped without it). kronfluence's empirical-Fisher mode is deterministic,
-so ``fisher: empirical`` must agree with it (fp64 everywhere, absolute damping)."""
+"""`ekfac` against kronfluence 1.0.1's EK-FAC scores on a tiny MLP; skipped without kronfluence.
+
+kronfluence is not a ``[dev]`` extra: it declares torchvision, and PyPI's torchvision 0.28.0 (the one matching
+torch 2.13) is a CUDA build whose operators fail to register against the CPU torch ("operator torchvision::nms
+does not exist"), after which transformers cannot import (LlamaConfig). kronfluence itself never imports
+torchvision, so install it without: ``pip install --no-deps kronfluence==1.0.1 accelerate einops einconv``.
+kronfluence's empirical-Fisher mode is deterministic, so ``fisher: empirical`` must agree with it (fp64
+everywhere, absolute damping)."""
 from __future__ import annotations
 
 import pytest
