@@ -213,6 +213,7 @@ class FirstOrderStep:
         self.decay_every, self.gamma = int(decay_every), float(gamma)
         self.max_grad_norm, self.grad_accum = float(max_grad_norm), int(grad_accum)
         self.total = int(run.cfg.run.steps)
+        self.dataset_size = int(dataset_size)  # the examples per-sample attribution scores (plait attribute)
         if transform is not None and not isinstance(transform, TransformChain):
             transform = TransformChain([transform])
         self.transform: TransformChain | None = transform
