@@ -25,8 +25,9 @@ TRAJECTORY_ESTIMATOR_FIELD = "trajectory"
 
 
 def add_parser(cli) -> None:
-    p = cli.add_parser("attribute", help="score training examples of a finished sam_train run (influence)")
-    p.add_argument("run_dir", help="a run directory written by `plait run` (recipe sam_train)")
+    p = cli.add_parser("attribute", help="score training examples of a finished run (influence)")
+    p.add_argument("run_dir", help="a run directory written by `plait run` (sam_train: every estimator; any other "
+                                   "first-order recipe: estimator=tracin over its checkpoints)")
     p.add_argument("options", nargs="*", metavar="key=value",
                    help="estimator=if|sam_hessian|tracin|sam_trajectory, then that estimator's options")
     p.add_argument("--top", type=int, default=5, help="proponents / opponents / self-influential rows listed")
@@ -35,12 +36,14 @@ def add_parser(cli) -> None:
                    help="model editing: remove the K most harmful training examples (one-step influence update and "
                         "same-schedule retraining) against K random ones")
     p.add_argument("--random-draws", type=int, default=3, help="random K-subsets retrained for --remove")
+    p.add_argument("--allow-private-data", action="store_true",
+                   help="score a DP run anyway (the scores reveal training examples and are not private)")
     p.set_defaults(func=cmd_attribute)
 
 
 def cmd_attribute(args) -> int:
     report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples, remove=args.remove,
-                       random_draws=args.random_draws)
+                       random_draws=args.random_draws, allow_private_data=args.allow_private_data)
     print(f"wrote {report['out_dir']}")
     e = report.get("editing")
     if e:
@@ -102,6 +105,14 @@ def recall_at(score: torch.Tensor, positive: torch.Tensor, fraction: float = 0.1
     return float(positive[top].sum()) / max(1, int(positive.sum()))
 
 
+class _OtherRecipe(Exception):
+    """Not a sam_train run: `anyrun` scores it from its checkpoints."""
+
+    def __init__(self, cfg, comps):
+        super().__init__(cfg.recipe.name)
+        self.cfg, self.comps = cfg, comps
+
+
 def _load(run_dir: Path, host):
     from plait.checkpoint import Checkpointer
     from plait.config import load_config, validate
@@ -117,7 +128,7 @@ def _load(run_dir: Path, host):
     cfg = load_config(run_dir / "config.yaml")
     comps = validate(cfg, host.registries)
     if cfg.recipe.name != "sam_train":
-        raise PlaitError(f"attribute: '{run_dir}' is a {cfg.recipe.name!r} run; attribution needs a sam_train run")
+        raise _OtherRecipe(cfg, comps)
     _, state = Checkpointer.load(latest)
 
     def build(section):
@@ -174,8 +185,15 @@ def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
         raise ConfigError(f"attribute: estimator {name!r}: {exc}") from exc
 
 
+def validate_cfg(cfg, host):
+    from plait.config import validate
+
+    return validate(cfg, host.registries)
+
+
 def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, examples: int = 3,
-              host=None, remove: int = 0, random_draws: int = 3) -> dict[str, Any]:
+              host=None, remove: int = 0, random_draws: int = 3, allow_private_data: bool = False
+              ) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from plait.manager import get_host
@@ -183,7 +201,20 @@ def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, exampl
     host = host or get_host()
     run_dir = Path(run_dir)
     name, opts = _parse_options(list(options))
-    cfg, data, model, init = _load(run_dir, host)
+    try:
+        cfg, data, model, init = _load(run_dir, host)
+    except _OtherRecipe as other:
+        from .anyrun import attribute_run
+
+        return attribute_run(run_dir, other.cfg, other.comps, host, name, opts, top=top,
+                             allow_private_data=allow_private_data)
+    from .anyrun import private_transforms
+
+    private = private_transforms(validate_cfg(cfg, host))
+    if private and not allow_private_data:
+        raise PlaitError(f"attribute: '{run_dir}' trained with private {'+'.join(private)}; attribution scores "
+                         f"reveal individual training examples and are not differentially private: pass "
+                         f"--allow-private-data to compute them anyway")
     replay = _replay_options(cfg) if remove else None
     est, est_opts = _estimator(host, name, opts, cfg, run_dir)
     dtype = next(model.parameters()).dtype

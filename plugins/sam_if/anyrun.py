@@ -1,0 +1,168 @@
+"""``plait attribute RUN estimator=tracin`` on a run of any first-order recipe (sft, classify, … and composed
+SAM / DP runs): projected TracIn (`projected.CheckpointTracIn`) over the run's saved checkpoints.
+
+The run is rebuilt from its ``config.yaml`` (no new run directory, nothing written there but ``attribution/``);
+each complete checkpoint is loaded into the recipe, and the recipe's own ``sample_losses([i])`` is the loss of
+training example i, so every model family a recipe builds is covered. Per checkpoint at step s: the learning rate
+of step s+1 from the run's schedule (``recipe.step.lr_at``), times the steps since the previous checkpoint; the
+optimizer kind, momentum and Adam second moments from the checkpoint's optimizer state (see `projected`).
+Keep every checkpoint (``run.keep_checkpoints=0``, ``run.ckpt_every``) for a TracIn sum over training; with
+the default ``keep_checkpoints: 2`` only the last two are summed (the report says how many).
+
+Writes ``RUN/attribution/tracin/``: ``scores.safetensors`` (``self_influence`` [n], ``train_loss`` [n] at the last
+checkpoint), ``report.json``, ``report.md`` (the top-k self-influential examples, with their text for LM runs).
+
+A run whose ``grad_transform:`` holds a private transform (flashdp, dp-flat) is refused unless
+``--allow-private-data``: the model is private, but attribution reads the training examples themselves and its
+scores are *not* differentially private — they single out individual examples.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.errors import ConfigError, PlaitError
+
+from .projected import Checkpoint, CheckpointTracIn, PROJECTIONS
+
+OPTIONS = {"k": int, "projection": str, "seed": int, "batch_size": int, "params": list, "n": int}
+
+
+def private_transforms(comps: dict[str, Any]) -> list[str]:
+    """Names of private entries in a validated run's ``grad_transform:`` section."""
+    gt = comps.get("grad_transform")
+    if gt is None:
+        return []
+    gt = gt if isinstance(gt, list) else [gt]
+    return [c.entry.name for c in gt if c.entry.extra.get("private")]
+
+
+def _rebuild(run_dir: Path, cfg, comps, host):
+    from plait.run import Run, _NoCheckpoints, _NullLogger, resolve_device, seed_everything
+
+    seed_everything(cfg.run.seed)
+    # the plain model and objective: a grad_transform (DP layers, SAM) changes how the run moved, not the loss
+    comps = {k: v for k, v in comps.items() if k != "grad_transform"}
+    run = Run(cfg, comps, host, run_dir, resolve_device("cpu"), _NullLogger(), _NoCheckpoints(run_dir / "ck"))
+    recipe = run.build("recipe", run=run)
+    step = getattr(recipe, "step", None)
+    if step is None or not hasattr(recipe, "sample_losses") or not hasattr(step, "lr_at"):
+        raise PlaitError(f"attribute: recipe {cfg.recipe.name!r} has no shared first-order step with per-sample "
+                         f"losses; tracin over checkpoints needs a first-order recipe (sft, classify, sam_train, …)")
+    return recipe
+
+
+def _checkpoint(recipe, state: dict, step: int, prev: int) -> Checkpoint:
+    recipe.load_state_dict(state["task"])
+    model, opt = recipe.step.model, recipe.step.optimizer
+    kind = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}.get(type(opt).__name__, type(opt).__name__.lower())
+    group = opt.param_groups[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    sq, t = {}, 0
+    for p, st in opt.state.items():
+        if "exp_avg_sq" in st and id(p) in names:
+            sq[names[id(p)]] = st["exp_avg_sq"].detach().clone()
+            t = int(st["step"])
+    return Checkpoint(state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                      lr=float(recipe.step.lr_at(step + 1)), steps=max(1, step - prev), optimizer=kind,
+                      momentum=float(group.get("momentum", 0.0) or 0.0), exp_avg_sq=sq, adam_step=t,
+                      betas=tuple(group.get("betas", (0.9, 0.999))), eps=float(group.get("eps", 1e-8)))
+
+
+def _options(opts: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in opts.items():
+        if key not in OPTIONS:
+            raise ConfigError(f"attribute: tracin over checkpoints has no option {key!r}; allowed: "
+                              f"{', '.join(OPTIONS)}")
+        if key == "params":
+            value = [value] if isinstance(value, str) else list(value or [])
+        elif not isinstance(value, OPTIONS[key]):
+            raise ConfigError(f"attribute: {key}={value!r} must be {OPTIONS[key].__name__}")
+        out[key] = value
+    if out.get("projection", "rademacher") not in PROJECTIONS:
+        raise ConfigError(f"attribute: projection={out['projection']!r}; allowed: {', '.join(PROJECTIONS)}")
+    return out
+
+
+def _text(recipe, i: int) -> str:
+    items = getattr(recipe, "train_items", None)
+    tok = getattr(recipe, "tokenizer", None)
+    if items is None or tok is None:
+        return ""
+    ids = items[i]["input_ids"] if isinstance(items[i], dict) else items[i]
+    ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+    return tok.decode(ids).replace("\n", " ").replace("|", "/")[:120]
+
+
+def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, Any], *, top: int = 10,
+                  allow_private_data: bool = False) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    from plait.checkpoint import Checkpointer
+
+    chain = comps.get("grad_transform")
+    chain = [c.entry.name for c in (chain if isinstance(chain, list) else [chain] if chain else [])]
+    if name in ("sam_hessian", "sam_trajectory") and "sam" not in chain:
+        raise PlaitError(f"attribute: estimator {name!r} needs a run trained with SAM and '{run_dir}' "
+                         f"({cfg.recipe.name}) has no sam in grad_transform; use estimator=tracin")
+    if name != "tracin":
+        raise PlaitError(f"attribute: '{run_dir}' is a {cfg.recipe.name!r} run; estimator {name!r} reads sam_train "
+                         f"runs only (SAM-aware scores of a {cfg.recipe.name}+sam run are not built yet); use "
+                         f"estimator=tracin (TracIn over the run's checkpoints)")
+    private = private_transforms(comps)
+    if private and not allow_private_data:
+        raise PlaitError(f"attribute: '{run_dir}' trained with private {'+'.join(private)}; attribution scores "
+                         f"reveal individual training examples and are not differentially private: pass "
+                         f"--allow-private-data to compute them anyway")
+    paths = Checkpointer(run_dir / "checkpoints").complete()
+    if not paths:
+        raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/; tracin needs the "
+                         f"run's checkpoints (run.ckpt_every > 0, run.keep_checkpoints=0 keeps them all)")
+    o = _options(opts)
+    est = CheckpointTracIn(params=o.get("params", ["*"]), k=o.get("k", 0), projection=o.get("projection",
+                           "rademacher"), seed=o.get("seed", 0), batch_size=o.get("batch_size", 16))
+    recipe = _rebuild(run_dir, cfg, comps, host)
+    cks, prev = [], 0
+    for path in paths:
+        step, state = Checkpointer.load(path)
+        cks.append(_checkpoint(recipe, state, step, prev))
+        prev = step
+    n_all = int(recipe.step.dataset_size) if hasattr(recipe.step, "dataset_size") else None
+    n_all = n_all or len(getattr(recipe, "train_items", []))
+    n = min(int(o.get("n", n_all) or n_all), n_all)
+    model = recipe.step.model
+
+    def loss_of(m, i):
+        return recipe.sample_losses([i])[0]
+    t0 = time.perf_counter()
+    try:
+        self_inf = est.self_influence(model, cks, loss_of, n).detach().double()
+    except ValueError as exc:
+        raise PlaitError(f"attribute: estimator 'tracin': {exc}") from exc
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        train_loss = torch.stack([recipe.sample_losses([i])[0].detach() for i in range(n)]).double()
+    out = run_dir / "attribution" / "tracin"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous()},
+              str(out / "scores.safetensors"))
+    order = torch.argsort(self_inf, descending=True)[:top].tolist()
+    rows = [{"index": i, "self_influence": float(self_inf[i]), "train_loss": float(train_loss[i]),
+             "text": _text(recipe, i)} for i in order]
+    report = {"run_dir": str(run_dir), "recipe": cfg.recipe.name, "estimator": "tracin", "options": o,
+              "checkpoints": [int(Checkpointer.load(p)[0]) for p in paths], "n_train": n, "seconds": seconds,
+              "info": est.last_info, "private": private, "top": rows, "out_dir": str(out)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    md = [f"# tracin self-influence: {run_dir.name} ({cfg.recipe.name})", "",
+          f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
+          + (f"; private run ({'+'.join(private)}): these scores are not private" if private else ""), "",
+          "| rank | example | self-influence | train loss | text |", "|---|---|---|---|---|"]
+    md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | {row['text']} |"
+           for r, row in enumerate(rows)]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return report
