@@ -118,25 +118,37 @@ class CheckpointTracIn:
         self.last_info: dict[str, Any] = {}
 
     def features(self, model: torch.nn.Module, loss_of: LossOf, indices: Sequence[int],
-                 precondition: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """P Γ ∇ℓ_i(w) for every index, [len(indices), k], at the module's current weights."""
+                 precondition: dict[str, torch.Tensor] | None = None, both: bool = False):
+        """P Γ ∇ℓ_i(w) for every index, [len(indices), k], at the module's current weights; ``both``: the pair
+        (P Γ g, P g) from one gradient pass and one draw of P per chunk."""
         named = select_params(model, self.params)
         sizes = [p.numel() for _, p in named]
         dtype = self.dtype or named[0][1].dtype
         proj = Projector(sizes, self.k, self.projection, self.seed, dtype)
-        rows = []
+        rows, plain = [], []
         for start in range(0, len(indices), self.batch_size):
             chunk = list(indices[start:start + self.batch_size])
             blocks = [torch.empty(len(chunk), s, dtype=dtype) for s in sizes]
+            raw = [torch.empty(len(chunk), s, dtype=dtype) for s in sizes] if both else None
             for r, i in enumerate(chunk):
                 gs = torch.autograd.grad(loss_of(model, int(i)), [p for _, p in named], allow_unused=True)
                 for b, (name, p), g in zip(range(len(sizes)), named, gs):
                     g = torch.zeros_like(p) if g is None else g.detach()
+                    if both:
+                        raw[b][r] = g.reshape(-1).to(dtype)
                     if precondition and name in precondition:
                         g = g * precondition[name]
                     blocks[b][r] = g.reshape(-1).to(dtype)
-            rows.append(proj(blocks))
-        return torch.cat(rows) if rows else torch.zeros(0, proj.k, dtype=dtype)
+            if both:  # one draw of P for both: stack the rows
+                pr = proj([torch.cat([x, z]) for x, z in zip(blocks, raw)])
+                rows.append(pr[:len(chunk)])
+                plain.append(pr[len(chunk):])
+            else:
+                rows.append(proj(blocks))
+        empty = torch.zeros(0, proj.k, dtype=dtype)
+        if both:
+            return (torch.cat(rows) if rows else empty), (torch.cat(plain) if plain else empty)
+        return torch.cat(rows) if rows else empty
 
     def _prepare(self, model: torch.nn.Module, ck: Checkpoint) -> tuple[float, dict[str, torch.Tensor] | None]:
         model.load_state_dict(ck.state, strict=False)
@@ -181,8 +193,10 @@ class CheckpointTracIn:
         out = None
         for ck in checkpoints:
             eta, pre = self._prepare(model, ck)
-            b = self.features(model, train_loss, range(n_train))
-            a = b if pre is None else self.features(model, train_loss, range(n_train), pre)
+            if pre is None:
+                a = b = self.features(model, train_loss, range(n_train))
+            else:
+                a, b = self.features(model, train_loss, range(n_train), pre, both=True)
             s = eta * (a * b).sum(1)
             out = s if out is None else out + s
         self._info(checkpoints, model)
