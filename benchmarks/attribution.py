@@ -168,6 +168,73 @@ def mislabel(args, hidden):
     return out
 
 
+def lm_case(args) -> dict:
+    """Mislabel detection on the bundled tiny OPT: synthetic-sentiment with ``--flip`` of the completions swapped,
+    AdamW fine-tuning (sft's loss: mean completion-token NLL per example), checkpoints every quarter of the run,
+    then `projected.CheckpointTracIn` self-influence (exact, and projected to ``--lm-k``) vs the final training
+    loss as rankings of the flipped examples; seconds and peak RSS per 1,000 scored examples."""
+    import random
+    import resource
+
+    from plait.plugins.basics.data import SyntheticSentiment, collate, tokenize_example
+    from plait.plugins.basics.models import BUNDLED_MODELS, build_causal_lm
+    from plait.plugins.basics.sft import sample_losses
+    from plait.plugins.sam_if.attribute import recall_at, roc_auc
+    from plait.plugins.sam_if.projected import Checkpoint, CheckpointTracIn
+
+    torch.manual_seed(args.seed)
+    n = args.lm_n
+    ds = SyntheticSentiment(n_train=n, n_eval=0, seed=args.seed)
+    ex = ds.examples("train")
+    rng = random.Random(args.seed)
+    flipped = torch.zeros(n, dtype=torch.bool)
+    for i in rng.sample(range(n), int(round(args.flip * n))):
+        flipped[i] = True
+        ex[i] = {**ex[i], "completion": ds.label_words[1 - ds.label_words.index(ex[i]["completion"])]}
+    model, tok = build_causal_lm(path=BUNDLED_MODELS["tiny-opt-base"])
+    items = [tokenize_example(tok, e["prompt"], e["completion"], 64) for e in ex]
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    cks, every = [], max(1, args.lm_steps // 4)
+    order: list[int] = []
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(1, args.lm_steps + 1):
+        if len(order) < 16:
+            order += torch.randperm(n, generator=gen).tolist()
+        idx, order = order[:16], order[16:]
+        loss = sample_losses(model, collate([items[i] for i in idx], tok.pad_token_id)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % every == 0:
+            names = {id(p): nm for nm, p in model.named_parameters()}
+            sq = {names[id(p)]: st["exp_avg_sq"].clone() for p, st in opt.state.items()}
+            cks.append(Checkpoint(state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                                  lr=args.lm_lr, steps=every, optimizer="adamw", exp_avg_sq=sq, adam_step=step))
+    train_s = time.perf_counter() - t0
+    model.eval()
+
+    def loss_of(m, i):
+        return sample_losses(m, collate([items[i]], tok.pad_token_id))[0]
+    with torch.no_grad():
+        final = torch.stack([loss_of(model, i) for i in range(n)]).double()
+    out = {"model": "bundled tiny-opt-base", "params": sum(p.numel() for p in model.parameters()), "n_train": n,
+           "flipped": int(flipped.sum()), "steps": args.lm_steps, "checkpoints": len(cks),
+           "train_seconds": round(train_s, 1),
+           "training_loss": {"auc": roc_auc(final, flipped), "recall_at_10pct": recall_at(final, flipped)}}
+    for label, k in (("tracin_exact", 0), (f"tracin_k{args.lm_k}", args.lm_k)):
+        est = CheckpointTracIn(k=k, projection="rademacher", seed=args.seed, batch_size=100)
+        t0 = time.perf_counter()
+        si = est.self_influence(model, cks, loss_of, n).double()
+        sec = time.perf_counter() - t0
+        out[label] = {"auc": roc_auc(si, flipped), "recall_at_10pct": recall_at(si, flipped), "k": est.last_info["k"],
+                      "seconds_per_1000": round(1000 * sec / n, 1)}
+        log(f"[lm] {label}: {out[label]}")
+    out["peak_rss_mb_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="lr,mlp", help="comma list of lr, mlp")
@@ -185,9 +252,20 @@ def main() -> None:
     ap.add_argument("--record-every", type=int, default=5)
     ap.add_argument("--flip", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--case", default="tabular", help="tabular (digits, the estimators above) | lm (tiny OPT)")
+    ap.add_argument("--lm-n", type=int, default=200)
+    ap.add_argument("--lm-steps", type=int, default=200)
+    ap.add_argument("--lm-lr", type=float, default=1e-3)
+    ap.add_argument("--lm-k", type=int, default=1024)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    if args.case == "lm":
+        result = {"benchmark": "attribution", "case": "lm", "dataset": "synthetic-sentiment",
+                  "torch": torch.__version__, "settings": vars(args), "lm": lm_case(args)}
+        result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(result, indent=2))
+        return
     result = {"benchmark": "attribution", "dataset": "digits", "torch": torch.__version__,
               "settings": {k: v for k, v in vars(args).items()}, "models": {}}
     for name in args.models.split(","):
