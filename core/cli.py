@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, hookspecs
-from .errors import PlaitError
+from .errors import ConfigError, PlaitError
 from .registry import KINDS, KINDS_BY_NAME, KINDS_BY_SECTION
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -81,7 +81,8 @@ def _launch_torchrun(args) -> int:
 
     if args.nproc < 1:
         raise PlaitError(f"--nproc: must be at least 1, got {args.nproc}")
-    _validated(args)
+    _, cfg, components = _validated(args)
+    _check_nproc(args.nproc, components)
     debug = getattr(args, "debug", False)
     if not debug:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -95,6 +96,24 @@ def _launch_torchrun(args) -> int:
         code = exc.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code  # killed by signal -code
     return 0
+
+
+def _check_nproc(nproc: int, components: dict) -> None:
+    """Several processes need a ``parallel:`` strategy that splits the work: without one, or with ``single``,
+    each rank would run its own complete, duplicate training."""
+    from .config import parallel_choices
+    from .manager import get_host
+
+    if nproc <= 1:
+        return
+    recipe = components["recipe"]
+    comp = components.get("parallel")
+    if comp is not None and comp.entry.extra.get("max_world") != 1:
+        return
+    allowed = ", ".join(parallel_choices(recipe, get_host().registries, multi=True)) or "none"
+    what = "has no 'parallel:' section" if comp is None else f"uses parallel {comp.entry.name!r} (one process)"
+    raise ConfigError(f"--nproc {nproc}: the config {what}, so every rank would run the same training; add "
+                      f"parallel.name=<strategy> (for recipe {recipe.entry.name!r}: {allowed}) or drop --nproc")
 
 
 def _print_report(run) -> None:

@@ -375,7 +375,30 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
             check_components(components)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if "parallel" in components:
+        _check_parallel(recipe, components["parallel"], registries)
     return components
+
+
+def parallel_choices(recipe: Component, registries: Registries, multi: bool = False) -> list[str]:
+    """The ``parallel:`` strategies that declare support for the recipe's update kind (``updates=``; an entry
+    without the declaration is taken to support both); ``multi``: only those that can run on several ranks."""
+    want = recipe.entry.extra.get("update", "first_order")
+    return [e.name for e in registries.for_section("parallel").entries()
+            if want in e.extra.get("updates", ("first_order", "zeroth_order"))
+            and not (multi and e.extra.get("max_world") == 1)]
+
+
+def _check_parallel(recipe: Component, parallel: Component, registries: Registries) -> None:
+    """A strategy runs only the updates it declares: a zeroth-order strategy under a gradient recipe would run
+    one complete, duplicate training per rank."""
+    want = recipe.entry.extra.get("update", "first_order")
+    have = parallel.entry.extra.get("updates", ("first_order", "zeroth_order"))
+    if want not in have:
+        allowed = ", ".join(parallel_choices(recipe, registries)) or "none"
+        raise ConfigError(f"parallel: {parallel.entry.name!r} runs {'/'.join(h.replace('_', '-') for h in have)} "
+                          f"steps, but recipe {recipe.entry.name!r} takes {want.replace('_', '-')} steps; "
+                          f"allowed for {recipe.entry.name!r}: {allowed}")
 
 
 def _check_update_kind(recipe: Component, transform: Any, registries: Registries) -> None:

@@ -217,9 +217,15 @@ class _NoCheckpoints(Checkpointer):
 def _start_parallel(cfg: DictConfig, components: dict[str, Any]) -> Any:
     """Build the ``parallel:`` strategy first (it may start a process group) and let it check that every rank
     runs the same resolved config (its optional ``check_config(text)``)."""
-    if "parallel" not in components:
+    world = os.environ.get("WORLD_SIZE", "1")
+    comp = components.get("parallel")
+    if world.isdigit() and int(world) > 1 and (comp is None or comp.entry.extra.get("max_world") == 1):
+        what = "no 'parallel:' section" if comp is None else f"parallel {comp.entry.name!r} (one process)"
+        raise ConfigError(f"WORLD_SIZE={world}: the config has {what}, so every rank would run the same "
+                          f"training; set parallel.name to a strategy that splits the work (plait ls parallel)")
+    if comp is None:
         return None
-    parallel = _call_factory(components["parallel"], {})
+    parallel = _call_factory(comp, {})
     check = getattr(parallel, "check_config", None)
     if check is not None:
         check(OmegaConf.to_yaml(cfg))

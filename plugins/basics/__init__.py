@@ -147,4 +147,5 @@ def register_model_transforms(register):
 
 @hookimpl
 def register_parallel_strategies(register):
-    register("single", SingleProcess, config=SingleConfig, doc="one process, no communication")
+    register("single", SingleProcess, config=SingleConfig, doc="one process, no communication",
+             updates=("first_order", "zeroth_order"), max_world=1)

@@ -40,9 +40,9 @@ def build_2d(**kwargs):
 
 @hookimpl
 def register_parallel_strategies(register):
-    register("zo_ddp", build_zo_ddp, config=DistZOConfig,
+    register("zo_ddp", build_zo_ddp, config=DistZOConfig, updates=("zeroth_order",),
              doc="DistZO2 data parallelism: same z on every rank, own micro-batch, one scalar all-gather per step")
-    register("pertp", build_pertp, config=DistZOConfig,
+    register("pertp", build_pertp, config=DistZOConfig, updates=("zeroth_order",),
              doc="DistZO2 perturbation parallelism: a rank pair runs f(θ+εz) and f(θ-εz) of one batch")
-    register("2d", build_2d, config=DistZOConfig,
+    register("2d", build_2d, config=DistZOConfig, updates=("zeroth_order",),
              doc="DistZO2 2D parallelism: PertP pairs × data-parallel groups (world = 2 × groups)")

@@ -1,0 +1,80 @@
+"""Nothing runs silently duplicated: a recipe/strategy pair that is not supported, ``--nproc N > 1`` without a
+``parallel:`` strategy, and ``single`` on several ranks are refused with one line (exit 2) before any rank
+starts. The reference is the strategies' own declarations (``updates=``) read from the registry."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from plait.cli import main
+from plait.manager import get_host
+
+SFT = """
+run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
+recipe: {{name: sft, batch_size: 4}}
+model: {{name: hf-causal-lm, arch: opt, size: tiny}}
+data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}
+"""
+ZO = """
+run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
+recipe: {{name: zo, batch_size: 4}}
+model: {{name: hf-causal-lm, arch: opt, size: tiny}}
+data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}
+perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}
+"""
+
+
+def _cfg(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text.format(out=tmp_path / "runs"))
+    return str(p)
+
+
+def _one_line(err: str) -> str:
+    err = err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def _zeroth_order_strategies() -> list[str]:
+    reg = get_host().registries.for_section("parallel")
+    return [e.name for e in reg.entries() if e.extra.get("updates") == ("zeroth_order",)]
+
+
+def test_declarations_cover_distzo2():
+    assert {"zo_ddp", "pertp", "2d"} <= set(_zeroth_order_strategies())
+
+
+@pytest.mark.parametrize("strategy", ["zo_ddp", "pertp", "2d"])
+def test_zeroth_order_strategy_under_sft_refused_at_validate(tmp_path, capsys, strategy):
+    code = main(["validate", _cfg(tmp_path, SFT), f"parallel.name={strategy}"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2
+    assert repr(strategy) in err and "'sft'" in err and "zeroth-order" in err
+
+
+def test_zeroth_order_strategy_under_zo_validates(tmp_path, capsys):
+    assert main(["validate", _cfg(tmp_path, ZO), "parallel.name=zo_ddp"]) == 0
+
+
+@pytest.mark.parametrize("extra,what", [([], "no 'parallel:' section"), (["parallel.name=single"], "'single'")])
+def test_nproc_without_a_splitting_strategy_refused(tmp_path, capsys, extra, what):
+    code = main(["run", "--nproc", "2", _cfg(tmp_path, ZO), *extra])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2
+    assert "--nproc 2" in err and what in err
+    listed = err.split("for recipe 'zo': ")[1].split(")")[0].split(", ")
+    assert set(listed) == set(_zeroth_order_strategies())  # the strategies the recipe supports, single excluded
+    assert not (tmp_path / "runs").exists()  # no rank started
+
+
+def test_torchrun_without_parallel_refused_on_every_rank(tmp_path):
+    """Launched by torchrun directly (WORLD_SIZE set), a config with no ``parallel:`` is refused by the rank."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "plait", "run", _cfg(tmp_path, SFT)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    err = _one_line(out.stderr)
+    assert err.startswith("error: WORLD_SIZE=2:") and "no 'parallel:' section" in err
