@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plait.plugins.distzo2",
     "plait.plugins.capsule",
     "plait.plugins.wip",
+    "plait.plugins.parallel",
 )
 
 ENTRY_POINT_GROUP = "plait"

@@ -188,11 +188,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class _NullWriter:
+    """A TensorBoard writer that writes nothing: every ``add_*`` call is a no-op."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 class _NullLogger:
     """The metrics logger of ranks other than 0: they compute the same metrics but write nothing."""
 
     def __init__(self) -> None:
         self.last: dict[str, float] = {}
+        self.writer = _NullWriter()  # recipes write images through logger.writer (rank 0 only writes them)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.last.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -224,6 +224,18 @@ class FirstOrderStep:
             except ValueError as exc:
                 raise ConfigError(f"grad_transform: {exc}") from exc
         self.model = model
+        # a data-parallel placement (``parallel:`` with ``split_batch`` / ``reduce_gradients``): each rank its
+        # slice of every micro-batch, the gradients summed over ranks once per step (see `_parallel_micro`)
+        par = getattr(run, "parallel", None)
+        self.dist = par if hasattr(par, "reduce_gradients") and hasattr(par, "split_batch") else None
+        if self.dist is not None:
+            if transform is not None and (self_sampled := [n for m, n in zip(transform, transform.names)
+                                                           if getattr(m, "loss_reduction", "mean") == "sum"
+                                                           or hasattr(m, "batch_indices")]):
+                raise ConfigError(f"grad_transform: {', '.join(map(repr, self_sampled))} under parallel "
+                                  f"{getattr(par, 'name', '?')!r} is not supported yet; remove one of them")
+            if hasattr(par, "broadcast_parameters"):
+                par.broadcast_parameters(model)
         self.sum_loss = transform is not None and transform.loss_reduction == "sum"
         self.clip = self.max_grad_norm > 0 and not (transform is not None and transform.replaces_clipping)
         groups = list(param_groups(model)) if param_groups else [p for p in model.parameters() if p.requires_grad]
@@ -276,6 +288,8 @@ class FirstOrderStep:
             chain.before_backward(step)
         self._micro = []
         total = 0.0
+        if self.dist is not None:
+            return self._parallel_step(step, lr)
         for j in range(1 if chosen is not None else self.grad_accum):  # a sampled batch is the step's whole batch
             idx = chosen if chosen is not None else self.objective.batch_indices(step, j)
             if len(idx) == 0:
@@ -297,6 +311,48 @@ class FirstOrderStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = []
+        return metrics
+
+    def _parallel_pass(self) -> float:
+        """Backward this rank's share of the step's micro-batches (``self._local``), then sum the gradients and
+        the loss over ranks; returns the global loss."""
+        obj, mine = self.objective, 0.0
+        for idx, w, total_w in self._local:
+            if len(idx) == 0 or total_w == 0:
+                continue
+            loss = obj.mean_loss(idx) if hasattr(obj, "mean_loss") else obj.sample_losses(idx).mean()
+            if isinstance(loss, Backwarded):
+                raise ConfigError(f"parallel {getattr(self.dist, 'name', '?')!r}: this recipe backwards its own "
+                                  f"loss (micro_batch_size > 0); set it to 0 under a data-parallel strategy")
+            loss = loss * (w / total_w / self.grad_accum)
+            loss.backward()
+            mine += float(loss.detach())
+        (total,) = self.dist.reduce_gradients(self.model.parameters(), [mine])
+        return total
+
+    def _parallel_step(self, step: int, lr: float) -> dict[str, float]:
+        """The step on a data-parallel placement: rank r backwards mean_loss(its slice) × w_r / Σ w (w: the
+        objective's ``loss_weight(indices)``, e.g. labelled tokens, default the example count), so the sum over
+        ranks of the gradients is the single-process gradient of the global micro-batch's mean loss; one
+        all-reduce of the weights before, one of the gradients (and the loss) after the last micro-batch. A
+        transform that recomputes the loss (SAM) gets a closure that does the same at its weights."""
+        obj, dist, chain = self.objective, self.dist, self.transform
+        local = [dist.split_batch(obj.batch_indices(step, j)) for j in range(self.grad_accum)]
+        weigh = getattr(obj, "loss_weight", None)
+        weights = [float(weigh(idx)) if weigh is not None and len(idx) else float(len(idx)) for idx in local]
+        self._local = list(zip(local, weights, dist.all_reduce_sum(weights)))
+        metrics: dict[str, float] = {"train/lr": lr, "train/loss": self._parallel_pass()}
+        if chain is not None:
+            chain.set_loss_closure(lambda: Backwarded(self._parallel_pass()))
+            metrics.update(chain(self.model, step) or {})
+            chain.after_transforms(self.model, step)
+        metrics.update(dist.metrics() if hasattr(dist, "metrics") else {})
+        if self.clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            metrics["train/grad_norm"] = float(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._local = []
         return metrics
 
     # --- what the recipe forwards from its Task methods -----------------------------------------------------

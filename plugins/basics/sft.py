@@ -84,6 +84,11 @@ class SFTRecipe:
         """The model's own loss: the token mean over the batch."""
         return self.model(**self._batch(idx)).loss
 
+    def loss_weight(self, idx) -> int:
+        """What `mean_loss` averages over: the batch's labelled (next-token) positions."""
+        items = [self.train_items[i] for i in idx]
+        return int((collate(items, self.tokenizer.pad_token_id)["labels"][:, 1:] != -100).sum())
+
     # --- Task protocol -------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         return self.step(step)

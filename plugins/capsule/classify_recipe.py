@@ -150,6 +150,13 @@ class ClassifyRecipe:
             idx = torch.randint(n, (c.batch_size,), generator=self.gen)
         return idx.tolist()
 
+    def loss_weight(self, idx) -> float:
+        """What `loss` averages over (a data-parallel step weights each rank's share by it): Σ w_y for a
+        class-weighted cross-entropy, else the example count."""
+        if self.weight is None or self.cfg.loss == "focal":
+            return float(len(idx))
+        return float(self.weight.cpu()[self.data.train.y[torch.as_tensor(list(idx), dtype=torch.long)]].sum())
+
     def _batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised, augmented inputs and labels of ``idx`` (drawn by `batch_indices` or a transform's
         Poisson sampling). Built once per step: a second evaluation of the same batch (SAM's ascent) sees the

@@ -1,0 +1,79 @@
+"""The ``ddp`` strategy: the process group (shared with DistZO2's start-up, time-outs and one-line errors) and
+the two things `plait.step.FirstOrderStep` asks of a data-parallel placement:
+
+* ``split_batch(indices)`` — this rank's contiguous slice of a micro-batch of the global batch;
+* ``all_reduce_sum(values)`` / ``reduce_gradients(params, extra)`` — sums over ranks: the per-micro-batch loss
+  weights before the backward, then every gradient (and the step's loss) in one flat all-reduce after the
+  last micro-batch (accumulation is local, as under DistributedDataParallel's ``no_sync``).
+
+Gradients travel as one flat buffer per step, in parameter order; every rank ends the step with identical sums
+and so applies the identical optimizer step (parameters never travel after start-up, where rank 0's are
+broadcast so that every rank starts from the same weights).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from plait.errors import ConfigError
+from plait.plugins.distzo2.strategies import DistZO
+
+
+class DDP(DistZO):
+    name = "ddp"
+    pert = 1
+
+    def __init__(self, backend: str = "auto", timeout_s: float = 300.0):
+        super().__init__(backend=backend, timeout_s=timeout_s)
+        self.step_bytes = 0
+
+    def split_batch(self, indices: Sequence[int]) -> list[int]:
+        n = len(indices)
+        if n % self.world_size:
+            raise ConfigError(f"recipe.batch_size: {n} is not divisible by the world size {self.world_size} of "
+                              f"parallel 'ddp'; choose a multiple of {self.world_size}")
+        k = n // self.world_size
+        return indices[self.rank * k:(self.rank + 1) * k]  # a list or a tensor, as given
+
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self._collective("the step's loss-weight all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        self.step_bytes += t.numel() * t.element_size()
+        return t.tolist()
+
+    def reduce_gradients(self, params: Iterable[torch.nn.Parameter], extra: Sequence[float] = ()) -> list[float]:
+        """Sum every parameter's ``.grad`` over ranks in place (a missing grad counts as zeros); ``extra`` scalars
+        ride in the same buffer and come back summed."""
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return list(extra)
+        dtype = params[0].dtype
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in params]
+        parts.append(torch.tensor(list(extra), dtype=dtype, device=parts[0].device))
+        flat = torch.cat(parts)
+        self._collective("the gradient all-reduce", lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+        self.step_bytes += flat.numel() * flat.element_size()
+        offset = 0
+        for p in params:
+            n = p.numel()
+            chunk = flat[offset:offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = chunk.clone()
+            else:
+                p.grad.copy_(chunk)
+            offset += n
+        return flat[offset:].tolist()
+
+    def broadcast_parameters(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (what DistributedDataParallel does when it wraps)."""
+        for t in [*model.parameters(), *model.buffers()]:
+            self._collective("the start-up parameter broadcast", lambda t=t: dist.broadcast(t.data, src=0))
+
+    def take_step_bytes(self) -> float:
+        out, self.step_bytes = self.step_bytes, 0
+        return float(out)
+
+    def metrics(self) -> dict[str, float]:
+        return {"perf/comm_bytes": self.take_step_bytes()}
