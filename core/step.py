@@ -364,11 +364,17 @@ class FirstOrderStep:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.dist is not None:
+            state["world_size"] = int(getattr(self.dist, "world_size", 1))
         if self.transform is not None:
             state["grad_transform"] = self.transform.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, now = int(state.get("world_size", 1)), int(getattr(self.dist, "world_size", 1))
+        if saved != now:  # the batch split, the loss weights and the data order belong to the world size
+            raise ConfigError(f"run.resume: the checkpoint was written by {saved} rank(s), this run has {now}; "
+                              f"resume with --nproc {saved} (the same world size)")
         self.optimizer.load_state_dict(state["optimizer"])
         if "grad_transform" in state and self.transform is not None:
             self.transform.load_state_dict(state["grad_transform"])
