@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def cmd_run(args) -> int:
 
     if args.nproc is not None and args.nproc != 1:
         return _launch_torchrun(args)
+    _watch_launcher()
     path, overrides = _split_config_arg(args)
     cfg = load_config(path, overrides)
     run = execute(cfg)
@@ -86,7 +88,10 @@ def _launch_torchrun(args) -> int:
     debug = getattr(args, "debug", False)
     if not debug:
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     argv = [a for a in (args.config, *args.overrides) if a is not None]
+    os.environ["PLAIT_LAUNCHER_PID"] = str(os.getpid())  # the ranks stop when this process dies (`_watch_launcher`)
     try:
         torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "plait",
                   *(["--debug"] if debug else []), "run", *argv])
@@ -94,8 +99,52 @@ def _launch_torchrun(args) -> int:
         if debug:
             raise
         code = exc.get_first_failure()[1].exitcode
+        if code in (130, -2):  # Ctrl-C: the ranks checkpointed and rank 0 printed the report
+            return 130
         return code if code > 0 else 128 - code  # killed by signal -code
+    except (KeyboardInterrupt, SignalException):  # Ctrl-C reached the launcher while it waited on the ranks
+        if debug:
+            raise
+        return 130
     return 0
+
+
+def _watch_launcher() -> None:
+    """In a rank started by ``plait run --nproc N``: die with the launcher (no orphans after a SIGKILL of it).
+    Linux: PR_SET_PDEATHSIG; elsewhere a daemon thread that polls the parent pid."""
+    want = os.environ.get("PLAIT_LAUNCHER_PID")
+    if not want or not want.isdigit() or os.getpid() == int(want):
+        return
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    parent = os.getppid()
+
+    def watch() -> None:  # also covers a launcher that died before prctl ran, and non-Linux systems
+        import time
+
+        while True:
+            if os.getppid() != parent or not _alive(int(want)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="plait-launcher-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_nproc(nproc: int, components: dict) -> None:

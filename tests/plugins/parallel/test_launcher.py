@@ -1,0 +1,112 @@
+"""``plait run --nproc 2`` as a user drives it: Ctrl-C (SIGINT to the terminal's process group) makes the ranks
+checkpoint, the command prints what a single-process Ctrl-C prints and exits 130 with no traceback; a SIGKILL of
+the launcher stops its ranks within seconds (no orphans). The reference for "the same lines" is a
+single-process run interrupted the same way."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CFG = """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
+model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}
+data: {name: digits, n_train: 64, n_test: 30, seed: 0}
+run: {name: r, seed: 2, steps: 1000000, log_every: 1, eval_every: 0, ckpt_every: 0, progress: false,
+      device: cpu}
+"""
+
+
+def _start(tmp_path: Path, nproc: int) -> tuple[subprocess.Popen, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CFG)
+    out = tmp_path / f"runs{nproc}"
+    launch = ["--nproc", "2"] if nproc > 1 else []
+    extra = ["parallel.name=ddp", "parallel.timeout_s=30"] if nproc > 1 else []
+    proc = subprocess.Popen([sys.executable, "-m", "plait", "run", *launch, str(cfg), f"run.out_dir={out}", *extra],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # wait until training logs its first steps
+        metrics = list(out.glob("r/*/metrics.jsonl"))
+        if metrics and metrics[0].read_text().count("train/loss") >= 3:
+            return proc, metrics[0].parent
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("training did not start in time")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[int, str, str]:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out, err
+
+
+def _shape(text: str, run_dir: Path) -> list[str]:
+    """The printed lines with the run-specific parts (paths, step numbers, figures) blanked."""
+    import re
+
+    text = text.replace(str(run_dir), "RUN").replace(str(run_dir.parent.parent.parent), "OUT")
+    return [re.sub(r"[-+]?\d[\d.e+-]*", "N", line) for line in text.strip().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_exits_130_like_one_process(tmp_path):
+    one, one_dir = _start(tmp_path / "one", 1)
+    code1, out1, err1 = _interrupt(one)
+    two, two_dir = _start(tmp_path / "two", 2)
+    code2, out2, err2 = _interrupt(two)
+    assert code1 == 130 and code2 == 130, (err1[-1500:], err2[-1500:])
+    assert "Traceback" not in err2, err2[-3000:]
+    assert list((two_dir / "checkpoints").iterdir()), "the ranks did not checkpoint"
+    assert _shape(out2, two_dir) == _shape(out1, one_dir), (out1, out2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_launcher_stops_its_ranks(tmp_path):
+    proc, _ = _start(tmp_path, 2)
+    ranks = [c for c in _children(proc.pid)]
+    assert ranks, "no rank processes found"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and [r for r in ranks if _running(r)]:
+        time.sleep(0.2)
+    alive = [r for r in ranks if _running(r)]
+    for r in alive:  # clean up before failing
+        try:
+            os.kill(r, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"ranks {alive} outlived the launcher by 10 s"
