@@ -78,3 +78,12 @@ def test_torchrun_without_parallel_refused_on_every_rank(tmp_path):
     assert out.returncode == 2, out.stderr
     err = _one_line(out.stderr)
     assert err.startswith("error: WORLD_SIZE=2:") and "no 'parallel:' section" in err
+
+
+def test_private_transform_under_ddp_refused_not_duplicated(tmp_path, capsys):
+    """Until private DDP lands, a DP transform under ddp is refused with one line instead of drawing noise on
+    every rank (a group of one here: the check does not depend on the world size)."""
+    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp", "grad_transform={name: flashdp, noise_multiplier: 1.0}"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2
+    assert "under parallel 'ddp' is not supported" in err and "flashdp" in err.lower()
