@@ -63,6 +63,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     # FlashDP vs Opacus step time: same shrunk GPT-2, 1 warm-up + 3 timed rounds (defaults: 2 + 8). 8-18 s.
     "dp_speed": ["--vocab", "512", "--d-model", "64", "--layers", "1", "--heads", "2", "--batch", "4",
                  "--seq", "32", "--warmup", "1", "--steps", "3"],
+    # DP-ZO vs ZO vs DP-SGD on the bundled OPT: 20 steps per variant, one repeat (defaults: 300 steps). 60-70 s.
+    "dp_zo": ["--quick"],
     # Infinite-Sampling schedulers: Qwen3 "tiny", G 8 completions, g 4 rows, max 64 new tokens, 1 repeat, 5
     # predictor steps (defaults: "small", G 32, g 8, 256 new, 2 repeats, 30 steps). 5-10 s.
     "sampling": ["--size", "tiny", "--G", "8", "--g", "4", "--max-new", "64", "--repeats", "1",

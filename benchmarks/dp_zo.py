@@ -1,0 +1,145 @@
+"""DP-ZO vs ZO vs DP-SGD on the sentiment task with the bundled pretrained tiny OPT (issue 17's benchmark).
+
+One process drives one ``plait run`` subprocess per variant (so each has its own peak RSS, read from the kernel
+with ``os.wait4``), all on the same data, model and step count:
+
+* ``zo``        ``configs/quickstart.yaml``: MeZO steps with the ZO2 engine (fp16 host storage), batch 16;
+* ``dpzo_eps2``, ``dpzo_eps8``  the same plus ``grad_transform: dp-zo`` at target ε 2 / 8 (δ 1e-5, C = 20 as
+  ``configs/compose/dp_zo2.yaml``; Poisson batches of mean 16);
+* ``dpsgd_eps2``, ``dpsgd_eps8``  first-order ``sft`` (``configs/basics/sft_quickstart.yaml`` on the same
+  bundled base, AdamW) with ``grad_transform: flashdp`` at the same ε, δ and steps (C = 1).
+
+Step time: the median over log windows (``perf/steps_per_sec`` of each window; the first window, with the
+warm-up, is dropped). Accuracy: the label-word eval accuracy at the end (``summary.json``). ``--repeats R``
+runs the list R times interleaved and keeps, per variant, the fastest median and the largest peak RSS (the
+machine may be shared: say so with the figures). Ratios: DP-ZO / ZO step time and peak RSS (goals ≤ 1.05) and
+DP-ZO / DP-SGD peak RSS (goal ≤ 0.5), each reported whether met or not. ``floor`` is the peak RSS of a process
+that only makes a run's imports (torch, transformers, plait); at this model size it is most of every run's peak,
+so ``*_rss_above_imports_vs_dpsgd`` also gives the ratio of what training adds on top of it.
+
+    .venv/bin/python benchmarks/dp_zo.py                 # 300 steps per variant (~10 min on 2 busy cores)
+    .venv/bin/python benchmarks/dp_zo.py --quick         # 20 steps, a smoke test of the script (~2 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, log  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("zo", "dpzo_eps2", "dpzo_eps8", "dpsgd_eps2", "dpsgd_eps8")
+BASE = "model.path=bundled:tiny-opt-base"
+
+
+def argv_of(variant: str, steps: int, out: Path, n_train: int) -> list[str]:
+    common = [f"run.steps={steps}", f"run.log_every={max(1, steps // 10)}", "run.eval_every=0", "run.ckpt_every=0",
+              f"run.out_dir={out}", f"run.name={variant}", "run.progress=false", f"data.n_train={n_train}"]
+    if variant == "zo":
+        return [str(REPO / "configs/quickstart.yaml"), *common]
+    eps = float(variant.rsplit("eps", 1)[1])
+    if variant.startswith("dpzo"):
+        return [str(REPO / "configs/quickstart.yaml"), *common,
+                f"grad_transform={{name: dp-zo, target_epsilon: {eps}, max_grad_norm: 20.0, delta: 1.0e-5}}"]
+    return [str(REPO / "configs/basics/sft_quickstart.yaml"), BASE, *common,
+            f"grad_transform={{name: flashdp, target_epsilon: {eps}, max_grad_norm: 1.0, delta: 1.0e-5}}"]
+
+
+FLOOR = ("import torch, transformers, plait.run, plait.plugins.zo2.recipe, plait.plugins.flashdp.transform; "
+         "from plait.plugins.basics.models import build_causal_lm")
+
+
+def run_one(variant: str, steps: int, out: Path, n_train: int) -> dict:
+    if variant == "floor":  # the interpreter with every import a run makes, and nothing trained
+        argv = [sys.executable, "-c", FLOOR]
+    else:
+        argv = [sys.executable, "-m", "plait", "run", *argv_of(variant, steps, out, n_train)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-1500:]
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        return {"error": f"exit {p.returncode}: {tail}"}
+    if variant == "floor":
+        return {"peak_rss_mib": usage.ru_maxrss / 1024}
+    run_dir = sorted((out / variant).iterdir())[-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["perf/steps_per_sec"] for r in rows if "perf/steps_per_sec" in r]
+    times = [1.0 / r for r in (rates[1:] or rates)]
+    fe = summary.get("final_eval", {})
+    return {"step_s": statistics.median(times), "peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall,
+            "accuracy": fe.get("eval/accuracy"), "eval_loss": fe.get("eval/loss"),
+            "first_accuracy": summary.get("first_eval", {}).get("eval/accuracy"),
+            "epsilon": summary.get("privacy/epsilon"), "noise_multiplier": summary.get("privacy/noise_multiplier"),
+            "clipped_fraction": summary.get("final", {}).get("dp/clipped_fraction")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--n-train", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--quick", action="store_true", help="20 steps, 1 repeat: a smoke test, not a measurement")
+    a = ap.parse_args()
+    if a.quick:
+        a.steps, a.repeats = 20, 1
+    chosen = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in VARIANTS]
+    if bad:
+        raise SystemExit(f"--variants: unknown {bad}; allowed: {', '.join(VARIANTS)}")
+    if "zo" not in chosen:
+        chosen.insert(0, "zo")
+    res: dict[str, dict] = {"floor": run_one("floor", 0, Path("."), 0)}
+    with tempfile.TemporaryDirectory(prefix="dp_zo_bench_") as tmp:
+        for rep in range(a.repeats):
+            for v in chosen:
+                log(f"[dp_zo] repeat {rep + 1}/{a.repeats}: {v} ({a.steps} steps)")
+                r = run_one(v, a.steps, Path(tmp) / f"r{rep}", a.n_train)
+                if "error" in r:
+                    res[v] = r
+                    continue
+                best = res.get(v)
+                if best is None or "error" in best:
+                    res[v] = dict(r, repeats=[r["step_s"]])
+                else:
+                    best["repeats"].append(r["step_s"])
+                    best["step_s"] = min(best["step_s"], r["step_s"])
+                    best["peak_rss_mib"] = max(best["peak_rss_mib"], r["peak_rss_mib"])
+    ratios: dict[str, float] = {}
+    zo = res.get("zo", {})
+    for eps in ("2", "8"):
+        d, s = res.get(f"dpzo_eps{eps}", {}), res.get(f"dpsgd_eps{eps}", {})
+        if "step_s" in d and "step_s" in zo:
+            ratios[f"dpzo_eps{eps}_step_vs_zo"] = d["step_s"] / zo["step_s"]
+            ratios[f"dpzo_eps{eps}_rss_vs_zo"] = d["peak_rss_mib"] / zo["peak_rss_mib"]
+        if "step_s" in d and "step_s" in s:
+            ratios[f"dpzo_eps{eps}_rss_vs_dpsgd"] = d["peak_rss_mib"] / s["peak_rss_mib"]
+            floor = res["floor"].get("peak_rss_mib")
+            if floor:  # what training adds on top of the imports (which dominate at this model size)
+                ratios[f"dpzo_eps{eps}_rss_above_imports_vs_dpsgd"] = \
+                    (d["peak_rss_mib"] - floor) / (s["peak_rss_mib"] - floor)
+            ratios[f"dpzo_eps{eps}_step_vs_dpsgd"] = d["step_s"] / s["step_s"]
+    goals = {k: (v <= 0.5 if k.endswith("rss_vs_dpsgd") else v <= 1.05) for k, v in ratios.items()
+             if not k.endswith(("step_vs_dpsgd", "above_imports_vs_dpsgd"))}
+    emit({"benchmark": "dp_zo", "steps": a.steps, "n_train": a.n_train, "repeats": a.repeats, "quick": a.quick,
+          "loadavg_at_end": os.getloadavg(), "variants": res, "ratios": ratios, "goals_met": goals})
+    return 0 if all("error" not in r for r in res.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
