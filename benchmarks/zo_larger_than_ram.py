@@ -7,6 +7,14 @@ process streaming every block from the memory-mapped shards, and reports seconds
 
     python benchmarks/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b            # OPT-13B shape
     python benchmarks/zo_larger_than_ram.py --dir /tmp/x --layers 4 --steps 2       # a quick look
+    nice -n 19 python benchmarks/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b --steps 1 --dp   # DP-ZO
+
+``--dp``: private zeroth-order steps (``dp-zo``, plugins/flashdp/dp_zo.py) through the same disk tier. The data
+is ``--dp-n`` random token sequences of ``--seq`` tokens (the second half as completion); each step's batch is
+Poisson-sampled at rate ``--batch`` / ``--dp-n``; each example's projected gradient comes from the engine's
+own two streamed passes (no extra forward), is clipped to ``--dp-clip`` and gets Gaussian noise whose σ is
+searched for ``--dp-epsilon`` at δ = 1e-5 over ``--steps`` steps; an empty batch applies the noise alone.
+The JSON adds ε (the RDP accountant's, after the steps run), σ, the batch sizes and the clipped fraction.
 
 Prints one JSON object. Nothing is asserted; the figures go into docs/zo2.md.
 """
@@ -37,21 +45,49 @@ def child(args) -> None:
     work.mkdir(exist_ok=True)
     mezo = MeZO(eps=1e-3, lr=1e-6, weight_decay=0.0, distribution="gaussian", q=1, one_sided=False,
                 no_decay=["bias", "norm"], schedule="constant", warmup_steps=0)
+    g = torch.Generator().manual_seed(0)
+    dp = private = None
+    if args.dp:
+        from plait.plugins.flashdp.dp_zo import DPZO, PrivateMeZO
+
+        dp = DPZO(max_grad_norm=args.dp_clip, noise_multiplier=None, target_epsilon=args.dp_epsilon, delta=1e-5,
+                  allow_no_privacy=False, poisson=True)
+        dp.prepare_zo(dataset_size=args.dp_n, batch_size=args.batch, steps=args.steps, seed=0, perturbations=1)
+        private = PrivateMeZO(mezo, dp)
+        data = torch.randint(4, 1000, (args.dp_n, args.seq), generator=g)
+        labels = data.clone()
+        labels[:, : args.seq // 2] = -100
+        mezo = private
     eng = ZO2Engine(model, torch.device("cpu"), mezo, blocks=None, overlap=True, bucket=True, storage_dtype="fp16",
                     pin_memory=False, disk_dir=str(work))
-    g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 1000, (1, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    times, losses = [], []
+    times, losses, sizes = [], [], []
     for t in range(args.steps):
         t0 = time.perf_counter()
-        l, _ = eng.step(batch, step_seed(0, t), 1e-6)
+        if dp is not None:
+            idx = dp.batch_indices(t + 1)
+            private.step_index = t + 1
+            sizes.append(len(idx))
+            if not idx:  # an empty Poisson batch still releases its noise
+                eng.apply_update(step_seed(0, t), private.noise_only(), 1e-6)
+                l = []  # no forward ran
+            else:
+                batch = {"input_ids": data[idx], "attention_mask": torch.ones_like(data[idx]), "labels": labels[idx]}
+                l, _ = eng.step(batch, step_seed(0, t), 1e-6)
+        else:
+            l, _ = eng.step(batch, step_seed(0, t), 1e-6)
         times.append(time.perf_counter() - t0)
         losses.append(l)
         print(f"step {t}: {times[-1]:.1f}s loss {l}", file=sys.stderr, flush=True)
     eng.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds_per_step": times, "losses": losses, "peak_rss_bytes": rss}))
+    out = {"seconds_per_step": times, "losses": losses, "peak_rss_bytes": rss}
+    if dp is not None:
+        out.update({"epsilon": dp.epsilon(), "delta": dp.delta, "noise_multiplier": float(dp.sigma),
+                    "sample_rate": dp.q, "batch_sizes": sizes, "clip": dp.C,
+                    "clipped_fraction": (sum(dp.clipped) / len(dp.clipped)) if dp.clipped else None})
+    print(json.dumps(out))
 
 
 def main() -> int:
@@ -60,6 +96,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--dp", action="store_true", help="DP-ZO steps (dp-zo) instead of plain ZO")
+    ap.add_argument("--dp-epsilon", type=float, default=8.0, help="target ε at δ 1e-5 over --steps steps")
+    ap.add_argument("--dp-clip", type=float, default=1.0, help="C: each example's projected gradient clip")
+    ap.add_argument("--dp-n", type=int, default=64, help="examples in the private data set")
+    ap.add_argument("--batch", type=int, default=2, help="expected batch size (Poisson rate batch / dp-n)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -77,8 +118,10 @@ def main() -> int:
     write_seconds = time.time() - t0
     write_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    dp_args = ["--dp", "--dp-epsilon", str(args.dp_epsilon), "--dp-clip", str(args.dp_clip), "--dp-n",
+               str(args.dp_n), "--batch", str(args.batch)] if args.dp else []
     proc = subprocess.run([sys.executable, __file__, "--child", "--dir", str(out), "--steps", str(args.steps),
-                           "--seq", str(args.seq)], capture_output=True, text=True)
+                           "--seq", str(args.seq), *dp_args], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
     steps = result.get("seconds_per_step", [])
@@ -89,6 +132,8 @@ def main() -> int:
         "train_rss_over_model": (result["peak_rss_bytes"] / model_bytes) if "peak_rss_bytes" in result else None,
         "seconds_per_step_median": sorted(steps)[len(steps) // 2] if steps else None,
         "seconds_per_step": steps, "losses": result.get("losses"), "error": result.get("error"),
+        **({"dp_zo": {k: result.get(k) for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "clip",
+                                                 "batch_sizes", "clipped_fraction")}} if args.dp else {}),
     }, indent=2))
     return 0
 
