@@ -24,3 +24,13 @@ class PluginError(PlaitError):
 
 class CheckpointError(PlaitError):
     """A checkpoint is missing, truncated or corrupted."""
+
+
+class RunWriteError(PlaitError):
+    """Writing the run directory failed (a full disk, a read-only or failing file system): exit 1."""
+
+    exit_code = 1
+
+
+class RunLockedError(PlaitError):
+    """Another process holds the run directory."""

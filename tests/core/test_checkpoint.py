@@ -1,6 +1,7 @@
 """Checkpoints: round trip without pickle, atomic writes, corruption detection, RNG state."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from plait.checkpoint import Checkpointer, pack, rng_state, set_rng_state, unpack
-from plait.errors import CheckpointError
+from plait.errors import CheckpointError, RunWriteError
 
 
 def _state():
@@ -87,7 +88,7 @@ def test_truncated_state_file_is_refused(tmp_path):
     path = ck.save(1, _state())
     s = (path / "state.json").read_text()
     (path / "state.json").write_text(s[: len(s) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="corrupted"):
         Checkpointer.load(path)
 
 
@@ -109,9 +110,10 @@ def test_interrupted_write_leaves_no_complete_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mod.json, "dump", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(RunWriteError, match="cannot write checkpoint .*step_00000002.*disk full"):
         ck.save(2, {"x": torch.ones(2)})
     assert ck.latest().name == "step_00000001"  # the half-written step 2 is not taken for complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # the temporary folder is gone
 
 
 def test_rng_state_round_trip():
@@ -152,3 +154,84 @@ def test_a_cuda_index_beyond_the_visible_devices_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"run.device: 'cuda:3' but this machine shows 2 CUDA device\(s\)"):
         resolve_device("cuda:3")
     assert resolve_device("cuda:1") == torch.device("cuda:1") and current == ["cuda:1"]
+
+
+def _rewrite_state(path, edit):
+    """Edit state.json as a user would, keeping the old manifest (which no longer matches)."""
+    meta = json.loads((path / "state.json").read_text())
+    edit(meta)
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(step=0),
+    lambda m: m["state"].update({"s:loop": {"s:first_eval": 1.0}}),
+    lambda m: m.update(format=99),
+])
+def test_an_edited_state_file_is_refused_by_the_manifest(tmp_path, edit):
+    # before the manifest only the tensors were hashed: an edited step or first_eval was accepted silently
+    path = Checkpointer(tmp_path).save(1, _state())
+    Checkpointer.load(path)
+    _rewrite_state(path, edit)
+    with pytest.raises(CheckpointError, match="corrupted: SHA-256"):
+        Checkpointer.load(path)
+
+
+def _without_manifest(path, edit):
+    (path / "MANIFEST.json").unlink(missing_ok=True)
+    meta = json.loads((path / "state.json").read_text())
+    meta["format"] = 1
+    meta["sha256"] = hashlib.sha256((path / "tensors.safetensors").read_bytes()).hexdigest()
+    edit(meta)
+    (path / "state.json").write_text(json.dumps(meta))
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path):
+    path = Checkpointer(tmp_path).save(3, _state())
+    _, want = Checkpointer.load(path)
+    _without_manifest(path, lambda m: None)
+    step, got = Checkpointer.load(path)
+    assert step == 3 and _equal(got, want)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(step=2), "does not match the folder name"),
+    (lambda m: m.update(step="3"), "not an integer"),
+    (lambda m: m.update(step=-3), "not an integer >= 0"),
+    (lambda m: m.update(format=99), "format 99"),
+    (lambda m: m.update(format=True), "format True"),
+    (lambda m: m.update(state=[1]), "not a mapping"),
+    (lambda m: m["state"].update({"s:w": {"__tensor__": "nope"}}), "lacks"),
+    (lambda m: m["state"].update({"x:w": 1}), "malformed"),
+    (lambda m: m["state"].update({"i:w": 1}), "not an integer key"),
+])
+def test_every_field_of_state_json_is_validated(tmp_path, edit, match):
+    # the manifest-free (format 1) path must still check each field: a KeyError/TypeError traceback before
+    path = Checkpointer(tmp_path).save(3, _state())
+    _without_manifest(path, edit)
+    with pytest.raises(CheckpointError, match=match):
+        Checkpointer.load(path)
+
+
+def test_deep_nesting_is_one_error_not_a_recursion_traceback(tmp_path):
+    path = Checkpointer(tmp_path).save(3, _state())
+    deep = "[" * 200_000 + "]" * 200_000
+    (path / "MANIFEST.json").unlink(missing_ok=True)
+    s = json.dumps({"format": 1, "step": 3, "sha256": "x", "state": {"s:a": 0}})
+    (path / "state.json").write_text(s.replace('{"s:a": 0}', deep))
+    with pytest.raises(CheckpointError, match="corrupted|not a mapping"):
+        Checkpointer.load(path)
+    nested = {"s:a": 0}
+    for _ in range(100):
+        nested = {"s:a": nested}
+    path = Checkpointer(tmp_path).save(4, _state())
+    _without_manifest(path, lambda m: m.update(state=nested))
+    with pytest.raises(CheckpointError, match="deeper than"):
+        Checkpointer.load(path)
+
+
+def test_an_unlisted_file_in_a_checkpoint_is_refused(tmp_path):
+    path = Checkpointer(tmp_path).save(1, _state())
+    (path / "extra.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="does not list"):
+        Checkpointer.load(path)
