@@ -21,17 +21,38 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, *, purge_after: int | None = None,
                  observers: Iterable[Callable[[int, dict], None]] = ()):
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it off import paths
-
         self.dir = Path(run_dir)
         self.jsonl_path = self.dir / "metrics.jsonl"
+        # Nothing is written until the first record (or `open`): a resume truncates metrics.jsonl and purges
+        # TensorBoard only once its checkpoint has loaded into the built run, so a refusal changes nothing.
+        self._purge_after = purge_after
+        self._writer = None
+        self._jsonl = None
+        self._pending_text: list[tuple[str, str, int]] = []
+        self.observers = list(observers)
+        self.last: dict[str, float] = {}
+
+    def open(self) -> None:
+        """Truncate/purge what a resumed run rewrites and open the files (idempotent)."""
+        if self._writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: keep it off import paths
+
+        purge_after = self._purge_after
         if purge_after is not None:
             _truncate_jsonl(self.jsonl_path, purge_after)
         # purge_step hides events of steps > purge_after written by an interrupted run (resume).
-        self.writer = SummaryWriter(str(self.dir), purge_step=None if purge_after is None else purge_after + 1)
+        self._writer = SummaryWriter(str(self.dir), purge_step=None if purge_after is None else purge_after + 1)
         self._jsonl = open(self.jsonl_path, "a")
-        self.observers = list(observers)
-        self.last: dict[str, float] = {}
+        for tag, text, step in self._pending_text:
+            self._writer.add_text(tag, text, step)
+        self._pending_text = []
+
+    @property
+    def writer(self):
+        """The TensorBoard ``SummaryWriter`` (opening the logger)."""
+        self.open()
+        return self._writer
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         for observe in self.observers:
@@ -39,21 +60,32 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         for tag, value in clean.items():
             self.writer.add_scalar(tag, value, step)
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite value is null (its status is the run's: summary.json says diverged)
+        record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         self.last.update(clean)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
-        self.writer.add_text(tag, text, step)
+        if self._writer is None:  # before the first record: kept until the run has opened its logger
+            self._pending_text.append((tag, text, step))
+            return
+        self._writer.add_text(tag, text, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._writer is None:
+            return
+        self._writer.flush()
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
 
-    def close(self) -> None:
-        self.writer.close()
+    def close(self, *, write: bool = True) -> None:
+        """Close the files; ``write=False`` (a refused resume) drops what was never opened."""
+        if self._writer is None and write and self._pending_text:
+            self.open()
+        if self._writer is None:
+            return
+        self._writer.close()
         self._jsonl.close()
 
 

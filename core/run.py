@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .checkpoint import Checkpointer, RunLock, rng_state, set_rng_state
 from .config import Component, validate
 from .errors import CheckpointError, ConfigError, PlaitError
 from .metrics import MetricsLogger, Progress
@@ -72,6 +72,7 @@ class Run:
     status: str = "running"
     summary: dict[str, Any] = field(default_factory=dict)
     parallel: Any = None  # the ``parallel:`` strategy, built before anything else (None without the section)
+    lock: Any = None  # rank 0's `RunLock` on the run directory, released by `execute` at the end
 
     @property
     def rank(self) -> int:
@@ -134,13 +135,16 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
     base = Path(out_dir) / name
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = base / stamp, 1
-    while path.exists():
-        path, n = base / f"{stamp}-{n}", n + 1
     try:
-        path.mkdir(parents=True)
+        base.mkdir(parents=True, exist_ok=True)
+        while True:  # an atomic mkdir per candidate: processes started in the same second get distinct folders
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                path, n = base / f"{stamp}-{n}", n + 1
     except OSError as exc:
         raise ConfigError(f"run.out_dir: cannot create the run directory '{path}': {exc.strerror or exc}") from None
-    return path
 
 
 RESUME_FREE = ("resume", "progress", "steps", "device", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
@@ -211,7 +215,10 @@ class _NullLogger:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
+    def open(self) -> None:
+        pass
+
+    def close(self, *, write: bool = True) -> None:
         pass
 
 
@@ -260,13 +267,20 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         latest = Checkpointer(run_dir / "checkpoints").latest()
         if latest is None:
             raise CheckpointError(f"run.resume: '{run_dir}' has no complete checkpoint under checkpoints/")
-        _check_resume_config(cfg, run_dir)
-        resume_state = Checkpointer.load(latest)
-        if 0 < cfg.run.steps <= resume_state[0]:  # before the logger truncates anything of the finished run
-            raise CheckpointError(f"run.resume: '{run_dir}' already finished step {resume_state[0]} of run.steps="
-                                  f"{cfg.run.steps}; raise run.steps to train further")
+        lock = RunLock(run_dir) if main else None
+        try:
+            _check_resume_config(cfg, run_dir)
+            resume_state = Checkpointer.load(latest)
+            if 0 < cfg.run.steps <= resume_state[0]:  # before the logger truncates anything of the finished run
+                raise CheckpointError(f"run.resume: '{run_dir}' already finished step {resume_state[0]} of "
+                                      f"run.steps={cfg.run.steps}; raise run.steps to train further")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     else:
         run_dir = _new_run_dir(cfg.run.out_dir, cfg.run.name) if main else Path(cfg.run.out_dir) / cfg.run.name
+        lock = RunLock(run_dir) if main else None
         if main:
             _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         share = getattr(parallel, "broadcast_object", None)
@@ -280,7 +294,8 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
     else:
         logger, checkpointer = _NullLogger(), _NoCheckpoints(run_dir / "checkpoints")
-    run = Run(cfg, components, host, run_dir, device, logger, checkpointer, resume_state, parallel=parallel)
+    run = Run(cfg, components, host, run_dir, device, logger, checkpointer, resume_state, parallel=parallel,
+              lock=lock)
     return run
 
 
@@ -291,13 +306,14 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
     t0 = time.time()
     try:
         recipe = run.build("recipe", run=run)
-    except PlaitError:
-        # a bad value found while building (before any step): leave no half-made run directory behind
-        run.logger.close()
+    except (PlaitError, KeyboardInterrupt):
+        # a bad value found (or Ctrl-C) while building, before any step: leave no half-made run directory behind
+        run.logger.close(write=False)
         if run.resume_state is None and run.rank == 0:
             shutil.rmtree(run.dir, ignore_errors=True)
             with contextlib.suppress(OSError):  # the <out_dir>/<name>/ folder it alone was in
                 run.dir.parent.rmdir()
+        _release(run)
         _close_parallel(run)
         raise
     hook.on_run_start(run=run)
@@ -316,11 +332,34 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         run.summary.update({"status": run.status, "run_dir": str(run.dir),
                             "wall_seconds": round(time.time() - t0, 3)})
         run.summary.setdefault("final", dict(run.logger.last))
-        run.logger.close()
-        if run.rank == 0 and not keep_summary:
-            _write_atomic(run.dir / "summary.json", json.dumps(run.summary, indent=2, default=str) + "\n")
-        _close_parallel(run)
+        try:
+            run.logger.close(write=not keep_summary)
+            if run.rank == 0 and not keep_summary:
+                _write_atomic(run.dir / "summary.json", _strict_json(run.summary))
+        finally:
+            _release(run)
+            _close_parallel(run)
     return run
+
+
+def _release(run: Run) -> None:
+    if run.lock is not None:
+        run.lock.release()
+
+
+def _strict_json(summary: dict[str, Any]) -> str:
+    """summary.json is strict JSON: a non-finite number is written as null."""
+    return json.dumps(_finite_or_none(summary), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def _close_parallel(run: Run) -> None:
@@ -375,6 +414,7 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"run.resume: the checkpoint of step {start} in '{run.dir}' does not fit this "
                                   f"run ({type(exc).__name__}: {msg})") from exc
+        run.logger.open()  # only now: truncate metrics.jsonl / purge TensorBoard past the checkpoint
     else:
         with preserved_rng():
             first_eval = task.evaluate()

@@ -217,13 +217,54 @@ def test_a_checkpoint_state_that_does_not_load_is_one_line_and_keeps_the_summary
     summary = (d / "summary.json").read_bytes()
     state = sorted((d / "checkpoints").glob("step_*"))[-1] / "state.json"
     data = json.loads(state.read_text())
-    data["state"]["s:loop"] = None  # valid JSON (the checksum covers the tensors), but not a loop state
+    data["state"]["s:loop"] = None  # valid JSON with a matching manifest, but not a loop state
     state.write_text(json.dumps(data))
+    from plait.checkpoint import _write_manifest
+    _write_manifest(state.parent)
+    before = _tree(d)
     capsys.readouterr()
     assert main(["run", cfg, f"run.resume={d}", "run.steps=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "does not fit this run (TypeError" in err
     assert (d / "summary.json").read_bytes() == summary
+    assert _tree(d) == before  # metrics.jsonl not truncated, no purging events file added
+
+
+def test_a_resume_refused_for_unfit_shapes_leaves_the_run_directory_byte_identical(tiny_config, fresh_host,
+                                                                                   capsys):
+    # issue 21 item 2: the refusal came after metrics.jsonl was truncated and a purging events file was added
+    fresh_host()
+    cfg = str(tiny_config(steps=3, ckpt=1))
+    assert main(["run", cfg]) == 0
+    d = _run_dir(Path(cfg).parent / "runs")
+    for old in sorted((d / "checkpoints").glob("step_*"))[:-1]:
+        import shutil
+        shutil.rmtree(old)
+    ck = sorted((d / "checkpoints").glob("step_*"))[-1]
+    from safetensors.torch import load_file, save_file
+    from plait.checkpoint import _write_manifest
+    tensors = load_file(str(ck / "tensors.safetensors"))
+    name = next(k for k, v in tensors.items() if k.startswith("task/") and v.dim() == 2)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+    save_file(tensors, str(ck / "tensors.safetensors"))
+    _write_manifest(ck)  # a valid checksum: only the shapes are wrong
+    # pretend the run was killed after step 3's metrics but its last checkpoint is step 2's folder name
+    ck.rename(ck.with_name("step_00000002"))
+    data = json.loads((ck.with_name("step_00000002") / "state.json").read_text())
+    data["step"] = 2
+    (ck.with_name("step_00000002") / "state.json").write_text(json.dumps(data))
+    _write_manifest(ck.with_name("step_00000002"))
+    before = _tree(d)
+    capsys.readouterr()
+    assert main(["run", cfg, f"run.resume={d}", "run.steps=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not fit this run" in err, err
+    assert _tree(d) == before
+
+
+def _tree(d):
+    """Every file and folder of a run directory with its bytes: a refused resume must change none."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
 
 
 def test_an_out_dir_that_cannot_be_created_is_one_line(tiny_config, fresh_host, capsys, tmp_path):
