@@ -49,6 +49,10 @@ class MetricsLogger:
         self._pending_text = []
 
     @property
+    def opened(self) -> bool:
+        return self._writer is not None
+
+    @property
     def writer(self):
         """The TensorBoard ``SummaryWriter`` (opening the logger)."""
         self.open()

@@ -325,7 +325,9 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         run.summary.update(result)
     except BaseException as exc:
         run.status = "failed" if run.status == "running" else run.status
-        keep_summary = run.resume_state is not None and isinstance(exc, CheckpointError)
+        # a resume refused before its logger opened (checkpoint, budget) leaves the run directory as it was
+        keep_summary = run.resume_state is not None and (isinstance(exc, CheckpointError) or (
+            isinstance(exc, PlaitError) and not getattr(run.logger, "opened", True)))
         raise
     finally:
         hook.on_run_end(run=run, status=run.status)

@@ -13,6 +13,7 @@ class FlashDPConfig:
     thresholds: Dict[str, float] = field(default_factory=dict)  # fnmatch pattern over parameter names -> C_k
     noise_multiplier: Optional[float] = None  # σ; or computed from target_epsilon
     target_epsilon: Optional[float] = None
+    max_epsilon: Optional[float] = None  # hard limit on the planned run's ε (a resume with more steps included)
     delta: float = 1.0e-5
     skip: List[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
     # trainable parameters of layers without a DP version (LSTM, PReLU, an eval-mode BatchNorm, …): freeze (listed in

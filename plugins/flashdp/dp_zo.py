@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
-from .mechanism import check_noise_options, poisson_batch, step_seed
+from .mechanism import (check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch,
+                        step_seed)
 from .prv import PRVAccountant
 
 
@@ -39,9 +40,11 @@ from .prv import PRVAccountant
 class DPZOConfig:
     """Grad transform ``dp-zo`` (the ``zo`` recipe)."""
 
-    max_grad_norm: float = 1.0  # C: each example's projected gradient is clipped to [-C, C]; .inf only without privacy
+    # C: each example's projected gradient is clipped to [-C, C]; .inf only without privacy
+    max_grad_norm: float = field(default=1.0, metadata={"allow_inf": True})
     noise_multiplier: Optional[float] = None  # σ; or computed from target_epsilon
     target_epsilon: Optional[float] = None
+    max_epsilon: Optional[float] = None  # hard limit on the planned run's ε (a resume with more steps included)
     delta: float = 1.0e-5
     allow_no_privacy: bool = False  # permit noise_multiplier 0, max_grad_norm inf or poisson false (ε = inf)
     poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes)
@@ -55,7 +58,7 @@ class DPZO:
 
     def __init__(self, max_grad_norm: float, noise_multiplier: float | None, target_epsilon: float | None,
                  delta: float, allow_no_privacy: bool, poisson: bool, conversion: str = "opacus",
-                 accountant: str = "rdp", reproducible_noise: bool = False):
+                 accountant: str = "rdp", reproducible_noise: bool = False, max_epsilon: float | None = None):
         C = float(max_grad_norm)
         if math.isnan(C) or C <= 0:
             raise ValueError(f"grad_transform.max_grad_norm must be > 0, got {max_grad_norm}")
@@ -63,6 +66,8 @@ class DPZO:
             raise ValueError("grad_transform.max_grad_norm inf bounds nothing (no privacy); set "
                              "grad_transform.allow_no_privacy=true to run without clipping")
         check_noise_options(noise_multiplier, target_epsilon, allow_no_privacy, poisson, conversion, accountant)
+        check_max_epsilon(max_epsilon)
+        self.max_epsilon, self.planned_steps = max_epsilon, None
         if target_epsilon is not None and math.isinf(C):
             raise ValueError("grad_transform.target_epsilon needs a finite max_grad_norm")
         check_delta(delta)
@@ -94,6 +99,14 @@ class DPZO:
             effective = get_noise_multiplier(self.target_epsilon, self.delta, self.q, steps,
                                              conversion=self.conversion, accountant=self.accountant_kind)
             self.sigma = effective * math.sqrt(self.q_z)
+        self.planned_steps = int(steps)
+        self._check_budget()
+
+    def _check_budget(self) -> float | None:
+        if self.planned_steps is None or not self.poisson or math.isinf(self.C):
+            return None
+        return check_budget(self.accountant, self.effective_sigma if self.sigma else 0.0, self.q,
+                            self.planned_steps, self.delta, self.conversion, self.target_epsilon, self.max_epsilon)
 
     @property
     def effective_sigma(self) -> float:
@@ -137,7 +150,8 @@ class DPZO:
         return {"privacy/epsilon": self.epsilon(), "privacy/delta": self.delta,
                 "privacy/noise_multiplier": float(self.sigma), "privacy/effective_noise_multiplier":
                 self.effective_sigma, "privacy/sample_rate": self.q, "privacy/steps": len(self.accountant),
-                "privacy/perturbation_samples": self.q_z}
+                "privacy/perturbation_samples": self.q_z,
+                **guarantee(self.reproducible_noise, self.allow_no_privacy, self.epsilon())}
 
     def state_dict(self) -> dict[str, Any]:
         """Includes the secret seed: a checkpoint lets its holder regenerate the noise."""
@@ -146,6 +160,7 @@ class DPZO:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.sigma, self.seed = float(state["sigma"]), int(state["seed"])
+        self._check_budget()  # a resume with a larger run.steps must not overspend the budget
 
 
 class PrivateMeZO:

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
-from .mechanism import check_noise_options, poisson_batch, step_seed
+from .mechanism import (check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch,
+                        step_seed)
 from .prv import PRVAccountant
 from .layers import (SUPPORTED, DPContext, Group, accumulate, broadcast_candidate, exact_possible,
                      guard_param, layer_params, make_broadcast_owner, make_private_layer, mixes_samples, refusal,
@@ -45,7 +46,8 @@ class FlashDP:
 
     def __init__(self, mode: str, max_grad_norm: float, thresholds: dict, noise_multiplier, target_epsilon,
                  delta: float, skip: list, unsupported: str, allow_no_privacy: bool, poisson: bool,
-                 conversion: str, accountant: str = "rdp", reproducible_noise: bool = False):
+                 conversion: str, accountant: str = "rdp", reproducible_noise: bool = False,
+                 max_epsilon: float | None = None):
         if mode not in ("per_layer", "flat"):
             raise ValueError(f"grad_transform mode {mode!r}; allowed: per_layer, flat")
         if not max_grad_norm > 0:
@@ -59,6 +61,8 @@ class FlashDP:
         if unsupported not in ("freeze", "error"):
             raise ValueError(f"grad_transform.unsupported {unsupported!r}; allowed: freeze, error")
         check_noise_options(noise_multiplier, target_epsilon, allow_no_privacy, poisson, conversion, accountant)
+        check_max_epsilon(max_epsilon)
+        self.max_epsilon, self.planned_steps, self.allow_no_privacy = max_epsilon, None, allow_no_privacy
         self.mode, self.max_grad_norm, self.thresholds = mode, max_grad_norm, dict(thresholds)
         self.sigma, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.skip, self.unsupported, self.poisson, self.conversion = list(skip), unsupported, poisson, conversion
@@ -90,7 +94,15 @@ class FlashDP:
                                               conversion=self.conversion, accountant=self.accountant_kind)
         c_total = self.max_grad_norm if self.mode == "flat" else total_threshold(self.groups)
         self.ctx.noise_std = self.sigma * c_total
+        self.planned_steps = int(steps)
+        self._check_budget()
         return model
+
+    def _check_budget(self) -> float | None:
+        if self.planned_steps is None or not self.poisson:
+            return None
+        return check_budget(self.accountant, self.sigma, self.q, self.planned_steps, self.delta, self.conversion,
+                            self.target_epsilon, self.max_epsilon)
 
     def _wrap(self, model: torch.nn.Module) -> None:
         """Swap every supported layer for its DP version; freeze (or refuse) what has none; refuse what cannot
@@ -242,7 +254,8 @@ class FlashDP:
     def summary(self) -> dict[str, Any]:
         return {"privacy/epsilon": self.epsilon(), "privacy/delta": self.delta,
                 "privacy/noise_multiplier": self.sigma, "privacy/sample_rate": self.q,
-                "privacy/steps": len(self.accountant), "dp/groups": len(self.groups), "dp/frozen": self.frozen}
+                "privacy/steps": len(self.accountant), "dp/groups": len(self.groups), "dp/frozen": self.frozen,
+                **guarantee(self.reproducible_noise, self.allow_no_privacy, self.epsilon())}
 
     def state_dict(self) -> dict[str, Any]:
         """Includes the secret base seed: a checkpoint lets its holder regenerate the noise."""
@@ -252,6 +265,7 @@ class FlashDP:
         self.accountant.load_state_dict(state["accountant"])
         # a checkpoint written before the secret seed (2026-11-30) has none: its noise came from the run seed
         self.sigma, self.seed = state["sigma"], state.get("seed", self.run_seed)
+        self._check_budget()  # a resume with a larger run.steps must not overspend the budget
 
 
 def _join(prefix: str, name: str) -> str:

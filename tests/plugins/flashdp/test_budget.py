@@ -1,0 +1,81 @@
+"""The privacy budget is a hard limit (issue 21 item 3): a resume with more steps, or an explicit max_epsilon,
+is refused at start with the projected ε; runs without a guarantee say so in summary.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from plait.cli import main
+from plait.config import load_config
+from plait.plugins.flashdp.accountant import RDPAccountant, get_noise_multiplier
+from plait.run import execute
+
+CFG = """
+run: {{name: d, seed: 2, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false,
+      keep_checkpoints: 0}}
+recipe: {{name: sft, optimizer: adamw, lr: 3.0e-3, batch_size: 8, eval_batch_size: 32}}
+model: {{name: hf-causal-lm, arch: gpt2, size: tiny}}
+data: {{name: synthetic-sentiment, n_train: 64, n_eval: 8}}
+grad_transform: {{name: flashdp, max_grad_norm: 1.0, noise_multiplier: 1.0, delta: 1.0e-3}}
+"""
+
+
+def _cfg(tmp_path, steps=4):
+    p = tmp_path / "c.yaml"
+    p.write_text(CFG.format(steps=steps, out=tmp_path / "runs"))
+    return p
+
+
+def _tree(d: Path):
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def test_a_resume_that_would_exceed_target_epsilon_is_refused_and_changes_nothing(tmp_path, fresh_host, capsys):
+    # before: resumed with a larger run.steps, a target_epsilon=8 run ended at ε=9.61 with exit 0
+    fresh_host()
+    te = ["grad_transform.noise_multiplier=null", "grad_transform.target_epsilon=8"]
+    run = execute(load_config(_cfg(tmp_path, steps=2), te))
+    eps = json.loads((run.dir / "summary.json").read_text())["privacy/epsilon"]
+    assert eps <= 8.0
+    before = _tree(run.dir)
+    capsys.readouterr()
+    assert main(["run", str(_cfg(tmp_path, steps=2)), *te, f"run.resume={run.dir}", "run.steps=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    # the projected ε, independently: the σ the search found, 6 steps at q = 8/64
+    sigma = get_noise_multiplier(8.0, 1e-3, 8 / 64, 2)
+    acc = RDPAccountant()
+    acc.step(sigma, 8 / 64, 6)
+    want = acc.get_epsilon(1e-3)
+    assert want > 8 and "\n" not in err and "target_epsilon" in err and f"ε={want:.4g}" in err, err
+    assert _tree(run.dir) == before
+
+
+def test_max_epsilon_refuses_a_fresh_run_and_allows_one_within(tmp_path, fresh_host, capsys):
+    fresh_host()
+    acc = RDPAccountant()
+    acc.step(1.0, 8 / 64, 4)
+    eps4 = acc.get_epsilon(1e-3)
+    assert main(["run", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 0.9}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "max_epsilon" in err and f"ε={eps4:.4g}" in err, err
+    assert main(["run", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 1.01}"]) == 0
+
+
+@pytest.mark.parametrize("override,reason", [
+    ("grad_transform.reproducible_noise=true", "reproducible_noise"),
+    ("grad_transform.noise_multiplier=0", "allow_no_privacy"),
+])
+def test_summary_says_the_guarantee_is_void(tmp_path, fresh_host, override, reason):
+    fresh_host()
+    extra = ["grad_transform.allow_no_privacy=true"] if "noise_multiplier=0" in override else []
+    run = execute(load_config(_cfg(tmp_path, steps=1), [override, *extra]))
+    s = json.loads((run.dir / "summary.json").read_text())  # strict JSON: ε = inf is null
+    assert s["privacy/guarantee"] == "void" and reason in s["privacy/void_reason"]
+
+
+def test_summary_says_the_guarantee_holds_for_a_private_run(tmp_path, fresh_host):
+    fresh_host()
+    run = execute(load_config(_cfg(tmp_path, steps=1), []))
+    assert json.loads((run.dir / "summary.json").read_text())["privacy/guarantee"] == "holds"
