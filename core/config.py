@@ -7,6 +7,7 @@ and fills defaults in, before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,33 @@ class RunSection:
 SECTIONS = ("run",) + tuple(k.section for k in KINDS)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports unhashable keys
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key])
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found" if not path.exists() else
@@ -50,7 +78,10 @@ def _load_yaml(path: Path) -> DictConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (undecodable byte at offset {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file '{path}': duplicate key '{exc.key}' at line {exc.line} (first at line "
+                          f"{exc.first}); each key may appear once per mapping") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -96,6 +127,12 @@ def _merge(base: DictConfig, layer: DictConfig) -> DictConfig:
     base = base.copy()
     for section in list(layer.keys()):
         if section == "run" or section not in base:
+            continue
+        old, new = base._get_node(section), layer._get_node(section)
+        if isinstance(old, (DictConfig, ListConfig)) != isinstance(new, (DictConfig, ListConfig)) or (
+                isinstance(old, DictConfig) != isinstance(new, DictConfig)):
+            with _open(base):  # a mapping replaced by a list or a scalar (recipe=[1,2]): validate names it
+                del base[section]
             continue
         old, new = base[section], layer[section]
         if (isinstance(old, DictConfig) and isinstance(new, DictConfig) and old.get("name") is not None
@@ -202,6 +239,63 @@ def _check_run_node(layer: DictConfig, where: str) -> None:
     elif not isinstance(node, DictConfig):
         raise ConfigError(f"run: must be a mapping of run keys ({', '.join(f.name for f in dataclasses.fields(RunSection))}), "
                           f"got {node._value()!r} in {where}")
+    else:
+        check_scalars(RunSection, _raw(node), "run", f" (in {where})")
+
+
+def _raw(node: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(node, resolve=False)
+    except OmegaConfBaseException:
+        return {}
+
+
+_INT_TYPES = {"int", "Optional[int]", "int | None", "None | int"}
+_FLOAT_TYPES = {"float", "Optional[float]", "float | None", "None | float"}
+INT_LIMIT = 2**63  # torch / numpy take int64
+
+
+def check_scalars(schema: type, raw: Any, where: str, suffix: str = "") -> None:
+    """The shared schema check of every section (not per plugin): an ``int`` option refuses a float (1e23, 2.5)
+    and values beyond int64; a ``float`` option refuses NaN and ±inf (``1e400`` reads as inf) unless its field
+    declares ``metadata={"allow_inf": True}``."""
+    if not isinstance(raw, dict) or not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        if f.name not in raw:
+            continue
+        value, kind = raw[f.name], f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if isinstance(value, bool) or value is None or (isinstance(value, str) and "${" in value):
+            continue
+        if kind in _INT_TYPES:
+            number = _number(value)
+            if isinstance(number, float):
+                raise ConfigError(f"{where}.{f.name}: must be an integer, got {value!r}{suffix}")
+            if isinstance(number, int) and not -INT_LIMIT <= number < INT_LIMIT:
+                raise ConfigError(f"{where}.{f.name}: must be an integer in the 64-bit range, got {number}{suffix}")
+        elif kind in _FLOAT_TYPES:
+            number = _number(value)
+            if isinstance(number, (int, float)) and not math.isfinite(number):
+                if math.isinf(number) and f.metadata.get("allow_inf"):
+                    continue
+                raise ConfigError(f"{where}.{f.name}: must be a finite number, got {value!r}{suffix}")
+
+
+def _number(value: Any) -> Any:
+    """A YAML/OmegaConf scalar as a number when it reads as one ('1e23' is a string to YAML 1.1)."""
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
 
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -248,6 +342,7 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
     options = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "name"])
     label = f"{section} {entry.name!r} (plugin {entry.plugin!r})"
     allowed = ", ".join(f.name for f in dataclasses.fields(entry.config)) or "none"
+    check_scalars(entry.config, _raw(options), where)
     try:
         merged = OmegaConf.merge(schema, options)
         obj = OmegaConf.to_object(merged)

@@ -23,6 +23,14 @@ class ToyModel:
 
 
 @dataclass
+class Floats:
+    lr: float = 1e-3
+    eps: Optional[float] = None
+    bound: float = field(default=1.0, metadata={"allow_inf": True})
+    steps: int = 1
+
+
+@dataclass
 class NeedsPath:
     path: str = MISSING
 
@@ -32,6 +40,7 @@ def _registries():
     regs.recipes.register("toy", lambda **kw: kw, config=ToyModel, plugin="t", requires=("model",))
     regs.model_families.register("toy-model", lambda **kw: kw, config=ToyModel, plugin="t")
     regs.datasets.register("needs-path", lambda **kw: kw, config=NeedsPath, plugin="t")
+    regs.perturbations.register("floats", lambda **kw: kw, config=Floats, plugin="t")
     regs.model_transforms.register("noop", lambda **kw: (lambda m: m), plugin="t")
     return regs
 
@@ -87,6 +96,9 @@ def test_validate_fills_defaults_and_types(tmp_path):
     assert [c.entry.name for c in comps["transforms"]] == ["noop"]
 
 
+FL = "recipe: {name: toy}\nmodel: {name: toy-model}\nperturbation: {name: floats}\n"
+
+
 @pytest.mark.parametrize("text,overrides,match", [
     ("recipe: {name: toy}\nmodel: {name: nope}\n", [], r"model.name: unknown model 'nope'; available: toy-model \(t\)"),
     ("recipe: {name: toy}\nmodel: {name: toy-model, depth: 2}\n", [], r"model.depth: unknown key .* allowed keys: width, act, layers, path"),
@@ -109,6 +121,24 @@ def test_validate_fills_defaults_and_types(tmp_path):
     ("run: 3\nrecipe: {name: toy}\n", [], r"run: must be a mapping of run keys"),
     ("recipe: {name: toy}\nmodel: {name: toy-model}\ntransforms: [{name: noop}, {name: nope}]\n", [],
      r"transforms\[1\]\.name: unknown transforms 'nope'"),
+    # issue 21 item 6: non-finite, absurd and non-integer values, non-mappings, duplicate keys
+    (FL, ["perturbation.eps=inf"], r"perturbation.eps: must be a finite number, got 'inf'"),
+    (FL, ["perturbation.lr=1e400"], r"perturbation.lr: must be a finite number, got inf"),
+    (FL, ["perturbation.lr=nan"], r"perturbation.lr: must be a finite number"),
+    (FL, ["perturbation.lr=-inf"], r"perturbation.lr: must be a finite number"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\nperturbation: {name: floats, lr: .nan}\n", [],
+     r"perturbation.lr: must be a finite number"),
+    (FL, ["perturbation.steps=1e23"], r"perturbation.steps: must be an integer, got 1e\+23"),
+    (FL, ["perturbation.steps=2.5"], r"perturbation.steps: must be an integer, got 2.5"),
+    (FL, ["run.steps=1e23"], r"run.steps: must be an integer, got 1e\+23"),
+    ("run: {steps: 1e23}\n" + FL, [], r"run.steps: must be an integer, got '1e23'"),
+    ("run: {steps: 3.0}\n" + FL, [], r"run.steps: must be an integer, got 3.0"),
+    (FL, ["recipe=[1,2]"], r"recipe: must be a mapping with a 'name' key"),
+    (FL, ["model=3"], r"model: must be a mapping with a 'name' key"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model, width: 3, width: 4}\n", [],
+     r"duplicate key 'width' at line 2 \(first at line 2\)"),
+    ("recipe: {name: toy}\nmodel: {name: toy-model}\nrecipe: {name: toy}\n", [],
+     r"duplicate key 'recipe' at line 3 \(first at line 1\)"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, text, overrides, match):
     p = write(tmp_path, "c.yaml", text)
@@ -192,3 +222,10 @@ def test_validate_performs_the_builders_checks_without_building(override, match,
     assert main(["validate", "basics/sft_quickstart", override]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+def test_an_allowed_inf_and_finite_floats_pass(tmp_path):
+    p = write(tmp_path, "c.yaml", FL)
+    comps = validate(load_config(p, ["perturbation.bound=inf", "perturbation.lr=1e-300", "run.steps=10"]),
+                     _registries())
+    assert comps["perturbation"].options.bound == float("inf") and comps["perturbation"].options.lr == 1e-300
