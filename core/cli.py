@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
     run = execute(cfg)
     if run.rank == 0:
         _print_report(run)
-    return 130 if run.status == "interrupted" else 0
+    return {"interrupted": 130, "diverged": 1}.get(run.status, 0)
 
 
 def _launch_torchrun(args) -> int:

@@ -37,6 +37,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # show a progress bar
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
+    on_nonfinite: str = "stop"  # a NaN/inf training loss: stop (status diverged, last good checkpoint) | skip
 
 
 SECTIONS = ("run",) + tuple(k.section for k in KINDS)
@@ -307,6 +308,8 @@ def _check_run_section(run: DictConfig) -> None:
             raise ConfigError(f"run.{key}: must be a non-negative integer, got {run[key]}")
     if run.log_every == 0:
         raise ConfigError("run.log_every: must be at least 1")
+    if run.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"run.on_nonfinite: {run.on_nonfinite!r}; allowed: stop, skip")
     if not DEVICE.fullmatch(run.device):
         raise ConfigError(f"run.device: {run.device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
     if not 0 <= run.seed < 2**63:  # torch.manual_seed's range (numpy takes it modulo 2**32)

@@ -10,6 +10,7 @@ checkpoints (every ``run.ckpt_every`` steps, at the end and on Ctrl-C), resume, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -148,7 +149,7 @@ def _new_run_dir(out_dir: str, name: str) -> Path:
 
 
 RESUME_FREE = ("resume", "progress", "steps", "device", "log_every", "eval_every", "ckpt_every", "keep_checkpoints",
-               "out_dir", "name")  # run keys a resume may change; everything else must equal the saved config
+               "out_dir", "name", "on_nonfinite")  # run keys a resume may change; everything else must equal the saved config
 
 
 def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -429,10 +430,28 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
 
     progress = Progress(rc.steps, initial=start, enabled=rc.progress and getattr(run, "rank", 0) == 0)
     step, final_eval, t_window = start, None, time.perf_counter()
+    skip = rc.get("on_nonfinite", "stop") == "skip"
+    skipped = int(run.summary.get("skipped_steps", 0))
     with _stop_on_sigint() as stop:
         try:
             for step in range(start + 1, rc.steps + 1):
+                before = _clone_state(task.state_dict()) if skip else None
                 metrics = task.train_step(step)
+                loss = metrics.get(loss_key)
+                if isinstance(loss, (int, float, torch.Tensor)) and not np.isfinite(float(loss)):
+                    if not skip:  # stop: keep the last good checkpoint, say so in one line and in summary.json
+                        run.status = "diverged"
+                        run.summary["diverged_at"] = step
+                        print(f"plait: step {step}: {loss_key} is {float(loss)}; stopping (status diverged; the "
+                              f"last good checkpoint is kept; run.on_nonfinite=skip skips such updates)",
+                              file=sys.stderr)
+                        return {"first_eval": first_eval, "final_eval": final_eval, "steps": step - 1}
+                    task.load_state_dict(before)  # skip: undo the update of this step
+                    skipped += 1
+                    run.summary["skipped_steps"] = skipped
+                    metrics = {"train/skipped_nonfinite": 1.0}
+                elif skip:
+                    metrics = {**metrics, "train/skipped_nonfinite": 0.0}
                 for k, v in metrics.items():
                     s, n = window.get(k, (0.0, 0))
                     window[k] = (s + float(v), n + 1)
@@ -489,6 +508,17 @@ def _stop_on_sigint():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _clone_state(state: Any) -> Any:
+    """A copy of a task state that the next step cannot change (``state_dict`` returns live tensors)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_clone_state(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def _window_len(window: dict[str, tuple[float, int]]) -> int:

@@ -274,3 +274,56 @@ def test_an_out_dir_that_cannot_be_created_is_one_line(tiny_config, fresh_host, 
     assert main(["run", str(tiny_config()), f"run.out_dir={blocker}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: run.out_dir: cannot create the run directory")
+
+
+def _nan_at(monkeypatch, bad_step, seen):
+    """Make the sft recipe report a NaN loss at ``bad_step`` (after its real update, as a diverging run would),
+    recording the weights at the end of each step."""
+    from plait.plugins.basics.sft import SFTRecipe
+
+    real = SFTRecipe.train_step
+
+    def train_step(self, step):
+        seen[f"start{step}"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        out = real(self, step)
+        seen[step] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return {**out, "train/loss": float("nan")} if step == bad_step else out
+
+    monkeypatch.setattr(SFTRecipe, "train_step", train_step)
+
+
+def test_a_nonfinite_loss_stops_the_run_as_diverged_keeping_the_last_good_checkpoint(
+        tiny_config, fresh_host, capsys, monkeypatch):
+    # issue 21 item 7: a NaN loss was logged and training went on
+    fresh_host()
+    seen = {}
+    _nan_at(monkeypatch, 3, seen)
+    cfg = str(tiny_config(steps=5, ckpt=1))
+    assert main(["run", cfg]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "step 3: train/loss is nan; stopping (status diverged" in err and err.count("\n") == 0, err
+    d = _run_dir(Path(cfg).parent / "runs")
+    summary = json.loads((d / "summary.json").read_text())  # strict JSON: a bare NaN would raise here
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 3
+    assert [p.name for p in sorted((d / "checkpoints").glob("step_*"))][-1] == "step_00000002"
+    for line in (d / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert 4 not in seen  # no step after the divergence
+
+
+def test_on_nonfinite_skip_undoes_that_step_and_counts_it(tiny_config, fresh_host, monkeypatch):
+    fresh_host()
+    seen = {}
+    _nan_at(monkeypatch, 3, seen)
+    cfg = str(tiny_config(steps=4, ckpt=0))
+    assert main(["run", cfg, "run.on_nonfinite=skip"]) == 0
+    # step 4 started from the weights step 2 ended with: step 3's update was undone
+    assert all(torch.equal(seen["start4"][k], seen[2][k]) for k in seen[2])
+    assert not all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])  # step 3 had changed them
+    d = _run_dir(Path(cfg).parent / "runs")
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_steps"] == 1
+    rows = {}
+    for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()):
+        rows.setdefault(r["step"], {}).update(r)
+    assert rows[3]["train/skipped_nonfinite"] == 1.0 and rows[4]["train/skipped_nonfinite"] == 0.0
