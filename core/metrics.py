@@ -66,8 +66,13 @@ class MetricsLogger:
             self.writer.add_scalar(tag, value, step)
         # strict JSON: a non-finite value is null (its status is the run's: summary.json says diverged)
         record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+        except OSError as exc:
+            from .errors import RunWriteError
+
+            raise RunWriteError(f"cannot write '{self.jsonl_path}': {exc.strerror or exc}") from None
         self.last.update(clean)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import Checkpointer, RunLock, rng_state, set_rng_state
 from .config import Component, validate
-from .errors import CheckpointError, ConfigError, PlaitError
+from .errors import CheckpointError, ConfigError, PlaitError, RunWriteError
 from .metrics import MetricsLogger, Progress
 from .manager import PluginHost, get_host
 
@@ -189,8 +189,13 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise RunWriteError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 class _NullWriter:
