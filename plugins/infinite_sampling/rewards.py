@@ -27,10 +27,14 @@ the weighted sum (TRL uses nansum for the same purpose).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 ON_ERROR = ("fail", "skip")
@@ -126,19 +130,28 @@ class PythonCallable:
         if not isinstance(path, str) or not path.strip():
             raise ValueError(f"reward function path must be a non-empty 'module:function' string, got {path!r}")
         path = path.strip()
-        if ":" in path:
-            module_name, _, attr_path = path.partition(":")
+        if path.startswith("file:"):
+            file_name, _, attr_path = path[len("file:"):].rpartition(":")
+            if not file_name or not attr_path:
+                raise ValueError(f"reward function path {path!r} must look like 'file:path/to/rewards.py:function'")
+            module_name = file_name
+            module = _import_file(path, file_name)
         else:
-            module_name, _, attr_path = path.rpartition(".")
-        if not module_name or not attr_path:
-            raise ValueError(f"reward function path {path!r} must look like 'package.module:function'")
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as e:  # ImportError, or whatever the module raises on import
-            raise ValueError(
-                f"reward function {path!r}: cannot import module {module_name!r} "
-                f"({type(e).__name__}: {_one_line(e)})"
-            ) from e
+            if ":" in path:
+                module_name, _, attr_path = path.partition(":")
+            else:
+                module_name, _, attr_path = path.rpartition(".")
+            if not module_name or not attr_path:
+                raise ValueError(f"reward function path {path!r} must look like 'package.module:function'")
+            try:
+                with _without_working_folder():
+                    module = importlib.import_module(module_name)
+            except Exception as e:  # ImportError, or whatever the module raises on import
+                raise ValueError(
+                    f"reward function {path!r}: cannot import module {module_name!r} "
+                    f"({type(e).__name__}: {_one_line(e)}; modules are not imported from the working folder: "
+                    f"install it, or name the file explicitly as 'file:path/to/module.py:function')"
+                ) from e
         obj: Any = module
         for part in attr_path.split("."):
             if not hasattr(obj, part):
@@ -153,6 +166,41 @@ class PythonCallable:
 
     def __repr__(self) -> str:
         return f"PythonCallable({self.path!r})"
+
+
+@contextlib.contextmanager
+def _without_working_folder():
+    """Import as if the working folder were not on sys.path: ``python -m plait`` (and every ``--nproc`` rank)
+    puts it first, so a file dropped there would run from a config naming it. Only that first entry ('' or
+    the working folder) is hidden; the installed packages' paths stay."""
+    saved = list(sys.path)
+    cwd = os.path.realpath(os.getcwd())
+    if sys.path and (sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == cwd):
+        del sys.path[0]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_file(path: str, file_name: str) -> Any:
+    """The module of an explicit ``file:`` path (the config names the code it runs)."""
+    import importlib.util
+
+    target = Path(file_name).expanduser()
+    if not target.is_file():
+        raise ValueError(f"reward function {path!r}: file '{target}' not found")
+    name = f"plait_reward_{abs(hash(str(target.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, target)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"reward function {path!r}: '{target}' is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises on import
+        raise ValueError(f"reward function {path!r}: cannot import '{target}' ({type(e).__name__}: {_one_line(e)})") \
+            from e
+    return module
 
 
 class RewardShapeError(ValueError):
