@@ -207,6 +207,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         dot = OmegaConf.from_dotlist(sets)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"command-line overrides: {_explain(exc)}") from None
+    except yaml.YAMLError as exc:  # a value such as {a: 1, a: 2}
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"command-line overrides: {problem} (each key may appear once per mapping)") from None
     unknown = [k for k in dot.keys() if k not in SECTIONS]
     if unknown:
         raise ConfigError(f"override '{unknown[0]}…': unknown section '{unknown[0]}'; allowed sections: "
