@@ -173,6 +173,10 @@ def _print_report(run) -> None:
         b, a = before.get(key), after.get(key)
         fmt = (lambda v: "-" if v is None else f"{v:.4f}")
         print(f"  {key:<28} before {fmt(b):>10}   after {fmt(a):>10}")
+    if summary.get("privacy/guarantee") == "void":
+        print(f"  privacy guarantee: VOID ({summary.get('privacy/void_reason', 'see summary.json')})")
+    if run.status == "diverged":
+        print(f"diverged at step {summary.get('diverged_at')}: a non-finite loss; the last good checkpoint is kept")
     if run.status == "interrupted":
         print(f"interrupted at step {summary.get('interrupted_at')}; continue with the same command plus "
               f"run.resume={run.dir}")

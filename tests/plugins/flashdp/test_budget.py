@@ -67,11 +67,14 @@ def test_max_epsilon_refuses_a_fresh_run_and_allows_one_within(tmp_path, fresh_h
     ("grad_transform.reproducible_noise=true", "reproducible_noise"),
     ("grad_transform.noise_multiplier=0", "allow_no_privacy"),
 ])
-def test_summary_says_the_guarantee_is_void(tmp_path, fresh_host, override, reason):
+def test_summary_says_the_guarantee_is_void(tmp_path, fresh_host, capsys, override, reason):
     fresh_host()
     extra = ["grad_transform.allow_no_privacy=true"] if "noise_multiplier=0" in override else []
-    run = execute(load_config(_cfg(tmp_path, steps=1), [override, *extra]))
-    s = json.loads((run.dir / "summary.json").read_text())  # strict JSON: ε = inf is null
+    capsys.readouterr()
+    assert main(["run", str(_cfg(tmp_path, steps=1)), override, *extra]) == 0
+    assert f"privacy guarantee: VOID ({reason}" in capsys.readouterr().out  # the end-of-run table
+    d = next((tmp_path / "runs" / "d").iterdir())
+    s = json.loads((d / "summary.json").read_text())  # strict JSON: ε = inf is null
     assert s["privacy/guarantee"] == "void" and reason in s["privacy/void_reason"]
 
 
