@@ -195,10 +195,16 @@ def _validated(args):
 
 
 def cmd_validate(args) -> int:
-    path, _, components = _validated(args)
+    path, cfg, components = _validated(args)
     names = ", ".join(f"{s}={c.entry.name}" if not isinstance(c, list) else f"{s}=[{', '.join(x.entry.name for x in c)}]"
                       for s, c in components.items())
     print(f"{path}: valid ({names})")
+    for section, comp in components.items():  # what an entry projects for this config (e.g. a DP run's ε)
+        for c in comp if isinstance(comp, list) else [comp]:
+            project = c.entry.extra.get("project")
+            line = project(cfg=cfg, options=c.options) if callable(project) else None
+            if line:
+                print(f"  {section} {c.entry.name}: {line}")
     return 0
 
 

@@ -82,3 +82,17 @@ def test_summary_says_the_guarantee_holds_for_a_private_run(tmp_path, fresh_host
     fresh_host()
     run = execute(load_config(_cfg(tmp_path, steps=1), []))
     assert json.loads((run.dir / "summary.json").read_text())["privacy/guarantee"] == "holds"
+
+
+def test_validate_prints_the_projected_epsilon(tmp_path, fresh_host, capsys):
+    fresh_host()
+    acc = RDPAccountant()
+    acc.step(1.0, 8 / 64, 4)
+    want = acc.get_epsilon(1e-3)
+    capsys.readouterr()
+    assert main(["validate", str(_cfg(tmp_path, steps=4))]) == 0
+    out = capsys.readouterr().out
+    assert f"grad_transform flashdp: projected ε = {want:.4g} over run.steps=4" in out, out
+    assert main(["validate", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={want / 2}"]) == 0
+    assert "REFUSED at start" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
