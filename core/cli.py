@@ -232,8 +232,11 @@ def cmd_plugins(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
+        if r["module"] is None:  # never loaded: say which plugin and why, on its line
+            print(f"{r['name']}  FAILED: {r['error']}")
+            continue
         status = f"  ERROR: {r['error']}" if "error" in r else ""
-        print(f"{r['name']} {r['version'] or ''} ({r['module'] or '?'}){status}")
+        print(f"{r['name']} {r['version'] or ''} ({r['module']}){status}")
         for h in r["hooks"]:
             print(f"    {h}")
     return 0
@@ -349,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `plait plugins --json | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 141
 
 
 def _failures():

@@ -10,7 +10,7 @@ Environment variables:
 
 * ``PLAIT_LOAD_PLUGINS=a,b``: load only these third-party plugins (empty string: none); builtins always load.
 * ``PLAIT_DISABLE_PLUGINS=a,b``: do not load these plugins (builtin short names such as ``basics`` work too).
-* ``PLAIT_TRACE_PLUGINS=1``: print every hook call to stderr.
+* ``PLAIT_TRACE_PLUGINS=1``: print every hook call (name, implementing plugins, milliseconds) to stderr.
 
 A plugin that fails to import or to register is recorded in `PluginHost.failures` with its error; the others
 still load. Commands that build something refuse to start while a failure is recorded (see `check_healthy`).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -86,13 +87,30 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def _trace_hook_calls(pm: pluggy.PluginManager) -> None:
+    """Write one stderr line per hook call: its name, the plugins implementing it and its wall time.
+
+    Only names and timings: pluggy's own tracing prints every argument's repr (whole models, configs).
+    """
+    starts: list[float] = []
+
+    def before(hook_name, hook_impls, kwargs):
+        starts.append(time.perf_counter())
+
+    def after(outcome, hook_name, hook_impls, kwargs):
+        ms = (time.perf_counter() - starts.pop()) * 1e3
+        names = ",".join(impl.plugin_name for impl in hook_impls) or "-"
+        sys.stderr.write(f"plait trace: {hook_name} [{names}] {ms:.2f} ms\n")
+
+    pm.add_hookcall_monitoring(before, after)
+
+
 def create_plugin_manager() -> PluginHost:
     """Load builtins and entry-point plugins, then fill the registries. Never raises for a bad plugin."""
     pm = pluggy.PluginManager("plait")
     pm.add_hookspecs(hookspecs)
     if os.environ.get("PLAIT_TRACE_PLUGINS") == "1":
-        pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
-        pm.enable_tracing()
+        _trace_hook_calls(pm)
     disabled = set(_env_list("PLAIT_DISABLE_PLUGINS") or [])
     allowed = _env_list("PLAIT_LOAD_PLUGINS")
     plugins: dict[str, PluginInfo] = {}
@@ -145,8 +163,7 @@ def _collect_registries(pm: pluggy.PluginManager, failures: dict[str, str]) -> R
             def register(name, factory, **kwargs: Any) -> None:
                 staged.append(((name, factory), kwargs))
 
-            if os.environ.get("PLAIT_TRACE_PLUGINS") == "1":
-                sys.stderr.write(f"plait trace: {kind.hook} [{impl.plugin_name}]\n")
+            t0 = time.perf_counter()
             try:
                 impl.function(**{arg: register for arg in impl.argnames})
                 for args, kwargs in staged:
@@ -156,6 +173,9 @@ def _collect_registries(pm: pluggy.PluginManager, failures: dict[str, str]) -> R
             except Exception as exc:
                 failures[impl.plugin_name] = (f"plugin {impl.plugin_name!r} failed in {kind.hook}: "
                                               f"{_one_line(exc)}")
+            if os.environ.get("PLAIT_TRACE_PLUGINS") == "1":
+                sys.stderr.write(f"plait trace: {kind.hook} [{impl.plugin_name}] "
+                                 f"{(time.perf_counter() - t0) * 1e3:.2f} ms\n")
     return registries
 
 

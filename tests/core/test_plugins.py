@@ -116,6 +116,40 @@ def test_trace_env_var_prints_hook_calls(plugin_site, fresh_host, monkeypatch, c
     assert "on_run_end" in capfd.readouterr().err
 
 
+class _Loud:
+    def __repr__(self):
+        return "LOUD-OBJECT-REPR"
+
+
+def test_trace_prints_names_and_timings_not_objects(fresh_host, monkeypatch, capfd):
+    monkeypatch.setenv("PLAIT_TRACE_PLUGINS", "1")
+    host = fresh_host()
+    capfd.readouterr()
+    host.pm.hook.on_run_end(run=_Loud(), status="completed")
+    err = capfd.readouterr().err
+    assert "LOUD-OBJECT-REPR" not in err  # pluggy's tracing printed every argument's repr
+    lines = [ln for ln in err.splitlines() if "on_run_end" in ln]
+    assert len(lines) == 1 and lines[0].startswith("plait trace: on_run_end [") and lines[0].endswith(" ms")
+
+
+def test_plugins_text_names_a_plugin_that_failed_to_load(plugin_site, fresh_host, capsys):
+    plugin_site("arith", "raise ImportError('no module named sympy')\n")
+    fresh_host()
+    assert main(["plugins"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("arith"))
+    assert "(?)" not in line and "FAILED" in line and "no module named sympy" in line
+
+
+def test_plugins_json_into_a_closed_pipe_ends_quietly():
+    """`plait plugins --json | head -1`: no BrokenPipeError traceback on stderr."""
+    code = ("import sys; from plait.cli import main; sys.exit(main(['plugins', '--json']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has left before plait writes (as `head` does after its lines)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_ls_lists_entries_with_plugins(capsys, fresh_host):
     fresh_host()
     assert main(["ls", "data", "--json"]) == 0
