@@ -165,16 +165,42 @@ def _check_nproc(nproc: int, components: dict) -> None:
                       f"parallel.name=<strategy> (for recipe {recipe.entry.name!r}: {allowed}) or drop --nproc")
 
 
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return "inf" if v == float("inf") else f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
 def _print_report(run) -> None:
+    """The end-of-run table: eval metrics before/after, the recipe's headline training metric, privacy (ε, δ,
+    or that the guarantee is void), wall time and the newest checkpoint.
+
+    A recipe names its headline metric by returning ``headline_metric`` in its result (default
+    ``train/loss``); the value is the last logged one.
+    """
     summary = run.summary
     print(f"run directory: {run.dir}  (tensorboard --logdir {run.dir})")
     before, after = summary.get("first_eval") or {}, summary.get("final_eval") or {}
     for key in sorted(set(before) | set(after)):
-        b, a = before.get(key), after.get(key)
-        fmt = (lambda v: "-" if v is None else f"{v:.4f}")
-        print(f"  {key:<28} before {fmt(b):>10}   after {fmt(a):>10}")
+        print(f"  {key:<28} before {_fmt(before.get(key)):>10}   after {_fmt(after.get(key)):>10}")
+    final = summary.get("final") or {}
+    headline = summary.get("headline_metric") or "train/loss"
+    if headline in final:
+        print(f"  {headline:<28} last   {_fmt(final[headline]):>10}")
+    eps = summary.get("privacy/epsilon", final.get("privacy/epsilon"))
+    if eps is not None:
+        delta = summary.get("privacy/delta", final.get("privacy/delta"))
+        line = f"  {'privacy':<28} ε {_fmt(eps)}  δ {_fmt(delta)}"
+        print(line + ("   (infinite: no guarantee)" if eps == float("inf") else ""))
     if summary.get("privacy/guarantee") == "void":
         print(f"  privacy guarantee: VOID ({summary.get('privacy/void_reason', 'see summary.json')})")
+    if summary.get("wall_seconds") is not None:
+        print(f"  {'wall time':<28} {summary['wall_seconds']:.1f} s")
+    latest = run.checkpointer.latest() if getattr(run, "checkpointer", None) is not None else None
+    if latest is not None:
+        print(f"  {'checkpoint':<28} {latest}")
     if run.status == "diverged":
         print(f"diverged at step {summary.get('diverged_at')}: a non-finite loss; the last good checkpoint is kept")
     if run.status == "interrupted":

@@ -494,6 +494,7 @@ class GRPORecipe:
                 self.ref.load_state_dict(self.model.state_dict())
         result = train_loop(self.run, self)
         result["reward_skipped"] = self.skipped
+        result["headline_metric"] = "train/reward_mean"  # the end-of-run table's training line
         result.update(self.step.summary())
         return result
 
