@@ -81,6 +81,24 @@ class MetricsLogger:
             return
         self._writer.add_text(tag, text, step)
 
+    def config(self, yaml_text: str) -> None:
+        """The resolved config as a text summary ``config`` (TEXT tab), indented so it renders as code."""
+        self.text("config", "    " + yaml_text.rstrip("\n").replace("\n", "\n    "), 0)  # deferred until open
+
+    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        """An hparams summary (HPARAMS tab): the flattened config keys against the run's final metrics.
+
+        Written into this run's own event file (``SummaryWriter.add_hparams`` would open a sub-run and log the
+        metrics twice); the metric columns read the scalar tags already logged.
+        """
+        from torch.utils.tensorboard.summary import hparams
+
+        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flatten(config).items()}
+        final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        writer = self.writer._get_file_writer()
+        for summary in hparams(hp, final):
+            writer.add_summary(summary)
+
     def flush(self) -> None:
         if self._writer is None:
             return
@@ -96,6 +114,16 @@ class MetricsLogger:
             return
         self._writer.close()
         self._jsonl.close()
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"seed": 0}}`` → ``{"run.seed": 0}``; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:

@@ -218,6 +218,12 @@ class _NullLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
+    def config(self, yaml_text: str) -> None:
+        pass
+
+    def hparams(self, config: dict, metrics: dict) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -297,6 +303,7 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
                  for f in host.observers("on_log")]
     if main:
         logger = MetricsLogger(run_dir, purge_after=resume_state[0] if resume_state else None, observers=observers)
+        logger.config(OmegaConf.to_yaml(cfg))
         checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.run.keep_checkpoints)
     else:
         logger, checkpointer = _NullLogger(), _NoCheckpoints(run_dir / "checkpoints")
@@ -341,6 +348,8 @@ def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:
                             "wall_seconds": round(time.time() - t0, 3)})
         run.summary.setdefault("final", dict(run.logger.last))
         try:
+            if not keep_summary:  # a refused resume leaves the run directory as it was
+                run.logger.hparams(OmegaConf.to_container(run.cfg, resolve=True), run.summary["final"])
             run.logger.close(write=not keep_summary)
             if run.rank == 0 and not keep_summary:
                 _write_atomic(run.dir / "summary.json", _strict_json(run.summary))
