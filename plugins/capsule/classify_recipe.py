@@ -26,7 +26,9 @@ from plait.run import Run, train_loop
 from plait.step import FirstOrderStep
 
 from .config import ClassifyRecipeConfig
-from .metrics import classification_metrics, confusion_image, confusion_matrix
+from .metrics import classification_metrics, confusion_image, confusion_matrix, prediction_grid
+
+GRID_IMAGES = 16  # test images in the eval/predictions grid
 
 LOSSES = ("ce", "weighted_ce", "focal")
 
@@ -92,7 +94,8 @@ class ClassifyRecipe:
         self.sample_p = (1 / counts.double().clamp_min(1))[data.train.y] if c.sampler == "weighted" else None
         self.gen = torch.Generator().manual_seed(run.cfg.run.seed)
         self._batches: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._eval_step = 0
+        # images are logged at the training step of the evaluation (0 before training), like the scalars
+        self._eval_step = run.resume_state[0] if run.resume_state is not None else 0
         transform = run.build("grad_transform") if run.has("grad_transform") else None
         self.step = FirstOrderStep(run, model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
                                    schedule="cosine", warmup_steps=c.warmup_steps, batch_size=c.batch_size,
@@ -184,6 +187,7 @@ class ClassifyRecipe:
     def train_step(self, step: int) -> dict[str, float]:
         self._batches.clear()
         try:
+            self._eval_step = step
             return self.step(step)
         finally:
             self._batches.clear()
@@ -202,9 +206,14 @@ class ClassifyRecipe:
         majority = int(torch.bincount(self.data.train.y).argmax())
         metrics["eval/majority_accuracy"] = float((y == majority).mean())
         cm = confusion_matrix(y, pred, k)
-        self.run.logger.writer.add_image("eval/confusion_matrix", confusion_image(cm), self._eval_step,
-                                         dataformats="HWC")
-        self._eval_step += 1
+        writer = self.run.logger.writer
+        writer.add_image("eval/confusion_matrix", confusion_image(cm), self._eval_step, dataformats="HWC")
+        n = min(GRID_IMAGES, len(y))
+        writer.add_image("eval/predictions", prediction_grid(te.x[:n], y[:n], pred[:n]), self._eval_step)
+        names = getattr(self.data, "class_names", None) or [str(i) for i in range(k)]
+        rows = "\n".join(f"| {i} | {names[int(y[i])]} | {names[int(pred[i])]} |" for i in range(n))
+        writer.add_text("eval/predictions", "green frame: right, red: wrong\n\n| image | label | predicted |\n"
+                        "|---|---|---|\n" + rows, self._eval_step)
         return metrics
 
     def log_metrics(self, step: int) -> dict[str, float]:

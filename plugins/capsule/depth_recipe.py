@@ -66,7 +66,7 @@ class DepthRecipe:
         self.gen = torch.Generator().manual_seed(run.cfg.run.seed)
         self._batches: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._parts: dict[str, float] = {}
-        self._eval_step = 0
+        self._eval_step = run.resume_state[0] if run.resume_state is not None else 0
         transform = run.build("grad_transform") if run.has("grad_transform") else None
         # Adam + StepLR(lr_step, 0.1) stepped once per step, as the shared schedule "step"
         self.step = FirstOrderStep(run, model, self, optimizer="adam", lr=c.lr, weight_decay=c.weight_decay,
@@ -172,6 +172,7 @@ class DepthRecipe:
     def train_step(self, step: int) -> dict[str, float]:
         self._batches.clear()
         self._parts = {}
+        self._eval_step = step
         try:
             metrics = self.step(step)
         finally:
@@ -266,14 +267,13 @@ class DepthRecipe:
 
     def _log_images(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
         te, writer = self.data.test, self.run.logger.writer
-        step = self._eval_step
-        self._eval_step += 1
+        step = self._eval_step  # the training step of this evaluation (0 before training)
         writer.add_image("depth/pred", colorize(pred[1]), step)
         writer.add_image("depth/gt", colorize(gt), step)
         frames = te.frames[0, :3].to(self.run.device)
         t = self.model.pose(frames[1:2], frames[2:3], te.imu[0, 1:2].to(self.run.device))
         warped, _ = geo.inverse_warp(frames[2:3], pred[1:2].to(self.run.device), t, self.k[None], self.inv_k[None])
-        writer.add_image("warp/target|warped_next|next", torch.cat([frames[1], warped[0], frames[2]], -1).cpu()
+        writer.add_image("warp/target_warped-next_next", torch.cat([frames[1], warped[0], frames[2]], -1).cpu()
                          .clamp(0, 1), step)
 
     def log_metrics(self, step: int) -> dict[str, float]:

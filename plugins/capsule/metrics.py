@@ -99,6 +99,25 @@ def confusion_image(cm: np.ndarray, cell: int = 12) -> np.ndarray:
     return (img * 255).astype(np.uint8)
 
 
+def prediction_grid(x: torch.Tensor, y: np.ndarray, pred: np.ndarray, cols: int = 8, border: int = 2) -> torch.Tensor:
+    """Input images (N, C, H, W) in a (3, H', W') grid, each framed green when predicted right, red when wrong."""
+    n, c, h, w = x.shape
+    img = x[:, :3] if c >= 3 else x[:, :1].expand(n, 3, h, w)
+    lo, hi = img.amin((1, 2, 3), keepdim=True), img.amax((1, 2, 3), keepdim=True)
+    img = (img - lo) / (hi - lo + 1e-8)
+    ok = torch.as_tensor(y == pred)
+    frame = torch.zeros(n, 3, h + 2 * border, w + 2 * border)
+    frame[:, 1] = ok[:, None, None].float()
+    frame[:, 0] = (~ok)[:, None, None].float()
+    frame[:, :, border:border + h, border:border + w] = img
+    rows = -(-n // cols)
+    grid = torch.ones(3, rows * frame.shape[2], cols * frame.shape[3])
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * frame.shape[2]:(r + 1) * frame.shape[2], q * frame.shape[3]:(q + 1) * frame.shape[3]] = frame[i]
+    return grid
+
+
 def colorize(depth: torch.Tensor) -> torch.Tensor:
     """(1, H, W) depth → (3, H, W) in [0, 1] (near = bright yellow, far = dark purple), for TensorBoard."""
     d = depth[0]

@@ -35,6 +35,9 @@ def test_depth_recipe_runs_and_logs_metrics_and_images(tmp_path, fresh_host):
     acc = EventAccumulator(str(run.dir), size_guidance={"images": 0})
     acc.Reload()
     assert {"depth/pred", "depth/gt"} <= set(acc.Tags()["images"])
+    assert not any("|" in t for t in acc.Tags()["images"])  # TensorBoard tags: no '|'
+    # images at the training step of their evaluation, like the eval scalars (not an eval counter 0, 1, …)
+    assert [e.step for e in acc.Images("depth/pred")] == [e.step for e in acc.Scalars("eval/abs_rel")] == [0, 2]
 
 
 @pytest.mark.slow
