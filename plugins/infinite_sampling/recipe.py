@@ -83,6 +83,7 @@ from .samplers import Rollouts, RolloutStats
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 PER_PROMPT_AGGREGATIONS = ("grpo", "dr_grpo")  # the batch loss is the mean of per-prompt losses
+EVAL_SAMPLES_LOGGED = 8  # eval completions shown as text in TensorBoard at each evaluation
 PACKING_TOLERANCE = 1e-3  # |Δ log-prob| between packed and unpacked rollouts accepted by the start-up check
 REWARD_KINDS = {
     "exact_match": ("field", "strip"),
@@ -330,6 +331,7 @@ class GRPORecipe:
 
     def __init__(self, run: Run, **options: Any):
         self.run = run
+        self._last_step = run.resume_state[0] if run.resume_state is not None else 0  # for eval text summaries
         self.cfg = c = GRPORecipeConfig(**options)
         self._check_options()
         self.private = _declares_private(run)
@@ -559,6 +561,7 @@ class GRPORecipe:
 
     # --- Task protocol ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
+        self._last_step = step
         c = self.cfg
         chain = self.step.transform
         idx = chain.batch_indices(step) if chain is not None else None  # Poisson-sampled prompts (DP)
@@ -722,7 +725,19 @@ class GRPORecipe:
             out["eval/accuracy"] = sum(em) / len(em)
         rewards, _ = self._score(self.eval_examples, texts, None)
         out["eval/reward_mean"] = sum(rewards) / len(rewards)
+        self._log_samples(texts, rewards)
         return out
+
+    def _log_samples(self, texts: list[str], rewards: list[float], n: int = EVAL_SAMPLES_LOGGED) -> None:
+        """The first eval prompts' greedy completions with their rewards, as a markdown table (TEXT tab) at the
+        training step of this evaluation (0 before training)."""
+        def cell(t: Any) -> str:
+            return " ".join(str(t).split()).replace("|", "\\|")[:200] or " "
+
+        rows = [f"| {cell(e['prompt'])} | {cell(t)} | {r:.4g} |"
+                for e, t, r in list(zip(self.eval_examples, texts, rewards))[:n]]
+        self.run.logger.text("eval/samples", "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(rows),
+                             self._last_step)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), **self.step.state_dict(), "reward_skipped": self.skipped}
