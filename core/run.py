@@ -299,6 +299,8 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
         if share is not None:
             run_dir = Path(share(str(run_dir)))
     seed_everything(cfg.run.seed)
+    if not cfg.run.progress:
+        _quiet_library_progress()
     observers = [(lambda step, metrics, f=f: f(run=run, step=step, metrics=metrics))
                  for f in host.observers("on_log")]
     if main:
@@ -310,6 +312,19 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
     run = Run(cfg, components, host, run_dir, device, logger, checkpointer, resume_state, parallel=parallel,
               lock=lock)
     return run
+
+
+def _quiet_library_progress() -> None:
+    """``run.progress=false``: also silence the libraries' own bars (Hugging Face's "Loading weights",
+    hub downloads), when they are installed."""
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def execute(cfg: DictConfig, host: PluginHost | None = None) -> Run:

@@ -51,3 +51,28 @@ def test_report_privacy_headline_and_void(tmp_path, capsys):
     summary.update({"privacy/epsilon": math.inf, "privacy/guarantee": "holds"})
     _print_report(_fake_run(summary, tmp_path))
     assert "ε inf" in _line(capsys.readouterr().out, "privacy")
+
+
+def test_progress_false_silences_hugging_face_loading_bar(tmp_path, fresh_host, capfd):
+    """A model loaded with from_pretrained (model.path) shows transformers' "Loading weights" bar unless
+    run.progress=false; the bar is transformers' own tqdm, so its text on stderr is the reference."""
+    from transformers import OPTConfig, OPTForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    model_dir = tmp_path / "m"
+    OPTForCausalLM(OPTConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=32, max_position_embeddings=64, word_embed_proj_dim=16)).save_pretrained(model_dir)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{name: t, steps: 1, log_every: 1, eval_every: 0, out_dir: {tmp_path / 'runs'}, "
+                   f"progress: false}}\nrecipe: {{name: sft, batch_size: 2}}\n"
+                   f"model: {{name: hf-causal-lm, path: {model_dir}}}\n"
+                   f"data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}\n")
+    fresh_host()
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        assert main(["run", str(cfg)]) == 0
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err, err[-500:]
+    finally:
+        hf_logging.enable_progress_bar()
