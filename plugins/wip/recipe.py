@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, List
@@ -61,9 +62,15 @@ def forward_costs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
 def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.Tensor, operators: list[str], *,
                       mixer: str = "exact", key_bias: bool = False, dim_scales: bool = False, distill: bool = True,
                       finetune_steps: int = 100, lr: float = 3e-3, batch_size: int = 16, precision: str = "fp32",
-                      seed: int = 0, progress: bool = False, on_result=None) -> dict[str, Any]:
-    """The study behind the recipe and benchmarks/wip.py; ``model`` (eager attention) is not modified."""
+                      seed: int = 0, progress: bool = False, on_result=None, on_phase=None) -> dict[str, Any]:
+    """The study behind the recipe and benchmarks/wip.py; ``model`` (eager attention) is not modified.
+
+    ``on_phase(text)``, when given, is called as each phase starts (the recipe prints them: perplexity and
+    calibration passes run for tens of seconds with no bar of their own).
+    """
+    phase = on_phase or (lambda text: None)
     model = model.eval()
+    phase(f"original: perplexity on {len(evals)} eval blocks")
     base_ppl = perplexity(model, evals, batch_size)
     probe = evals[: min(len(evals), batch_size)]
     base_costs = forward_costs(swap_attention(copy.deepcopy(model), "exact", mixer="exact"), probe)
@@ -73,11 +80,17 @@ def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.
     for name in operators:
         start = time.time()
         swapped = swap_attention(copy.deepcopy(model), name, mixer, key_bias, dim_scales)
+        phase(f"{name}: perplexity after the swap")
         ppl_swap = perplexity(swapped, evals, batch_size)
+        phase(f"{name}: closed-form calibration on {len(calib)} blocks")
         fitted = calibrate(swapped, calib, batch_size)
+        phase(f"{name}: perplexity after calibration")
         ppl_cal = perplexity(swapped, evals, batch_size)
+        if finetune_steps:
+            phase(f"{name}: fine-tune {finetune_steps} steps")
         losses = finetune(swapped, calib, finetune_steps, lr, batch_size, seed, progress,
                           teacher=model if distill else None)
+        phase(f"{name}: perplexity after fine-tuning")
         ppl_ft = perplexity(swapped, evals, batch_size)
         costs = forward_costs(swapped, probe)
         gap = ppl_swap - base_ppl
@@ -143,6 +156,11 @@ class WipRecoverRecipe:
         self.calib = calib[: c.calib_blocks]
         self.evals = evals[: c.eval_blocks] if c.eval_blocks else evals
 
+    def _phase(self, text: str) -> None:
+        """Progress of the phases without a bar of their own, on stderr with the time since the run began."""
+        t0 = self.__dict__.setdefault("_t0", time.time())
+        print(f"plait: wip_recover [{time.time() - t0:6.1f} s] {text} …", file=sys.stderr, flush=True)
+
     def __call__(self) -> dict[str, Any]:
         c, run = self.cfg, self.run
         step = [0]
@@ -161,7 +179,7 @@ class WipRecoverRecipe:
                                    mixer=c.mixer, key_bias=c.key_bias, dim_scales=c.dim_scales, distill=c.distill,
                                    finetune_steps=c.finetune_steps, lr=c.lr, batch_size=c.batch_size,
                                    precision=c.precision, seed=run.cfg.run.seed, progress=bool(run.cfg.run.progress),
-                                   on_result=log)
+                                   on_result=log, on_phase=self._phase if run.cfg.run.progress else None)
         base = result["original"]["ppl"]
         tmp = run.dir / ".wip_results.json.tmp"  # written whole, then renamed: never a half-written file
         tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -37,3 +37,19 @@ def test_recover_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, over
     assert main(["run", str(CONFIG), f"run.out_dir={tmp_path}", *SMALL, override]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # transformers may draw a loading bar before it
     assert err[-1].startswith("error: ") and match in err[-1]
+
+
+def test_recover_reports_its_silent_phases_unless_progress_is_off(tmp_path, fresh_host, capfd):
+    """Calibration and perplexity passes have no bar: each phase is announced on stderr, in run order; with
+    run.progress=false nothing of it is printed."""
+    fresh_host()
+    small = [f"run.out_dir={tmp_path}", "recipe.operators=[minprod]", *SMALL[:3]]
+    capfd.readouterr()
+    execute(load_config(CONFIG, [*small, "run.progress=true"]))
+    lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("plait: wip_recover [")]
+    phases = [l.split("] ", 1)[1].rstrip(" …") for l in lines]
+    assert phases == ["original: perplexity on 2 eval blocks", "minprod: perplexity after the swap",
+                      "minprod: closed-form calibration on 2 blocks", "minprod: perplexity after calibration",
+                      "minprod: perplexity after fine-tuning"]
+    execute(load_config(CONFIG, [*small, "run.progress=false"]))
+    assert "plait: wip_recover [" not in capfd.readouterr().err
