@@ -9,8 +9,10 @@ optimisation work on.
 
 ``path="bundled:<name>"`` loads a model shipped in ``assets/`` (``BUNDLED_MODELS``):
 ``bundled:tiny-opt-base`` is a tiny OPT pretrained on a generated English and
-movie-review corpus by ``scripts/build_base_model.py``, the base the
-zeroth-order quick start fine-tunes.
+movie-review corpus by ``scripts/build_base_model.py`` (tests use it);
+``bundled:tiny-opt-sentiment`` is the base the zeroth-order quick start
+fine-tunes: a tiny OPT with a prior for the sentiment task, pretrained by
+``scripts/build_prior_model.py`` (its ``build.json`` records how).
 
 The models themselves are the ``transformers`` implementations; only their
 configurations are chosen here.
@@ -48,7 +50,10 @@ _SHAPES = {
 
 # Models shipped with the plugin: name -> directory (save_pretrained layout).
 BUNDLED_PREFIX = "bundled:"
-BUNDLED_MODELS = {"tiny-opt-base": ASSETS / "tiny-opt-base"}  # built by scripts/build_base_model.py
+BUNDLED_MODELS = {
+    "tiny-opt-base": ASSETS / "tiny-opt-base",  # built by scripts/build_base_model.py
+    "tiny-opt-sentiment": ASSETS / "tiny-opt-sentiment",  # built by scripts/build_prior_model.py
+}
 
 
 def check_hf_causal_lm(*, arch: str = "opt", size: str = "tiny", path=None, config=None, tie_word_embeddings=None,
