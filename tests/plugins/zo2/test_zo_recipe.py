@@ -147,4 +147,6 @@ def test_quickstart_learns(tmp_path, fresh_host):
                                                                      "run.progress=false"]))
     before, after = run.summary["first_eval"], run.summary["final_eval"]
     assert run.cfg.recipe.name == "zo" and run.cfg.offload.name == "zo2"
-    assert after["eval/loss"] < before["eval/loss"] - 1.0  # the completion loss falls by more than a nat
+    # the quick start's base has a prior (bundled:tiny-opt-sentiment): ZO2 lifts label-word accuracy (issue 20)
+    assert after["eval/loss"] < before["eval/loss"]
+    assert after["eval/accuracy"] >= 0.85 and after["eval/accuracy"] >= before["eval/accuracy"] + 0.2
