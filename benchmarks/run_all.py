@@ -62,7 +62,7 @@ QUICK_ARGS: dict[str, list[str]] = {
                   "--seq", "32", "--steps", "2"],
     # FlashDP vs Opacus step time: same shrunk GPT-2, 1 warm-up + 3 timed rounds (defaults: 2 + 8). 8-18 s.
     "dp_speed": ["--vocab", "512", "--d-model", "64", "--layers", "1", "--heads", "2", "--batch", "4",
-                 "--seq", "32", "--warmup", "1", "--steps", "3"],
+                 "--seq", "32", "--warmup", "1", "--steps", "3", "--max-rounds", "8", "--max-seconds", "30"],
     # DP-ZO vs ZO vs DP-SGD on the bundled OPT: 20 steps per variant, one repeat (defaults: 300 steps). 60-70 s.
     "dp_zo": ["--quick"],
     # Infinite-Sampling schedulers: Qwen3 "tiny", G 8 completions, g 4 rows, max 64 new tokens, 1 repeat, 5
@@ -77,7 +77,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "zo_memory": ["--size", "small", "--steps", "2"],
     # ZO2 vs MeZO step time: OPT "tiny", 1 warm-up + 3 timed rounds, every variant (defaults: "small", 2 + 15).
     # 6-7 s.
-    "zo_speed": ["--size", "tiny", "--steps", "3", "--warmup", "1"],
+    "zo_speed": ["--size", "tiny", "--steps", "3", "--warmup", "1", "--max-rounds", "8", "--max-seconds", "30"],
 }
 
 # Scripts in benchmarks/ that this runner never starts, with the reason (reported in the summary).
