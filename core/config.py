@@ -495,6 +495,9 @@ def _check_parallel(recipe: Component, parallel: Component, registries: Registri
     one complete, duplicate training per rank."""
     want = recipe.entry.extra.get("update", "first_order")
     have = parallel.entry.extra.get("updates", ("first_order", "zeroth_order"))
+    why = (parallel.entry.extra.get("refuses") or {}).get(recipe.entry.name)  # a strategy's own refusals
+    if why:
+        raise ConfigError(f"parallel: {parallel.entry.name!r} does not run recipe {recipe.entry.name!r} yet: {why}")
     if want not in have:
         allowed = ", ".join(parallel_choices(recipe, registries)) or "none"
         raise ConfigError(f"parallel: {parallel.entry.name!r} runs {'/'.join(h.replace('_', '-') for h in have)} "

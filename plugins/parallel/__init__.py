@@ -30,5 +30,12 @@ def build_ddp(**kwargs):
 
 @hookimpl
 def register_parallel_strategies(register):
-    register("ddp", build_ddp, config=DDPConfig, updates=("first_order",),
+    # recipes whose step is not yet exact under ddp (refused at validate rather than run differently per rank)
+    refuses = {
+        "depth": "its BatchNorm statistics would be taken per rank over each rank's slice, so 2 ranks would not "
+                 "train what one process trains (SyncBatchNorm or model.norm=group is not wired in yet)",
+        "grpo": "each rank would sample its own rollouts and normalise rewards over its slice only; the group "
+                "statistics need a gather across ranks that ddp does not do yet",
+    }
+    register("ddp", build_ddp, config=DDPConfig, updates=("first_order",), refuses=refuses,
              doc="data parallelism: each rank its slice of the global batch, gradients all-reduced once per step")

@@ -87,3 +87,19 @@ def test_private_transform_under_ddp_refused_not_duplicated(tmp_path, capsys):
     err = _one_line(capsys.readouterr().err)
     assert code == 2
     assert "under parallel 'ddp' is not supported" in err and "flashdp" in err.lower()
+
+
+
+def test_ddp_refuses_recipes_it_does_not_run_exactly(tmp_path, capsys):
+    """ddp's own declaration (``refuses=``) is what validate reads: every recipe named there is refused in one
+    line naming both; the recipes not named validate."""
+    entry = get_host().registries.for_section("parallel").get("ddp")
+    refused = entry.extra["refuses"]
+    assert set(refused) == {"depth", "grpo"}
+    code = main(["validate", "configs/grpo/addition.yaml", "parallel.name=ddp"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "'ddp'" in err and "'grpo'" in err and "rollouts" in err
+    code = main(["validate", "configs/capsule/depth_clean.yaml", "parallel.name=ddp"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "'ddp'" in err and "'depth'" in err and "BatchNorm" in err
+    assert main(["validate", _cfg(tmp_path, SFT), "parallel.name=ddp"]) == 0

@@ -294,20 +294,26 @@ def test_group_norm_nets_are_per_sample(fresh_host):
         assert torch.allclose(full_p[:2], half_p, atol=1e-7) is independent
 
 
+DP_DEPTH = "{name: flashdp, target_epsilon: 8.0, delta: 1.0e-3, skip: ['pose_net*', 'vibration*']}"
+
+
 @pytest.mark.slow
-def test_private_depth_with_group_norm_trains_the_depth_net_and_reports_epsilon(tmp_path, fresh_host):
-    """model.norm: group with flashdp (the pose net and vibration branch left out of DP): the depth net's
-    parameters move, the skipped nets are frozen (dp/frozen) and do not move, ε is finite and equals Opacus'
-    RDP accountant's for the run's σ, q and steps."""
+@pytest.mark.parametrize("chain", [DP_DEPTH, f"[{{name: sam, rho: 0.05}}, {DP_DEPTH}]"], ids=["dp", "dp_sat"])
+def test_private_depth_with_group_norm_trains_the_depth_net_and_reports_epsilon(tmp_path, fresh_host, chain):
+    """model.norm: group with flashdp (the pose net and vibration branch left out of DP), alone or after SAM
+    (DP-SAT): the depth net's parameters move, the skipped nets are frozen (dp/frozen) and do not move, ε is
+    finite and equals Opacus' RDP accountant's for the run's σ, q and steps (SAM's ascent reuses the previous
+    privatized gradient, so it adds nothing); under DP-SAT every step after the first makes one ascent."""
     from opacus.accountants import RDPAccountant
 
     fresh_host()
     steps = 3
     run, recipe = _recipe(tmp_path, "depth_v2.yaml", TINY_DEPTH + [
-        f"run.steps={steps}", "model.norm=group",
-        "grad_transform={name: flashdp, target_epsilon: 8.0, delta: 1.0e-3, skip: ['pose_net*', 'vibration*']}"])
+        f"run.steps={steps}", "model.norm=group", f"grad_transform={chain}"])
     before = _params(recipe.model)
     result = _train(run, recipe)
+    if "sam" in chain:
+        assert result["sam/ascent_steps"] == steps - 1
     assert math.isfinite(result["privacy/epsilon"]) and result["privacy/epsilon"] <= 8.0 + 1e-6
     assert result["privacy/steps"] == steps
     ref = RDPAccountant()
