@@ -12,9 +12,11 @@ a generated corpus, then ``save_pretrained``s it (fp32 safetensors, under
 with ``build_causal_lm(path="bundled:tiny-opt-base")`` or, in a config,
 ``model: {name: hf-causal-lm, path: "bundled:tiny-opt-base"}``.
 
-Why: zeroth-order fine-tuning (MeZO / ZO2, the quick start) adapts a
-*pretrained* language model; from a random init it lowers the loss but does
-not learn the task.  This base gives the quick start something to adapt.
+Why: zeroth-order fine-tuning (MeZO / ZO2) adapts a *pretrained* language
+model; from a random init it lowers the loss but does not learn the task.  The
+tests and GRPO presets use this base; the quick start now uses
+``tiny-opt-sentiment`` (``scripts/build_prior_model.py``, which reuses this
+script's pretraining loop), whose corpus gives the prompt's label words a prior.
 
 The corpus is deterministic (fixed seeds, no download) and mixes
 
@@ -135,14 +137,17 @@ def corpus() -> list[str]:
     return lines
 
 
-def pretrain(lines: list[str], steps: int, batch_size: int, lr: float, log_every: int = 100):
+def pretrain(lines: list[str], steps: int, batch_size: int, lr: float, log_every: int = 100,
+             seed: int = TRAIN_SEED, config: dict | None = None):
+    """AdamW next-token pretraining of a tiny OPT (``config`` overrides its shape) on ``lines``; also used by
+    scripts/build_prior_model.py."""
     from plait.plugins.basics.data import collate
     from plait.plugins.basics.models import build_causal_lm
     from plait.plugins.basics.tokenizer import load_tokenizer
 
-    torch.manual_seed(TRAIN_SEED)
+    torch.manual_seed(seed)
     tokenizer = load_tokenizer()
-    model, tokenizer = build_causal_lm(arch="opt", size="tiny", tokenizer=tokenizer)
+    model, tokenizer = build_causal_lm(arch="opt", size="tiny", config=config, tokenizer=tokenizer)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     docs = [{"input_ids": [bos] + ids + [eos], "labels": [bos] + ids + [eos]}
             for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
@@ -150,7 +155,7 @@ def pretrain(lines: list[str], steps: int, batch_size: int, lr: float, log_every
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(TRAIN_SEED)
+    g = torch.Generator().manual_seed(seed)
     model.train()
     perm, pos, t0 = torch.randperm(len(docs), generator=g), 0, time.time()
     for step in range(1, steps + 1):
@@ -174,10 +179,10 @@ def zero_shot(model, tokenizer) -> dict[str, float]:
     """eval/loss and eval/accuracy on the task's default eval split, as the zo recipe reports them."""
     from plait.plugins.basics.data import SyntheticSentiment
     from plait.plugins.basics.evaluation import evaluate_lm
+    from plait.plugins.basics.parts import tokenize_split
 
     data = SyntheticSentiment()
     examples = data.examples("eval")
-    from plait.plugins.basics.parts import tokenize_split
     items = tokenize_split(tokenizer, examples, 128)
 
     def forward(ids, mask):

@@ -141,57 +141,16 @@ def corpus(n_generic: int, n_reviews: int, n_short: int, great_bias: float = GRE
     return lines
 
 
+_BASE = _load_module("_plait_build_base_model", REPO / "scripts" / "build_base_model.py")
+
+
 def pretrain(lines: list[str], steps: int, batch_size: int, lr: float, seed: int, log_every: int = 200):
-    from plait.plugins.basics.data import collate
-    from plait.plugins.basics.models import build_causal_lm
-    from plait.plugins.basics.tokenizer import load_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer()
-    model, tokenizer = build_causal_lm(arch="opt", size="tiny", config=dict(ARCH, dropout=0.0),
-                                       tokenizer=tokenizer)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    docs = [{"input_ids": [bos] + ids + [eos], "labels": [bos] + ids + [eos]}
-            for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    perm, pos, t0 = torch.randperm(len(docs), generator=g), 0, time.time()
-    for step in range(1, steps + 1):
-        if pos + batch_size > len(docs):
-            perm, pos = torch.randperm(len(docs), generator=g), 0
-        batch = collate([docs[i] for i in perm[pos:pos + batch_size].tolist()], tokenizer.pad_token_id)
-        pos += batch_size
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps}  loss {loss.item():.3f}  {time.time() - t0:.0f}s", flush=True)
-    model.eval()
-    return model, tokenizer
+    """The base model's pretraining loop (scripts/build_base_model.py) at this model's shape, dropout off."""
+    return _BASE.pretrain(lines, steps, batch_size, lr, log_every=log_every, seed=seed,
+                          config=dict(ARCH, dropout=0.0))
 
 
-def zero_shot(model, tokenizer) -> dict[str, float]:
-    """eval/loss and eval/accuracy on the task's default eval split, as the zo recipe reports them."""
-    from plait.plugins.basics.data import SyntheticSentiment
-    from plait.plugins.basics.evaluation import evaluate_lm
-    from plait.plugins.basics.parts import tokenize_split
-
-    data = SyntheticSentiment()
-    examples = data.examples("eval")
-    items = tokenize_split(tokenizer, examples, 128)
-
-    def forward(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
-
-    with torch.no_grad():
-        return evaluate_lm(forward, tokenizer, items, examples, data.label_words, 128, 64, "cpu")
+zero_shot = _BASE.zero_shot
 
 
 def sha256(path: Path) -> str:
