@@ -4,7 +4,7 @@ They are `typing.Protocol`s: a plugin's class needs no base class, only these me
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -40,10 +40,8 @@ import argparse
 import hashlib
 import importlib.util
 import json
-import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -3,7 +3,6 @@ exit 2 (1 for I/O) and write nothing; docs/reliability.md holds the table this m
 (``PLAIT_UPDATE_DOCS=1 pytest tests/test_reliability.py -k table`` rewrites it)."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal

@@ -41,7 +41,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import platform
 import sys
 import time

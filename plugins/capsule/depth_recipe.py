@@ -217,7 +217,7 @@ class DepthRecipe:
 
     def baselines(self) -> dict[str, float]:
         """Zero-motion, constant-velocity (mean training step) and best-constant-depth references."""
-        te, tr, L = self.data.test, self.data.train, self.cfg.eval_snippet
+        te, tr = self.data.test, self.data.train
         gt_tr = tr.c2w.numpy()
         step = np.mean([(np.linalg.inv(gt_tr[s, i]) @ gt_tr[s, i + 1]) for s in range(tr.num_sequences)
                         for i in range(tr.num_frames - 1)], 0)

@@ -12,7 +12,7 @@ broadcast so that every rank starts from the same weights).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist

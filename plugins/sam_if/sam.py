@@ -26,7 +26,6 @@ DP-SGD exactly. ĝ_{t-1} is checkpointed, so a resume is exact.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from plait.plugins.basics.models import BUNDLED_MODELS, build_causal_lm
 

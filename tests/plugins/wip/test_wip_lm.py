@@ -6,7 +6,6 @@ import copy
 import math
 
 import pytest
-import torch
 
 from plait.plugins.wip.attention import swap_attention
 from plait.plugins.wip.lm import LM_DIR, heldout_blocks, load_lm, perplexity
