@@ -457,10 +457,15 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
                               f"available: {registry.describe_available()}")
     # a section no part of the run reads would be saved in config.yaml and silently ignored (a grad_transform
     # under a recipe without one trains with no DP noise): refuse it. The core itself reads run and parallel.
+    # An analysis section (``influence:``) is read after training by its plugin, not by the recipe: its entry
+    # declares ``after_run=fn(cfg, components)``, which accepts this run or raises ConfigError with the reason.
+    after = {s: c for s, c in components.items() if not isinstance(c, list) and c.entry.extra.get("after_run")}
+    for comp in after.values():
+        comp.entry.extra["after_run"](cfg, components)
     # A recipe that declares no ``uses`` (an older third-party one) is not checked.
     if uses is None:
         return components
-    readable = {"recipe", "parallel", *requires, *uses}
+    readable = {"recipe", "parallel", *requires, *uses, *after}
     for section in components:
         if section not in readable:
             used = ", ".join(s for s in (*requires, *uses)) or "none"
