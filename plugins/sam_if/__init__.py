@@ -52,8 +52,13 @@ def build_sam_hessian(**kwargs):
 
 
 def build_tracin(**kwargs):
+    from .config import CHECKPOINT_TRACIN_DEFAULTS
     from .influence import TrajectoryEstimator
 
+    given = [k for k, v in CHECKPOINT_TRACIN_DEFAULTS.items() if kwargs.pop(k, v) != v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: options of tracin over a run's checkpoints (sft, classify runs and "
+                         f"the influence: section), not of tracin over a recorded sam_train trajectory")
     return TrajectoryEstimator(**kwargs)
 
 
@@ -102,15 +107,18 @@ def register_grad_transforms(register):
 
 @hookimpl
 def register_influence_estimators(register):
-    register("if", build_if, config=IFConfig,
+    from .section import check_tracin_section, refuse_at_end_of_run
+
+    register("if", build_if, config=IFConfig, after_run=refuse_at_end_of_run("if"),
              doc="Koh & Liang influence, (H + λI)⁻¹ by explicit solve, CG, GMRES or LiSSA (torch.func HVPs)")
-    register("sam_hessian", build_sam_hessian, config=SAMHessianConfig,
+    register("sam_hessian", build_sam_hessian, config=SAMHessianConfig, after_run=refuse_at_end_of_run("sam_hessian"),
              doc="SAM influence at the final weights with the data-dependent perturbation (non-symmetric solve)")
-    register("tracin", build_tracin, config=TracInConfig,
-             doc="TracIn-CP over a recorded SAM trajectory: Σ_t η_t ∇ℓ(z_test, w_t)·∇ℓ(z_train, w_t + e_t)")
+    register("tracin", build_tracin, config=TracInConfig, after_run=check_tracin_section,
+             doc="TracIn-CP over a recorded SAM trajectory or any first-order run's checkpoints (influence: section)")
     register("sam_trajectory", build_sam_trajectory, config=SAMTrajectoryConfig,
+             after_run=refuse_at_end_of_run("sam_trajectory"),
              doc="trajectory influence for SAM: in-batch TracIn plus the perturbation-coupling HVP term")
-    register("ekfac", build_ekfac, config=EKFACConfig,
+    register("ekfac", build_ekfac, config=EKFACConfig, after_run=refuse_at_end_of_run("ekfac"),
              doc="EK-FAC influence (as kronfluence) on chosen Linear modules, damping as an option")
 
 
@@ -141,3 +149,13 @@ def register_commands(cli):
     from .attribute import add_parser
 
     add_parser(cli)
+
+
+@hookimpl
+def on_run_end(run, status):
+    """A completed run with an ``influence:`` section: self-influence over its checkpoints (`section`)."""
+    has = getattr(run, "has", None)  # observers may be called with a stand-in run (tests, tracing)
+    if status == "completed" and has is not None and has("influence") and run.rank == 0:
+        from .section import run_influence
+
+        run_influence(run)

@@ -99,8 +99,13 @@ def _text(recipe, i: int) -> str:
     return tok.decode(ids).replace("\n", " ").replace("|", "/")[:120]
 
 
+def _label(recipe, i: int) -> str:
+    y = getattr(getattr(getattr(recipe, "data", None), "train", None), "y", None)
+    return str(int(y[i])) if y is not None and i < len(y) else ""
+
+
 def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, Any], *, top: int = 10,
-                  allow_private_data: bool = False) -> dict[str, Any]:
+                  allow_private_data: bool = False, out: Path | None = None, on_top=None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from plait.checkpoint import Checkpointer
@@ -147,22 +152,26 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         train_loss = torch.stack([recipe.sample_losses([i])[0].detach() for i in range(n)]).double()
-    out = run_dir / "attribution" / "tracin"
+    out = Path(out) if out is not None else run_dir / "attribution" / "tracin"
     out.mkdir(parents=True, exist_ok=True)
     save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous()},
               str(out / "scores.safetensors"))
     order = torch.argsort(self_inf, descending=True)[:top].tolist()
     rows = [{"index": i, "self_influence": float(self_inf[i]), "train_loss": float(train_loss[i]),
-             "text": _text(recipe, i)} for i in order]
+             "text": _text(recipe, i), "label": _label(recipe, i)} for i in order]
     report = {"run_dir": str(run_dir), "recipe": cfg.recipe.name, "estimator": "tracin", "options": o,
               "checkpoints": [int(Checkpointer.load(p)[0]) for p in paths], "n_train": n, "seconds": seconds,
-              "info": est.last_info, "private": private, "top": rows, "out_dir": str(out)}
+              "info": est.last_info, "private": private, "top": rows, "out_dir": str(out),
+              "lm": getattr(recipe, "tokenizer", None) is not None}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     md = [f"# tracin self-influence: {run_dir.name} ({cfg.recipe.name})", "",
           f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
           + (f"; private run ({'+'.join(private)}): these scores are not private" if private else ""), "",
-          "| rank | example | self-influence | train loss | text |", "|---|---|---|---|---|"]
-    md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | {row['text']} |"
-           for r, row in enumerate(rows)]
+          f"| rank | example | self-influence | train loss | {'text' if report['lm'] else 'label'} |",
+          "|---|---|---|---|---|"]
+    md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
+           f"{row['text'] if report['lm'] else row['label']} |" for r, row in enumerate(rows)]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    if on_top is not None:  # the influence: section's TensorBoard images of the top examples (image runs)
+        on_top(recipe, order)
     return report

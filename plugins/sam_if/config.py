@@ -52,8 +52,8 @@ class SAMHessianConfig:
 
 
 @dataclass
-class TracInConfig:
-    """Influence estimators ``tracin`` / ``sam_trajectory`` over a trajectory recorded by train_sam."""
+class _TrajectoryFields:
+    """Options of ``tracin`` / ``sam_trajectory`` over a trajectory recorded by train_sam."""
 
     trajectory: str = ""  # directory holding trajectory.safetensors + trajectory.json
     perturbed: bool = True  # training gradients at w_t + e_t (what SAM stepped with)
@@ -63,8 +63,29 @@ class TracInConfig:
     every: int = 1  # use every k-th recorded checkpoint
 
 
+# the options of TracIn over a run's saved checkpoints (`anyrun`; any first-order run), with their defaults
+CHECKPOINT_TRACIN_DEFAULTS = {"k": 0, "projection": "rademacher", "seed": 0, "batch_size": 16, "params": ["*"],
+                              "n": 0, "top": 10, "allow_private_data": False}
+
+
 @dataclass
-class SAMTrajectoryConfig(TracInConfig):
+class TracInConfig(_TrajectoryFields):
+    """Influence estimator ``tracin``: over a trajectory recorded by train_sam (``plait attribute`` on a sam_train
+    run), or over the saved checkpoints of any first-order run (the ``influence:`` section; ``plait attribute``
+    on sft / classify runs) with the options below."""
+
+    k: int = 0  # projection dimension of per-example gradients (0: no projection, exact)
+    projection: str = "rademacher"  # rademacher | gaussian | orthogonal | none
+    seed: int = 0  # projection seed
+    batch_size: int = 16  # examples per gradient batch
+    params: List[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
+    n: int = 0  # score the first n training examples (0: all)
+    top: int = 10  # rows of attribution/report.md and of the TensorBoard text
+    allow_private_data: bool = False  # the influence: section on a DP run: the scores are not private
+
+
+@dataclass
+class SAMTrajectoryConfig(_TrajectoryFields):
     """``sam_trajectory``: TracIn with the e-coupling term, counting in-batch steps."""
 
     in_batch: bool = True

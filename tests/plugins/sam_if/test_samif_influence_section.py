@@ -1,0 +1,179 @@
+"""The ``influence:`` section: an sft run of the tiny OPT computes TracIn self-influence over its checkpoints at
+the end of training and writes ``attribution/``.
+
+References: ``plait attribute RUN estimator=tracin`` on the same run (the verb), and a hand sum from the
+checkpoint files (`Checkpointer.load`, per-example torch.autograd, η = lr/(1 − μ) per one-step interval, constant
+schedule). Refusals at validate: exit 2, one line, no run directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.cli import main
+
+RUN = """
+run: {{name: a, seed: 0, steps: 3, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, keep_checkpoints: {keep},
+      out_dir: {out}, progress: false, device: cpu}}
+recipe: {{name: sft, optimizer: sgd, momentum: 0.9, lr: 1.0e-2, batch_size: 4, eval_batch_size: 8,
+          eval_examples: 4}}
+model: {{name: hf-causal-lm, arch: opt, size: tiny}}
+data: {{name: synthetic-sentiment, n_train: 12, n_eval: 4}}
+{extra}
+"""
+DP = "grad_transform: {name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}\n"
+
+
+def _write(tmp_path: Path, extra: str, ckpt: int = 1, keep: int = 0, name: str = "c.yaml") -> tuple[Path, Path]:
+    cfg = tmp_path / name
+    out = tmp_path / name.replace(".yaml", "")
+    cfg.write_text(RUN.format(ckpt=ckpt, keep=keep, out=out, extra=extra))
+    return cfg, out
+
+
+def _tb_text(run_dir: Path, tag: str) -> str:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors(tag)
+    return event.tensor_proto.string_val[0].decode()
+
+
+def test_sft_influence_section_equals_attribute_verb_and_hand_sum(tmp_path, fresh_host):
+    from safetensors.torch import load_file
+
+    from plait.checkpoint import Checkpointer
+    from plait.config import load_config, validate
+    from plait.manager import get_host
+    from plait.plugins.sam_if.anyrun import _rebuild
+
+    fresh_host()
+    cfg, out = _write(tmp_path, "influence: {name: tracin, top: 3}")
+    assert main(["run", str(cfg)]) == 0
+    (run_dir,) = (out / "a").iterdir()
+    att = run_dir / "attribution"
+    got = load_file(str(att / "scores.safetensors"))["self_influence"]
+    assert got.shape == (12,)
+    md = (att / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(table) == 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    top = summary["attribution"]["top"]
+    assert summary["status"] == "completed" and summary["attribution"]["checkpoints"] == [1, 2, 3]
+    assert top == torch.argsort(got, descending=True)[:3].tolist()
+    assert table[0].split("|")[2].strip() == str(top[0])
+    # TensorBoard text: the top example's text, as decoded from the run's tokenizer
+    text = _tb_text(run_dir, "attribution/top/text_summary")
+    report = json.loads((att / "report.json").read_text())
+    assert report["top"][0]["text"] and report["top"][0]["text"] in text
+
+    # the independent path: the verb over the same run directory
+    assert main(["attribute", str(run_dir), "estimator=tracin"]) == 0
+    verb = load_file(str(att / "tracin" / "scores.safetensors"))["self_influence"]
+    assert torch.allclose(got, verb, rtol=1e-6, atol=0)
+
+    # a hand sum from the checkpoint files
+    host = get_host()
+    conf = load_config(run_dir / "config.yaml")
+    recipe = _rebuild(run_dir, conf, validate(conf, host.registries), host)
+    model = recipe.model
+    ref = torch.zeros(12, dtype=torch.float64)
+    for path in Checkpointer(run_dir / "checkpoints").complete():
+        _, state = Checkpointer.load(path)
+        model.load_state_dict(state["task"]["model"])
+        model.eval()
+        eta = 1e-2 / (1 - 0.9)
+        for i in range(12):
+            gs = torch.autograd.grad(recipe.sample_losses([i])[0], list(model.parameters()), allow_unused=True)
+            ref[i] += eta * sum(float((g.double() ** 2).sum()) for g in gs if g is not None)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=0)  # fp32 model: gradients to ~1e-6 relative
+
+
+@pytest.mark.parametrize("extra, ckpt, keep, match", [
+    ("influence: {name: tracin}", 0, 0, "keeps 1"),
+    ("influence: {name: tracin}", 1, 1, "run.keep_checkpoints=0"),
+    ("influence: {name: if}", 1, 0, "cannot run at the end of training"),
+    ("influence: {name: ekfac}", 1, 0, "name: tracin"),
+    ("influence: {name: tracin, projection: sparse}", 1, 0, "allowed: rademacher"),
+    ("influence: {name: tracin, trajectory: somewhere}", 1, 0, "influence.trajectory"),
+    ("influence: {name: tracin}\n" + DP, 1, 0, "influence.allow_private_data=true"),
+])
+def test_refusals_exit_2_one_line_nothing_written(tmp_path, fresh_host, capsys, extra, ckpt, keep, match):
+    fresh_host()
+    cfg, out = _write(tmp_path, extra, ckpt=ckpt, keep=keep)
+    for verb in ("validate", "run"):
+        capsys.readouterr()
+        assert main([verb, str(cfg)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_zeroth_order_recipe_is_refused(tmp_path, fresh_host, capsys):
+    fresh_host()
+    cfg = tmp_path / "zo.yaml"
+    cfg.write_text(f"run: {{name: z, steps: 2, ckpt_every: 1, keep_checkpoints: 0, out_dir: {tmp_path / 'z'}}}\n"
+                   "recipe: {name: zo}\nmodel: {name: hf-causal-lm, arch: opt, size: tiny}\n"
+                   "data: {name: synthetic-sentiment}\nperturbation: {name: mezo}\ninfluence: {name: tracin}\n")
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "first-order recipes" in err and "'zo'" in err and len(err.splitlines()) == 1, err
+
+
+def test_private_run_with_allow_private_data(tmp_path, fresh_host):
+    from safetensors.torch import load_file
+
+    fresh_host()
+    cfg, out = _write(tmp_path, "influence: {name: tracin, k: 64, allow_private_data: true, "
+                                "params: [model.decoder.layers.1.*]}\n" + DP, ckpt=2)
+    assert main(["run", str(cfg)]) == 0
+    (run_dir,) = (out / "a").iterdir()
+    att = run_dir / "attribution"
+    scores = load_file(str(att / "scores.safetensors"))["self_influence"]
+    assert scores.shape == (12,) and bool((scores > 0).all())  # a sum of η‖P g‖² over checkpoints
+    report = json.loads((att / "report.json").read_text())
+    assert report["checkpoints"] == [2, 3] and report["private"] == ["flashdp"] and report["info"]["k"] == 64
+    assert "not private" in (att / "report.md").read_text()
+
+
+def test_classify_image_run_writes_labels_and_images(tmp_path, fresh_host):
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from plait.config import load_config, validate
+    from plait.manager import get_host
+    from plait.plugins.sam_if.anyrun import _rebuild
+
+    fresh_host()
+    cfg = tmp_path / "cls.yaml"
+    out = tmp_path / "cls"
+    cfg.write_text(
+        f"run: {{name: c, seed: 0, steps: 2, log_every: 1, eval_every: 0, ckpt_every: 1, keep_checkpoints: 0, "
+        f"out_dir: {out}, progress: false, device: cpu}}\n"
+        "recipe: {name: classify, lr: 1.0e-3, batch_size: 8}\n"
+        "model: {name: pit, image_size: 16, num_classes: 2, patch: 4, stride: 2, base_dims: [16, 16, 16], "
+        "depth: [1, 2, 1], heads: [1, 2, 4]}\n"
+        "data: {name: capsule_red_lesions, num_images: 32, image_size: 16, seed: 0}\n"
+        "influence: {name: tracin, n: 8, top: 3}\n")
+    assert main(["run", str(cfg)]) == 0
+    (run_dir,) = (out / "c").iterdir()
+    att = run_dir / "attribution"
+    got = load_file(str(att / "scores.safetensors"))["self_influence"]
+    assert got.shape == (8,)
+    assert main(["attribute", str(run_dir), "estimator=tracin", "n=8"]) == 0
+    assert torch.allclose(got, load_file(str(att / "tracin" / "scores.safetensors"))["self_influence"],
+                          rtol=1e-6, atol=0)
+    host = get_host()
+    conf = load_config(run_dir / "config.yaml")
+    labels = _rebuild(run_dir, conf, validate(conf, host.registries), host).data.train.y
+    report = json.loads((att / "report.json").read_text())
+    assert [r["index"] for r in report["top"]] == torch.argsort(got, descending=True)[:3].tolist()
+    assert [r["label"] for r in report["top"]] == [str(int(labels[r["index"]])) for r in report["top"]]
+    assert "| label |" in (att / "report.md").read_text()
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Images("attribution/top_images")) == 1
