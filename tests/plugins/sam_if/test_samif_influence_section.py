@@ -177,3 +177,16 @@ def test_classify_image_run_writes_labels_and_images(tmp_path, fresh_host):
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     acc.Reload()
     assert len(acc.Images("attribution/top_images")) == 1
+
+
+def test_failure_at_end_of_run_keeps_the_trained_run(tmp_path, fresh_host, capsys):
+    fresh_host()
+    cfg, out = _write(tmp_path, "influence: {name: tracin, params: [nothing.*]}")
+    assert main(["run", str(cfg)]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("influence:")]
+    assert len(err) == 1 and "match no parameter" in err[0]
+    (run_dir,) = (out / "a").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and "match no parameter" in summary["attribution"]["error"]
+    assert not (run_dir / "attribution" / "scores.safetensors").exists()
+    assert len(list((run_dir / "checkpoints").iterdir())) >= 3
