@@ -161,6 +161,9 @@ class TransformChain:
             if hasattr(m, "set_loss_closure"):
                 m.set_loss_closure(fn)
 
+    def before_reduce(self, model: torch.nn.Module, step: int) -> None:
+        self._each("before_reduce", model, step)
+
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         return self._each("__call__", model, step)
 
@@ -229,13 +232,19 @@ class FirstOrderStep:
         par = getattr(run, "parallel", None)
         self.dist = par if hasattr(par, "reduce_gradients") and hasattr(par, "split_batch") else None
         if self.dist is not None:
-            if transform is not None and (self_sampled := [n for m, n in zip(transform, transform.names)
-                                                           if getattr(m, "loss_reduction", "mean") == "sum"
-                                                           or hasattr(m, "batch_indices")]):
-                raise ConfigError(f"grad_transform: {', '.join(map(repr, self_sampled))} under parallel "
-                                  f"{getattr(par, 'name', '?')!r} is not supported yet; remove one of them")
+            self_sampled = [] if transform is None else [n for m, n in zip(transform, transform.names)
+                                                         if getattr(m, "loss_reduction", "mean") == "sum"
+                                                         or hasattr(m, "batch_indices")]
+            # private DDP: a lone DP transform that defers its noise to after the all-reduce (``set_parallel``)
+            private = bool(self_sampled) and len(transform) == 1 and hasattr(transform.members[0], "set_parallel")
+            if self_sampled and not private:
+                raise ConfigError(f"grad_transform: {', '.join(map(repr, transform.names))} under parallel "
+                                  f"{getattr(par, 'name', '?')!r} is not supported yet; private ddp takes one DP "
+                                  f"transform (flashdp, dp-flat) alone")
             if hasattr(par, "broadcast_parameters"):
                 par.broadcast_parameters(model)
+            if private:
+                transform.members[0].set_parallel(par)
         self.sum_loss = transform is not None and transform.loss_reduction == "sum"
         self.clip = self.max_grad_norm > 0 and not (transform is not None and transform.replaces_clipping)
         groups = list(param_groups(model)) if param_groups else [p for p in model.parameters() if p.requires_grad]
@@ -289,7 +298,7 @@ class FirstOrderStep:
         self._micro = []
         total = 0.0
         if self.dist is not None:
-            return self._parallel_step(step, lr)
+            return self._private_parallel_step(step, lr, chosen) if self.sum_loss else self._parallel_step(step, lr)
         for j in range(1 if chosen is not None else self.grad_accum):  # a sampled batch is the step's whole batch
             idx = chosen if chosen is not None else self.objective.batch_indices(step, j)
             if len(idx) == 0:
@@ -353,6 +362,35 @@ class FirstOrderStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._local = []
+        return metrics
+
+    def _private_parallel_step(self, step: int, lr: float, chosen: Sequence[int] | None) -> dict[str, float]:
+        """Private DDP (Opacus' DistributedDPOptimizer): the step's Poisson draw is over the whole dataset at the
+        global rate (every rank draws the same batch from the shared secret seed) and each rank keeps the drawn
+        examples of its slice of the dataset (possibly none); each rank backwards the SUM of its samples' losses,
+        so its DP layers leave the clipped sum (the transform defers the noise); one all-reduce sums the clipped
+        sums and the loss; the transform then adds the noise once and divides by the expected batch, identically
+        on every rank."""
+        obj, dist, chain = self.objective, self.dist, self.transform
+        if chosen is not None:
+            idx = dist.share_sampled(chosen, self.dataset_size)
+        else:  # poisson false (allow_no_privacy): the fixed-size batch, sliced as without DP
+            idx = dist.split_batch(obj.batch_indices(step, 0))
+        loss_sum, count = 0.0, 0
+        if len(idx):
+            per_sample = obj.sample_losses(idx)
+            per_sample.sum().backward()
+            loss_sum, count = float(per_sample.detach().sum()), len(idx)
+        chain.before_reduce(self.model, step)
+        loss_sum, count = dist.reduce_gradients(self.model.parameters(), [loss_sum, count])
+        metrics: dict[str, float] = {"train/lr": lr}
+        if count:  # an empty global batch has no loss (as in one process)
+            metrics["train/loss"] = loss_sum / count
+        metrics.update(chain(self.model, step) or {})
+        chain.after_transforms(self.model, step)
+        metrics.update(dist.metrics() if hasattr(dist, "metrics") else {})
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
     # --- what the recipe forwards from its Task methods -----------------------------------------------------

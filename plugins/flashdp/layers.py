@@ -71,6 +71,7 @@ class Group:
     param: torch.nn.Parameter
     threshold: float
     index: int
+    noise_transposed: bool = False  # its layer draws the noise in the transposed shape (GPT-2 Conv1D's weight)
 
 
 @dataclass

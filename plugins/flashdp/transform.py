@@ -71,6 +71,9 @@ class FlashDP:
         self.ctx = DPContext(flat=mode == "flat", flat_threshold=max_grad_norm)
         self.groups: list[Group] = []
         self.frozen: list[str] = []
+        self.dist = None  # a data-parallel placement (`set_parallel`): noise deferred to after the all-reduce
+        self.noise_std = 0.0
+        self._flat_norms = None
 
     # --- set-up ------------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, *, dataset_size: int, batch_size: int, steps: int, seed: int,
@@ -138,6 +141,8 @@ class FlashDP:
                                    (groups.get("out_proj.weight"), groups.get("out_proj.bias")))
             else:
                 make_private_layer(module, kind, self.ctx, groups.get("weight"), groups.get("bias"))
+                if kind == "conv1d" and groups.get("weight") is not None:  # its noise is drawn (out, in), then .t()
+                    groups["weight"].noise_transposed = True
             covered.update(id(p) for _, p in params)
         for name, module in model.named_modules():
             found = {local: p for local, p in module.named_parameters(recurse=False)
@@ -178,6 +183,37 @@ class FlashDP:
                 g.threshold = fixed[0] if fixed else split
         self.ctx.groups = self.groups
 
+    # --- data parallelism (private DDP) --------------------------------------------------------------------
+    def set_parallel(self, dist: Any) -> None:
+        """Under a data-parallel placement (``parallel: {name: ddp}``), Opacus' DistributedDPOptimizer semantics:
+        every rank takes rank 0's secret seed (the same Poisson draw and the same noise everywhere); each rank's
+        backward leaves the clipped SUM of its own samples (no noise); the step all-reduces the sums, and
+        ``__call__`` then adds the Gaussian noise once per clip group, drawn exactly as one process draws it."""
+        if not self.reproducible_noise and hasattr(dist, "broadcast_object"):
+            self.seed = int(dist.broadcast_object(self.seed))
+        self.dist = dist
+        self.noise_std, self.ctx.noise_std = self.ctx.noise_std, 0.0
+
+    def before_reduce(self, model: torch.nn.Module, step: int) -> None:
+        """Flat mode under a placement: clip with each sample's global norm on the rank that holds the sample."""
+        if self.dist is not None and self.mode == "flat":
+            self._flat_norms = self.ctx.finish_flat()
+
+    def _add_deferred_noise(self) -> None:
+        """One draw per clip group, as the layers draw it in one process (same generator, seed and shape)."""
+        self.ctx.noise_std = self.noise_std
+        try:
+            for g in self.groups:
+                shape = tuple(g.param.shape)
+                if g.noise_transposed:
+                    noise = self.ctx.noise_like(torch.zeros(shape[::-1], dtype=g.param.dtype,
+                                                            device=g.param.device), g).t()
+                else:
+                    noise = self.ctx.noise_like(torch.zeros_like(g.param), g)
+                accumulate(g.param, noise)
+        finally:
+            self.ctx.noise_std = 0.0
+
     def _note_batch(self, module, args, kwargs):
         """The batch (and, for token inputs, the tokens per sample) of this forward."""
         x, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
@@ -217,10 +253,14 @@ class FlashDP:
         return step_seed(self.seed, step)
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        norms = self.ctx.finish_flat() if self.mode == "flat" else None
+        if self.dist is not None:  # the gradients are the all-reduced clipped sums: noise once, here
+            norms, self._flat_norms = self._flat_norms, None
+            self._add_deferred_noise()
+        else:
+            norms = self.ctx.finish_flat() if self.mode == "flat" else None
         # An empty Poisson batch ran no backward: the update is the noise alone, one draw per clip group as in a
         # non-empty batch (a tied tensor, e.g. GPT-2's wte = lm_head, is two groups and gets two).
-        unused = {id(g.param) for g in self.groups if g.param.grad is None}
+        unused = {id(g.param) for g in self.groups if g.param.grad is None} if self.dist is None else set()
         for g in self.groups:
             if id(g.param) in unused:
                 accumulate(g.param, self.ctx.noise_like(torch.zeros_like(g.param), g))

@@ -37,6 +37,13 @@ class DDP(DistZO):
         k = n // self.world_size
         return indices[self.rank * k:(self.rank + 1) * k]  # a list or a tensor, as given
 
+    def share_sampled(self, indices: Sequence[int], dataset_size: int) -> list[int]:
+        """Private DDP: this rank's share of a Poisson draw over the whole dataset — the drawn examples that fall
+        in its contiguous slice of the dataset (possibly none; no divisibility needed)."""
+        lo = self.rank * dataset_size // self.world_size
+        hi = (self.rank + 1) * dataset_size // self.world_size
+        return [i for i in indices if lo <= i < hi]
+
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         self._collective("the step's loss-weight all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))

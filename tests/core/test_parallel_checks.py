@@ -3,6 +3,7 @@
 starts. The reference is the strategies' own declarations (``updates=``) read from the registry."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -80,14 +81,26 @@ def test_torchrun_without_parallel_refused_on_every_rank(tmp_path):
     assert err.startswith("error: WORLD_SIZE=2:") and "no 'parallel:' section" in err
 
 
-def test_private_transform_under_ddp_refused_not_duplicated(tmp_path, capsys):
-    """Until private DDP lands, a DP transform under ddp is refused with one line instead of drawing noise on
-    every rank (a group of one here: the check does not depend on the world size)."""
-    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp", "grad_transform={name: flashdp, noise_multiplier: 1.0}"])
+def test_private_chain_under_ddp_refused_not_duplicated(tmp_path, capsys):
+    """Private DDP takes one DP transform alone; a chain around it (DP-SAT: sam before flashdp) is refused with
+    one line instead of drawing noise on every rank (a group of one here: the check does not depend on the
+    world size)."""
+    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp",
+                 "grad_transform=[{name: sam, rho: 0.05}, {name: flashdp, noise_multiplier: 1.0}]"])
     err = _one_line(capsys.readouterr().err)
     assert code == 2
-    assert "under parallel 'ddp' is not supported" in err and "flashdp" in err.lower()
+    assert "under parallel 'ddp' is not supported" in err and "'sam'" in err and "flashdp" in err
 
+
+def test_lone_private_transform_under_ddp_runs(tmp_path, capsys):
+    """A DP transform alone under ddp runs (private DDP; the 2-rank equivalence is in
+    tests/plugins/parallel/test_private_ddp.py) and accounts at the global sample rate."""
+    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp",
+                 "grad_transform={name: flashdp, noise_multiplier: 1.0}"])
+    assert code == 0, capsys.readouterr().err
+    (run_dir,) = list((tmp_path / "runs" / "p").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy/sample_rate"] == 4 / 8 and summary["privacy/steps"] == 1
 
 
 def test_ddp_refuses_recipes_it_does_not_run_exactly(tmp_path, capsys):
