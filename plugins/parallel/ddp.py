@@ -2,6 +2,7 @@
 the two things `plait.step.FirstOrderStep` asks of a data-parallel placement:
 
 * ``split_batch(indices)`` — this rank's contiguous slice of a micro-batch of the global batch;
+  ``share_sampled(indices, n)`` — under a DP transform, the examples of the global Poisson draw in its slice;
 * ``all_reduce_sum(values)`` / ``reduce_gradients(params, extra)`` — sums over ranks: the per-micro-batch loss
   weights before the backward, then every gradient (and the step's loss) in one flat all-reduce after the
   last micro-batch (accumulation is local, as under DistributedDataParallel's ``no_sync``).
