@@ -38,7 +38,8 @@ from typing import Sequence
 import numpy as np
 from scipy import fft, integrate, special
 
-from .accountant import DEFAULT_ALPHAS, StepHistory, check_delta, compute_rdp
+from .history import StepHistory, check_delta
+from .rdp import DEFAULT_ALPHAS, compute_rdp
 
 __all__ = ["PRVAccountant", "prv_cdf", "prv_mean", "gaussian_delta", "compose_epsilon"]
 
@@ -179,7 +180,7 @@ def compose_epsilon(phases: Sequence[tuple[float, float, int]], delta: float, ep
 
 
 class PRVAccountant(StepHistory):
-    """Running PRV accountant with the interface of :class:`~.accountant.RDPAccountant`.
+    """Running PRV accountant with the interface of :class:`~.rdp.RDPAccountant`.
 
     :meth:`get_epsilon` returns the upper bound of :func:`compose_epsilon` (a guarantee, not an estimate)."""
 
