@@ -12,7 +12,7 @@ Two families:
 * ``on_run_*`` hooks observe a run's lifecycle. They are called at run boundaries, never inside a step loop
   (``on_log`` implementations are resolved once at run start and then called as plain functions).
 
-A plugin implements hooks with ``plait.hookimpl`` and is found in ``plait.plugins.DEFAULT_PLUGINS`` (builtins)
+A plugin implements hooks with ``plait.hookimpl`` and is found in ``plait.manager.DEFAULT_PLUGINS`` (builtins)
 or through the ``plait`` entry-point group (third-party packages). docs/plugins.md documents each hook.
 """
 from __future__ import annotations

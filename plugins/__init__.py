@@ -1,1 +1,1 @@
-"""plait's builtin plugins, one folder per method; each is listed in ``plait.plugins.DEFAULT_PLUGINS``."""
+"""plait's builtin plugins, one folder per method; each is listed in ``plait.manager.DEFAULT_PLUGINS``."""

@@ -1,7 +1,11 @@
 """Builtin plugin ``flashdp``: DP-SGD with per-layer clipping fused into the backward (FlashDP), and flat clipping.
 
 Registers gradient transforms ``flashdp`` (per-layer clipping) and ``dp-flat`` (one global threshold), used by
-the ``sft`` recipe (``grad_transform:`` section); the RDP accountant logs ``privacy/epsilon``.
+the first-order recipes through the shared step (``grad_transform:`` section), and ``dp-zo`` (clipped, noised
+per-example projected gradients) for the ``zo`` recipe. The accountant that logs ``privacy/epsilon`` is Rényi DP
+(``accountant: rdp``, the default; :mod:`.rdp`) or privacy loss random variables (``accountant: prv``;
+:mod:`.prv`); :mod:`.accountant` re-exports the RDP names and holds the σ search for ``target_epsilon`` (with
+either accountant).
 
     plait run configs/flashdp/gpt2.yaml
 """
@@ -66,7 +70,7 @@ def register_grad_transforms(register):
              doc="DP zeroth-order steps: per-example projected gradients clipped to [-C, C], Gaussian noise, "
                  "accountant (the zo recipe; in-place, ZO2, DistZO2)")
     register("flashdp", build_flashdp, config=FlashDPConfig,
-             doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP accountant",
+             doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP or PRV accountant",
              private=True, check=build_flashdp, project=project_flashdp)
     register("dp-flat", build_dp_flat, config=FlashDPConfig,
              doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)",
