@@ -122,7 +122,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         saved = state["cuda"]
         if isinstance(saved, dict):
             torch.cuda.set_rng_state(saved["state"])
-        else:  # checkpoints before 2026-11-30 hold every visible device's state
+        else:  # an older checkpoint holds every visible device's state (docs/reliability.md)
             states = list(saved)[:torch.cuda.device_count()]
             torch.cuda.set_rng_state_all(states)
 

@@ -303,7 +303,7 @@ class FlashDP:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
-        # a checkpoint written before the secret seed (2026-11-30) has none: its noise came from the run seed
+        # a checkpoint written before the secret seed (docs/flashdp.md) has none: its noise came from the run seed
         self.sigma, self.seed = state["sigma"], state.get("seed", self.run_seed)
         self._check_budget()  # a resume with a larger run.steps must not overspend the budget
 
