@@ -30,7 +30,7 @@ from .config import WipAttentionConfig, WipHeldoutConfig, WipLMConfig
 
 
 def build_wip_attention(**kwargs):
-    from .attention import WipAttentionTransform
+    from .transform import WipAttentionTransform
 
     return WipAttentionTransform(**kwargs)
 

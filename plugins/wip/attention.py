@@ -247,30 +247,3 @@ def operator_counts(model: nn.Module) -> dict[str, int]:
     wips = wip_modules(model)
     return {"calls": sum(w.op_calls for w in wips), "pairs": sum(w.op_pairs for w in wips)}
 
-
-class WipAttentionTransform:
-    """Model transform ``wip_attention``: :func:`swap_attention` with the configured operator.
-
-    With ``calibrate`` the swapped model also gets a one-shot closed-form calibration on the run's own first
-    ``calibrate_batches`` training batches, done inside the first training forward(s)
-    (:class:`plait.plugins.wip.recovery.FirstBatchCalibration`, kept as ``model.wip_calibration``).
-    """
-
-    def __init__(self, operator: str, mixer: str, key_bias: bool, dim_scales: bool, calibrate: bool = False,
-                 calibrate_batches: int = 1):
-        get_operator(operator)
-        check_mixer(mixer)
-        if calibrate_batches < 1:
-            raise ValueError(f"calibrate_batches must be at least 1, got {calibrate_batches}")
-        self.operator, self.mixer, self.key_bias, self.dim_scales = operator, mixer, key_bias, dim_scales
-        self.calibrate, self.calibrate_batches = bool(calibrate), int(calibrate_batches)
-
-    def __call__(self, model: nn.Module) -> nn.Module:
-        model = swap_attention(model, self.operator, self.mixer, self.key_bias, self.dim_scales)
-        if self.calibrate:
-            from .recovery import FirstBatchCalibration
-
-            hook = FirstBatchCalibration(self.calibrate_batches)
-            model.register_forward_pre_hook(hook, with_kwargs=True)
-            model.wip_calibration = hook  # a plain attribute (not a module, not in the state dict)
-        return model
