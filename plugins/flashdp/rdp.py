@@ -54,7 +54,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .history import StepHistory, _check_sigma, _check_steps, check_delta, check_sample_rate
+from .history import StepHistory, _check_sigma, _check_steps, check_delta
 
 __all__ = [
     "CONVERSIONS",
