@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class Interleaved:
         return all(judge(*bootstrap_ratio(self.times[a], self.times[b]), tolerance=self.tolerance)["settled"]
                    for a, b in self.pairs)
 
-    def run(self) -> "Interleaved":
+    def run(self) -> Interleaved:
         self.load_start = load_average()
         t0 = time.perf_counter()
         r = 0

@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from dp_speed import VARIANTS as DP_VARIANTS, add_model_args  # noqa: E402
+from dp_speed import VARIANTS as DP_VARIANTS  # noqa: E402
+from dp_speed import add_model_args
 
 VARIANTS = ("baseline",) + DP_VARIANTS
 
@@ -63,10 +64,10 @@ def run_child(args) -> dict:
     import opacus.optimizers  # noqa: F401
     import opacus.utils.fast_gradient_clipping_utils  # noqa: F401
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
-
-    import plait.plugins.flashdp.transform  # noqa: F401
     from _common import hwm_kib, log, maxrss_kib, reset_hwm, rss_kib
     from dp_speed import Runner, make_batch
+
+    import plait.plugins.flashdp.transform  # noqa: F401
 
     v = args.variant
     out = {"variant": v}
@@ -106,8 +107,7 @@ def run_variant(args, variant: str) -> dict:
 
     log(f"[dp_memory] variant {variant} ...")
     t0 = time.perf_counter()
-    proc = subprocess.run(_child_argv(args, variant), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(_child_argv(args, variant), capture_output=True, text=True, cwd=REPO)
     wall = round(time.perf_counter() - t0, 1)
     sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "".join(
         line + "\n" for line in proc.stderr.splitlines() if line.startswith("  ")))
@@ -126,7 +126,6 @@ def _ratio(a, b):
 def summarize(args, results: dict) -> dict:
     import torch
     import transformers
-
     from _common import mib
 
     base = results.get("baseline", {}).get("peak_rss_kib")

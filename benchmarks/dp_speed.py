@@ -270,7 +270,6 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     import transformers
-
     from _common import choose_variants, emit, log
     from _stable import bootstrap_ratio, judge, load_average
 

@@ -47,12 +47,26 @@ import torch
 
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.infinite_sampling.kv_cache import kv_bytes_per_token
-from plait.plugins.infinite_sampling.predictor import (ConstantPredictor, LengthPredictor, RunningMeanPredictor,
-                                                       kendall_tau, smape)
-from plait.plugins.infinite_sampling.samplers import (ContinuousScheduler, FullGroupScheduler,
-                                                      LengthAwareScheduler, MicroGroupScheduler)
-from plait.plugins.infinite_sampling.schedule import (FifoDispatcher, PlannedDispatcher, makespan_lower_bound,
-                                                      simulate_barrier, simulate_slots)
+from plait.plugins.infinite_sampling.predictor import (
+    ConstantPredictor,
+    LengthPredictor,
+    RunningMeanPredictor,
+    kendall_tau,
+    smape,
+)
+from plait.plugins.infinite_sampling.samplers import (
+    ContinuousScheduler,
+    FullGroupScheduler,
+    LengthAwareScheduler,
+    MicroGroupScheduler,
+)
+from plait.plugins.infinite_sampling.schedule import (
+    FifoDispatcher,
+    PlannedDispatcher,
+    makespan_lower_bound,
+    simulate_barrier,
+    simulate_slots,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402  (benchmarks/ is not a package)

@@ -100,9 +100,9 @@ def run_child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    import transformers  # noqa: F401  (the baseline imports what every variant imports)
-
     import importlib
+
+    import transformers  # noqa: F401  (the baseline imports what every variant imports)
 
     import plait.plugins.basics.models  # noqa: F401
     import plait.plugins.zo2.fused  # noqa: F401
@@ -111,8 +111,22 @@ def run_child(args) -> dict:
     # imported lazily by transformers on the first build (~100 MiB): part of the baseline, not of the model
     importlib.import_module(f"transformers.models.{args.arch}.modeling_{args.arch}")
     load_tokenizer()
-    from _common import (block_bytes, build_model, hwm_kib, log, make_batch, make_mezo, maxrss_kib, model_bytes,
-                         reset_hwm, rss_kib, zo2_engine, LR, RUN_SEED)
+    from _common import (
+        LR,
+        RUN_SEED,
+        block_bytes,
+        build_model,
+        hwm_kib,
+        log,
+        make_batch,
+        make_mezo,
+        maxrss_kib,
+        model_bytes,
+        reset_hwm,
+        rss_kib,
+        zo2_engine,
+    )
+
     from plait.plugins.zo2.mezo import InPlaceMeZO, lm_loss, step_seed
 
     v = args.variant

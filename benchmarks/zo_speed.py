@@ -102,9 +102,20 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from _common import (LR, RUN_SEED, block_bytes, build_model, choose_variants, emit, log, make_batch,
-                         make_mezo, zo2_engine)
+    from _common import (
+        LR,
+        RUN_SEED,
+        block_bytes,
+        build_model,
+        choose_variants,
+        emit,
+        log,
+        make_batch,
+        make_mezo,
+        zo2_engine,
+    )
     from _stable import Interleaved
+
     from plait.plugins.zo2.mezo import InPlaceMeZO, step_seed
 
     chosen = choose_variants(args.variants, VARIANTS, ("mezo",))

@@ -11,12 +11,17 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue,
-                              OmegaConfBaseException, ValidationError)
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from .errors import ConfigError
 from .registry import KINDS, KINDS_BY_SECTION, Entry, Registries
@@ -33,7 +38,7 @@ class RunSection:
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     ckpt_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
     out_dir: str = "runs"
-    resume: Optional[str] = None  # a run directory to continue from its newest complete checkpoint
+    resume: str | None = None  # a run directory to continue from its newest complete checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # show a progress bar
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all

@@ -6,8 +6,9 @@ its config dataclass (the schema), a one-line doc and the plugin that registered
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError, PluginError
 

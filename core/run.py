@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import Checkpointer, RunLock, rng_state, set_rng_state
 from .config import Component, validate
 from .errors import CheckpointError, ConfigError, PlaitError, RunWriteError
-from .metrics import MetricsLogger, Progress
 from .manager import PluginHost, get_host
+from .metrics import MetricsLogger, Progress
 
 
 def seed_everything(seed: int) -> None:

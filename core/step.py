@@ -21,7 +21,8 @@ The SAM transform recomputes the step's loss through `loss_closure`, which re-ru
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from plait.cli import hook_specs
 from plait.config import load_config, validate

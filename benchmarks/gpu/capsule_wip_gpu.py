@@ -28,7 +28,6 @@ import sys
 import time
 
 import torch
-
 from _results import T_START, Results, import_from_checkout  # benchmarks/gpu/_results.py
 
 

@@ -53,7 +53,6 @@ import time
 import traceback
 
 import torch
-
 from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
 T_START = time.perf_counter()

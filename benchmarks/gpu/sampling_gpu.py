@@ -48,7 +48,6 @@ import traceback
 
 import torch
 import transformers
-
 from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
 
 T_START = time.perf_counter()

@@ -41,9 +41,7 @@ import time
 import traceback
 
 import torch
-
 from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
-
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}

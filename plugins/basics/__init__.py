@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from omegaconf import MISSING
@@ -23,11 +23,11 @@ from plait import hookimpl
 class HFCausalLMConfig:
     arch: str = "opt"  # opt | qwen3 | llama
     size: str = "tiny"  # a preset of plait.plugins.basics.models.SIZE_PRESETS
-    config: Dict[str, Any] = field(default_factory=dict)  # HF config fields overriding the preset
+    config: dict[str, Any] = field(default_factory=dict)  # HF config fields overriding the preset
     # a local from_pretrained directory, or "bundled:<name>" for a model shipped with the plugin
     # (bundled:tiny-opt-base: a tiny pretrained OPT); then arch/size/config are ignored
-    path: Optional[str] = None
-    tokenizer: Optional[str] = None  # tokenizer.json or directory; default: the bundled BPE tokenizer
+    path: str | None = None
+    tokenizer: str | None = None  # tokenizer.json or directory; default: the bundled BPE tokenizer
     dtype: str = "float32"  # float32 | float16 | bfloat16 | float64
 
 
@@ -43,7 +43,7 @@ def check_hf_causal_lm(**options: Any) -> None:
     check(**options)
 
 
-def build_hf_causal_lm(arch: str, size: str, config: dict, path: Optional[str], tokenizer: Optional[str],
+def build_hf_causal_lm(arch: str, size: str, config: dict, path: str | None, tokenizer: str | None,
                        dtype: str) -> CausalLMBundle:
     from .models import build_causal_lm
     from .tokenizer import load_tokenizer
@@ -64,9 +64,9 @@ class SyntheticSentimentConfig:
 @dataclass
 class JsonlConfig:
     path: str = MISSING
-    eval_path: Optional[str] = None
+    eval_path: str | None = None
     eval_fraction: float = 0.1
-    label_words: Optional[List[str]] = None
+    label_words: list[str] | None = None
     seed: int = 0
 
 
@@ -85,7 +85,7 @@ def build_jsonl(**kwargs):
 # --- model transforms ---------------------------------------------------------------------------------
 @dataclass
 class FreezeConfig:
-    patterns: List[str] = field(default_factory=list)  # fnmatch patterns over parameter names
+    patterns: list[str] = field(default_factory=list)  # fnmatch patterns over parameter names
 
 
 class Freeze:

@@ -5,7 +5,7 @@ can be evaluated the same way.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

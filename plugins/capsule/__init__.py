@@ -17,9 +17,20 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import (ClassifyRecipeConfig, DepthRecipeConfig, ImageFolderConfig, LesionConfig, PiTConfig,
-                     RedLesionConfig, TubeConfig, V2SfMLearnerConfig, VideoIMUConfig, ViTConfig,
-                     check_depth_components, check_v2_sfmlearner)
+from .config import (
+    ClassifyRecipeConfig,
+    DepthRecipeConfig,
+    ImageFolderConfig,
+    LesionConfig,
+    PiTConfig,
+    RedLesionConfig,
+    TubeConfig,
+    V2SfMLearnerConfig,
+    VideoIMUConfig,
+    ViTConfig,
+    check_depth_components,
+    check_v2_sfmlearner,
+)
 
 
 def build_v2(**kwargs):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
 
 @dataclass
@@ -72,10 +71,10 @@ class V2SfMLearnerConfig:
     """Model family ``v2_sfmlearner``: depth net + pose net (+ vibration branch and Fourier fusion)."""
 
     depth_width: int = 64  # 64 with blocks [2,2,2,2] is ResNet-18
-    depth_blocks: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    depth_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     pose_width: int = 64
-    pose_blocks: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    decoder_channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
+    pose_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    decoder_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
     scales: int = 4
     vibration: bool = True  # false: the vision-only ablation
     vibration_dim: int = 32
@@ -93,9 +92,9 @@ class PiTConfig:
     num_classes: int = 14
     patch: int = 4
     stride: int = 2
-    base_dims: List[int] = field(default_factory=lambda: [16, 16, 16])
-    depth: List[int] = field(default_factory=lambda: [1, 2, 1])
-    heads: List[int] = field(default_factory=lambda: [1, 2, 4])
+    base_dims: list[int] = field(default_factory=lambda: [16, 16, 16])
+    depth: list[int] = field(default_factory=lambda: [1, 2, 1])
+    heads: list[int] = field(default_factory=lambda: [1, 2, 4])
     drop_path: float = 0.0
     seed: int = 0
 

@@ -29,8 +29,7 @@ from plait.step import FirstOrderStep
 from . import geometry as geo
 from .config import DepthRecipeConfig
 from .losses import min_reprojection, photometric_error, smoothness
-from .metrics import (ate, best_constant_abs_rel, chain_positions, colorize, median_scaled_metrics,
-                      rotation_error_deg)
+from .metrics import ate, best_constant_abs_rel, chain_positions, colorize, median_scaled_metrics, rotation_error_deg
 
 
 class DepthRecipe:

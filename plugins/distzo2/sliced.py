@@ -19,7 +19,7 @@ bit-identical without any traffic, and each rank's checkpoint state is current.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -185,7 +186,7 @@ class DistZO:
         k = n // self.dp
         return list(indices[self.group * k:(self.group + 1) * k])
 
-    def wrap_perturbation(self, mezo: Any) -> "DistMeZO":
+    def wrap_perturbation(self, mezo: Any) -> DistMeZO:
         if self.pert > 1:
             if getattr(mezo, "one_sided", False):
                 raise ConfigError(f"perturbation.one_sided: parallel {self.name!r} splits f(θ+εz) and f(θ-εz) "
@@ -195,7 +196,7 @@ class DistZO:
                                   f"split across {self.pert} ranks")
         return DistMeZO(mezo, self)
 
-    def wrap_engine(self, engine: Any, mezo: "DistMeZO") -> "DistEngine":
+    def wrap_engine(self, engine: Any, mezo: DistMeZO) -> DistEngine:
         if self.sliced_upload:
             self._slice_uploads(engine)
         self._check_same_parameters(engine)

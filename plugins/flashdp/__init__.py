@@ -36,8 +36,8 @@ def build_dp_zo(**kwargs):
 
 def project_flashdp(cfg, options) -> str | None:
     """``plait validate``: the ε the planned run.steps would spend (no model or data is built)."""
-    from .mechanism import projected_epsilon
     from .accountant import RDPAccountant
+    from .mechanism import projected_epsilon
     from .prv import PRVAccountant
 
     n = (cfg.get("data") or {}).get("n_train")

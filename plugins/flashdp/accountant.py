@@ -23,11 +23,18 @@ Noise search (:func:`get_noise_multiplier`) follows ``opacus.accountants.utils.g
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .history import StepHistory, _check_steps, check_delta, check_sample_rate
-from .rdp import (CONVERSIONS, DEFAULT_ALPHAS, RDPAccountant, _check_conversion, compute_rdp, get_privacy_spent,
-                  rdp_sampled_gaussian)
+from .rdp import (
+    CONVERSIONS,
+    DEFAULT_ALPHAS,
+    RDPAccountant,
+    _check_conversion,
+    compute_rdp,
+    get_privacy_spent,
+    rdp_sampled_gaussian,
+)
 
 __all__ = [
     "CONVERSIONS",

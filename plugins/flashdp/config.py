@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 
 @dataclass
@@ -10,12 +9,12 @@ class FlashDPConfig:
     """Gradient transform ``flashdp`` (per-layer clipping) and ``dp-flat`` (one global threshold)."""
 
     max_grad_norm: float = 1.0  # C: per-layer mode splits it over the K groups, C_k = C/sqrt(K) (sqrt(Σ C_k²) = C)
-    thresholds: Dict[str, float] = field(default_factory=dict)  # fnmatch pattern over parameter names -> C_k
-    noise_multiplier: Optional[float] = None  # σ; or computed from target_epsilon
-    target_epsilon: Optional[float] = None
-    max_epsilon: Optional[float] = None  # hard limit on the planned run's ε (a resume with more steps included)
+    thresholds: dict[str, float] = field(default_factory=dict)  # fnmatch pattern over parameter names -> C_k
+    noise_multiplier: float | None = None  # σ; or computed from target_epsilon
+    target_epsilon: float | None = None
+    max_epsilon: float | None = None  # hard limit on the planned run's ε (a resume with more steps included)
     delta: float = 1.0e-5
-    skip: List[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
+    skip: list[str] = field(default_factory=list)  # fnmatch patterns of module names left out of DP: frozen
     # trainable parameters of layers without a DP version (LSTM, PReLU, an eval-mode BatchNorm, …): freeze (listed in
     # summary dp/frozen, one line on stderr) | error. Refused either way: a train-mode BatchNorm (mixes the samples)
     # and a layer subclass with its own forward that DP would replace.

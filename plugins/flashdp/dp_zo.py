@@ -26,13 +26,12 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
-from .mechanism import (check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch,
-                        step_seed)
+from .mechanism import check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch, step_seed
 from .prv import PRVAccountant
 
 
@@ -42,9 +41,9 @@ class DPZOConfig:
 
     # C: each example's projected gradient is clipped to [-C, C]; .inf only without privacy
     max_grad_norm: float = field(default=1.0, metadata={"allow_inf": True})
-    noise_multiplier: Optional[float] = None  # σ; or computed from target_epsilon
-    target_epsilon: Optional[float] = None
-    max_epsilon: Optional[float] = None  # hard limit on the planned run's ε (a resume with more steps included)
+    noise_multiplier: float | None = None  # σ; or computed from target_epsilon
+    target_epsilon: float | None = None
+    max_epsilon: float | None = None  # hard limit on the planned run's ε (a resume with more steps included)
     delta: float = 1.0e-5
     allow_no_privacy: bool = False  # permit noise_multiplier 0, max_grad_norm inf or poisson false (ε = inf)
     poisson: bool = True  # Poisson sampling of each batch (what the accountant assumes)

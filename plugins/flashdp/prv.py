@@ -33,7 +33,7 @@ Gaussian mechanism (q = 1) and against Opacus' ``PRVAccountant``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import fft, integrate, special

@@ -32,12 +32,24 @@ from typing import Any
 import torch
 
 from .accountant import RDPAccountant, check_delta, get_noise_multiplier
-from .mechanism import (check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch,
-                        step_seed)
+from .layers import (
+    SUPPORTED,
+    DPContext,
+    Group,
+    accumulate,
+    broadcast_candidate,
+    exact_possible,
+    guard_param,
+    layer_params,
+    make_broadcast_owner,
+    make_private_layer,
+    mixes_samples,
+    refusal,
+    supported_kind,
+    total_threshold,
+)
+from .mechanism import check_budget, check_max_epsilon, check_noise_options, guarantee, poisson_batch, step_seed
 from .prv import PRVAccountant
-from .layers import (SUPPORTED, DPContext, Group, accumulate, broadcast_candidate, exact_possible,
-                     guard_param, layer_params, make_broadcast_owner, make_private_layer, mixes_samples, refusal,
-                     supported_kind, total_threshold)
 
 
 class FlashDP:

@@ -31,8 +31,15 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import (AdditionConfig, ContinuousConfig, CopyConfig, FullGroupConfig, GRPORecipeConfig,
-                     LengthAwareConfig, MicroGroupConfig)
+from .config import (
+    AdditionConfig,
+    ContinuousConfig,
+    CopyConfig,
+    FullGroupConfig,
+    GRPORecipeConfig,
+    LengthAwareConfig,
+    MicroGroupConfig,
+)
 
 
 def build_full_group(**kwargs):

@@ -9,7 +9,7 @@ starts one of its samples (False: prefill again for each row); ``seed`` enters e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 
 @dataclass
@@ -60,11 +60,11 @@ class LengthAwareConfig:
 class AdditionConfig:
     """Dataset ``addition``: ``"3+4="`` -> ``"7"`` (`tasks.AdditionTask`); default 44 train / 11 eval problems."""
 
-    n_train: Optional[int] = None  # None: every problem not in eval
+    n_train: int | None = None  # None: every problem not in eval
     n_eval: int = 11
     seed: int = 0
     max_operand: int = 9
-    max_sum: Optional[int] = 9  # None: no cap (two-digit answers appear)
+    max_sum: int | None = 9  # None: no cap (two-digit answers appear)
     n_operands: int = 2
 
 
@@ -81,7 +81,7 @@ class CopyConfig:
 
 
 # --------------------------------------------------------------------------------------------------- recipe
-def _default_rewards() -> List[Dict[str, Any]]:
+def _default_rewards() -> list[dict[str, Any]]:
     return [{"name": "exact_match", "weight": 1.0}]
 
 
@@ -101,7 +101,7 @@ class GRPORecipeConfig:
     max_new_tokens: int = 2  # generation cap per completion (EOS counts as a token)
     temperature: float = 1.0
     top_k: int = 0  # 0: the whole vocabulary
-    rewards: List[Dict[str, Any]] = field(default_factory=_default_rewards)
+    rewards: list[dict[str, Any]] = field(default_factory=_default_rewards)
     reward_on_error: str = "fail"  # fail | skip (a raising / non-finite reward value counts 0 and is logged)
     advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     aggregation: str = "grpo"  # grpo | dapo | dr_grpo | bnpo

@@ -59,8 +59,6 @@ ratio.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 SCALES = ("group", "batch", "none")
@@ -133,15 +131,15 @@ def _check_shapes(logp, old_logp, ref_logp, advantages, mask) -> torch.Tensor:
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: Optional[torch.Tensor],
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     beta: float = 0.0,
     aggregation: str = "grpo",
-    max_completion_length: Optional[int] = None,
-    num_items_in_batch: Optional[float] = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss of a batch of B completions (TRL ``_compute_loss``; see the module doc).
 
@@ -240,7 +238,7 @@ def grpo_loss(
 def grpo_loss_part(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: Optional[torch.Tensor],
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,

@@ -72,8 +72,8 @@ import torch
 
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
-from plait.step import Backwarded, BatchOrder, FirstOrderStep
 from plait.run import Run, train_loop
+from plait.step import Backwarded, BatchOrder, FirstOrderStep
 
 from .config import GRPORecipeConfig
 from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss, grpo_loss_part
@@ -585,7 +585,7 @@ class GRPORecipe:
         out["train/lr"] = lr  # the step's LR (the same for every iteration), not a mean of copies
         return out
 
-    def _rollout_batch(self, step: int, idx: list[int], out: dict[str, float]) -> "_StepBatch":
+    def _rollout_batch(self, step: int, idx: list[int], out: dict[str, float]) -> _StepBatch:
         """Rollouts, rewards and advantages of the step's prompts, and the snapshot / reference log-probs; the
         step's metrics are added to ``out``."""
         c = self.cfg
@@ -647,7 +647,7 @@ class GRPORecipe:
         """The step's prompts (dataset indices) when no transform samples them: a seeded permutation per epoch."""
         return self.order(step - 1)
 
-    def _current(self, idx) -> "_StepBatch":
+    def _current(self, idx) -> _StepBatch:
         b = self._batch
         if b is None or list(idx) != b.idx:
             raise RuntimeError(f"grpo: the step asked for the loss of prompts {list(idx)[:8]}, but the rollouts were "

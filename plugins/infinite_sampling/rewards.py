@@ -33,9 +33,11 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field as dc_field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 ON_ERROR = ("fail", "skip")
 REGEX_MODES = ("fullmatch", "search")
@@ -234,7 +236,7 @@ class RewardResult:
     skipped_by_function: dict[str, int] = dc_field(default_factory=dict)
 
 
-def _to_value(v: Any) -> Optional[float]:
+def _to_value(v: Any) -> float | None:
     """A reward value as float (None stays None); raises TypeError for a non-number."""
     if v is None:
         return None
@@ -249,10 +251,10 @@ def _to_value(v: Any) -> Optional[float]:
 
 def evaluate_rewards(
     fns: Sequence[Callable],
-    weights: Optional[Sequence[float]],
+    weights: Sequence[float] | None,
     prompts: Sequence[str],
     completions: Sequence[str],
-    fields: Optional[Mapping[str, Sequence]] = None,
+    fields: Mapping[str, Sequence] | None = None,
     on_error: str = "fail",
 ) -> RewardResult:
     """Run every reward function on the batch and return the weighted totals.
@@ -299,7 +301,7 @@ def evaluate_rewards(
     totals = [0.0] * n
     result = RewardResult(rewards=totals)
     for fn, w, name in zip(fns, weights, names):
-        values: list[Optional[float]] = [None] * n
+        values: list[float | None] = [None] * n
         errors: dict[int, str] = {}  # sample index -> cause
 
         def check(i: int, raw: Any) -> None:

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -105,7 +105,7 @@ class Sampling:
     top_k: int = 0  # 0: the whole vocabulary
 
     @classmethod
-    def parse(cls, sampling: dict | None) -> "Sampling":
+    def parse(cls, sampling: dict | None) -> Sampling:
         d = dict(sampling or {})
         unknown = set(d) - {"greedy", "temperature", "top_k"}
         if unknown:

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
 
 Job = Hashable  # usually (prompt_idx, sample_idx)
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Optional
 
 SPLITS = ("train", "eval")
 
@@ -48,7 +47,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
 
 
-def _split_sizes(total: int, n_train: Optional[int], n_eval: int, what: str) -> tuple[int, int]:
+def _split_sizes(total: int, n_train: int | None, n_eval: int, what: str) -> tuple[int, int]:
     if n_eval < 0 or (n_train is not None and n_train < 0):
         raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
     if n_eval > total:
@@ -89,11 +88,11 @@ class AdditionTask(_Task):
 
     def __init__(
         self,
-        n_train: Optional[int] = None,
+        n_train: int | None = None,
         n_eval: int = 11,
         seed: int = 0,
         max_operand: int = 9,
-        max_sum: Optional[int] = 9,
+        max_sum: int | None = 9,
         n_operands: int = 2,
     ):
         if max_operand < 0:

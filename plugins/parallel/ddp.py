@@ -13,7 +13,7 @@ broadcast so that every rank starts from the same weights).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist

@@ -29,8 +29,18 @@ from __future__ import annotations
 
 from plait import hookimpl
 
-from .config import (EKFACConfig, IFConfig, SAMConfig, SAMHessianConfig, SAMTrainConfig, SAMTrajectoryConfig,
-                     TabularConfig, TabularMLPConfig, TracInConfig, check_sam_train_components)
+from .config import (
+    EKFACConfig,
+    IFConfig,
+    SAMConfig,
+    SAMHessianConfig,
+    SAMTrainConfig,
+    SAMTrajectoryConfig,
+    TabularConfig,
+    TabularMLPConfig,
+    TracInConfig,
+    check_sam_train_components,
+)
 
 
 def build_sam(**kwargs):

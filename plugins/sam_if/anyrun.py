@@ -27,7 +27,7 @@ import torch
 
 from plait.errors import ConfigError, PlaitError
 
-from .projected import Checkpoint, CheckpointTracIn, PROJECTIONS
+from .projected import PROJECTIONS, Checkpoint, CheckpointTracIn
 
 OPTIONS = {"k": int, "projection": str, "seed": int, "batch_size": int, "params": list, "n": int}
 

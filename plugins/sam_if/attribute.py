@@ -155,8 +155,9 @@ def _replay_options(cfg) -> dict[str, Any]:
 
 
 def _estimator(host, name: str, opts: dict[str, Any], cfg, run_dir: Path):
-    from plait.config import validate_section
     from omegaconf import OmegaConf
+
+    from plait.config import validate_section
 
     registry = host.registries.for_section("influence")
     if name not in registry:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 
 @dataclass
@@ -26,9 +25,9 @@ class IFConfig:
     tol: float = 1.0e-8  # relative residual every solve must reach (else SolverError)
     maxiter: int = 1000
     restart: int = 60  # GMRES restart length
-    lissa_scale: Optional[float] = None  # None: 0.6 (λ_max + λ) by power iteration
+    lissa_scale: float | None = None  # None: 0.6 (λ_max + λ) by power iteration
     lissa_depth: int = 20000
-    lissa_batch_size: Optional[int] = None  # None: deterministic full-batch HVPs
+    lissa_batch_size: int | None = None  # None: deterministic full-batch HVPs
     seed: int = 0
 
 
@@ -40,7 +39,7 @@ class SAMHessianConfig:
     adaptive: bool = False
     eta: float = 0.01
     eps: float = 1.0e-12
-    m: Optional[int] = None  # m-sharpness group size used in training (None: one group, full-batch SAM)
+    m: int | None = None  # m-sharpness group size used in training (None: one group, full-batch SAM)
     variant: str = "full"  # full (data-dependent perturbation) | naive (e frozen: IF at w + e)
     l2: float = 0.0
     damping: float = 0.0
@@ -48,7 +47,7 @@ class SAMHessianConfig:
     tol: float = 1.0e-8
     maxiter: int = 1000
     restart: int = 60
-    max_stationarity: Optional[float] = None  # refuse when ‖F(ŵ)‖ exceeds this (None: report only)
+    max_stationarity: float | None = None  # refuse when ‖F(ŵ)‖ exceeds this (None: report only)
 
 
 @dataclass
@@ -59,7 +58,7 @@ class _TrajectoryFields:
     perturbed: bool = True  # training gradients at w_t + e_t (what SAM stepped with)
     in_batch: bool = False  # count only steps whose batch holds the example (weight η_t·n/|B_t|)
     coupling: bool = False  # add the perturbation's data-dependence term (one HVP per checkpoint and group)
-    l2: Optional[float] = None  # None: from the trajectory's metadata
+    l2: float | None = None  # None: from the trajectory's metadata
     every: int = 1  # use every k-th recorded checkpoint
 
 
@@ -78,7 +77,7 @@ class TracInConfig(_TrajectoryFields):
     projection: str = "rademacher"  # rademacher | gaussian | orthogonal | none
     seed: int = 0  # projection seed
     batch_size: int = 16  # examples per gradient batch
-    params: List[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
+    params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on parameter names
     n: int = 0  # score the first n training examples (0: all)
     top: int = 10  # rows of attribution/report.md and of the TensorBoard text
     allow_private_data: bool = False  # the influence: section on a DP run: the scores are not private
@@ -96,7 +95,7 @@ class SAMTrajectoryConfig(_TrajectoryFields):
 class EKFACConfig:
     """Influence estimator ``ekfac``: EK-FAC on chosen Linear modules (`ekfac.EKFACEstimator`)."""
 
-    params: List[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on Linear module names
+    params: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns on Linear module names
     damping: float = 1.0e-3  # λ added to every eigenvalue
     damping_ratio: float = 0.0  # plus ratio × mean(Λ) per layer (kronfluence's heuristic uses 0.1)
     loss: str = "ce"  # ce | mse
@@ -109,8 +108,8 @@ class EKFACConfig:
 class TabularConfig:
     """Datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, no download)."""
 
-    n_train: Optional[int] = None  # None: 70% of the rows
-    n_test: Optional[int] = None  # None: the rest
+    n_train: int | None = None  # None: 70% of the rows
+    n_test: int | None = None  # None: the rest
     flip_fraction: float = 0.0  # fraction of training labels replaced by another class
     seed: int = 0  # shuffle, split and flips
     standardize: bool = True
@@ -123,7 +122,7 @@ class TabularMLPConfig:
 
     n_features: int = 64
     n_classes: int = 10
-    hidden: List[int] = field(default_factory=list)
+    hidden: list[int] = field(default_factory=list)
     dtype: str = "float64"
     seed: int = 0
 
@@ -143,7 +142,7 @@ class SAMTrainConfig:
     momentum: float = 0.0  # SGD momentum (recorded in the trajectory's metadata)
     l2: float = 1.0e-2  # (l2/2)‖w‖² in the objective (under DP: SGD weight decay); the attribute verb uses it
     batch_size: int = 0  # 0: full batch
-    m: Optional[int] = None  # m-sharpness group size (None: one perturbation per batch; not with grad_transform)
+    m: int | None = None  # m-sharpness group size (None: one perturbation per batch; not with grad_transform)
     record_trajectory: bool = False  # write <run dir>/trajectory/ for the tracin / sam_trajectory estimators
     record_every: int = 1
 

@@ -22,7 +22,7 @@ class Split:
     def __len__(self) -> int:
         return self.X.shape[0]
 
-    def subset(self, idx) -> "Split":
+    def subset(self, idx) -> Split:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Split(self.X[idx], self.y[idx])
 

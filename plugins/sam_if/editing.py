@@ -24,7 +24,8 @@ compared with the validation loss of a model retrained at each ρ.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import grad, jvp, vmap

@@ -20,7 +20,8 @@ diagonal across layers, as kronfluence. Inputs must be [n, features] (one positi
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

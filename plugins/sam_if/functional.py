@@ -19,7 +19,8 @@ its own loss L_k (mean over the group + the L2 term) and its own perturbation e_
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap

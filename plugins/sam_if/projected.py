@@ -24,8 +24,9 @@ Score (TracIn-CP, Pruthi et al. 2020): Σ_c η_c · (P Γ_c ∇ℓ_j(w_c))·(P �
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -32,7 +32,8 @@ optimizer's ``momentum`` (and ``grad_transform`` / ``sam_mode`` for a private ru
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -26,8 +26,9 @@ DP-SGD exactly. ĝ_{t-1} is checkpointed, so a resume is exact.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

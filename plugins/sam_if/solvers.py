@@ -12,7 +12,7 @@ exceeds ``tol`` — a score is never returned from an unconverged solve.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

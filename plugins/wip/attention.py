@@ -22,7 +22,6 @@ With ``exact`` and no calibration the path is HF's eager attention op for op, so
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 from torch import nn
@@ -106,7 +105,7 @@ class WipAttention(nn.Module):
         return full(self.q_scale), full(self.k_scale)
 
     def forward(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0):
+                attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0):
         n_rep = query.shape[1] // key.shape[1]
         key_in, q_scale = key, None
         if self.dim_scales:
@@ -152,7 +151,7 @@ class WipAttention(nn.Module):
 
 
 def wip_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: Optional[torch.Tensor], scaling: float, dropout: float = 0.0, **kwargs):
+                          attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """The function registered as ``"wip"``: delegates to ``module.wip`` (set by :func:`swap_attention`)."""
     wip = getattr(module, "wip", None)
     if not isinstance(wip, WipAttention):

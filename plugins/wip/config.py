@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -19,10 +18,10 @@ class WipAttentionConfig:
 
 @dataclass
 class WipLMConfig:
-    path: Optional[str] = None  # a checkpoint written by scripts/train_wip_lm.py; default: the bundled one
+    path: str | None = None  # a checkpoint written by scripts/train_wip_lm.py; default: the bundled one
     dtype: str = "float32"
 
 
 @dataclass
 class WipHeldoutConfig:
-    path: Optional[str] = None  # a heldout.jsonl; default: the one bundled with the LM
+    path: str | None = None  # a heldout.jsonl; default: the one bundled with the LM

@@ -17,8 +17,8 @@ import ast
 import hashlib
 import json
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextvars
 from collections import defaultdict
-from typing import Optional
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ ENERGY_PJ = {
 }
 ATTENTION_COMPONENTS = ("qk", "prep", "scale", "av")
 
-_ACTIVE: contextvars.ContextVar[Optional["OpCounter"]] = contextvars.ContextVar("wip_op_counter", default=None)
+_ACTIVE: contextvars.ContextVar[OpCounter | None] = contextvars.ContextVar("wip_op_counter", default=None)
 
 
 def attention_counts(op, mixer: str, batch: int, heads: int, tq: int, tk: int, d: int, calibrated: bool = False,
@@ -77,10 +76,10 @@ class OpCounter:
 
     def __init__(self):
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._token: Optional[contextvars.Token] = None
+        self._token: contextvars.Token | None = None
         self._hooks: list = []
 
-    def watch(self, model: nn.Module) -> "OpCounter":
+    def watch(self, model: nn.Module) -> OpCounter:
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 self._hooks.append(m.register_forward_hook(self._linear_hook))
@@ -100,7 +99,7 @@ class OpCounter:
                 raise ValueError(f"unknown op kind {kind!r}; allowed: {', '.join(KINDS)}")
             self.counts[component][kind] += int(n)
 
-    def __enter__(self) -> "OpCounter":
+    def __enter__(self) -> OpCounter:
         self._token = _ACTIVE.set(self)
         return self
 

@@ -34,8 +34,8 @@ differentiable as written.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict
 
 import torch
 
@@ -126,8 +126,8 @@ class SimOperator:
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    pair_ops: Dict[str, int]
-    prep_ops: Dict[str, int]
+    pair_ops: dict[str, int]
+    prep_ops: dict[str, int]
     doc: str
 
     @property

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ from .recovery import calibrate, finetune
 
 @dataclass
 class WipRecoverConfig:
-    operators: List[str] = field(default_factory=lambda: ["l1", "pot", "minprod", "mitchell"])
+    operators: list[str] = field(default_factory=lambda: ["l1", "pot", "minprod", "mitchell"])
     mixer: str = "exact"  # exact | pot (A·V with power-of-two probabilities)
     key_bias: bool = False  # also fit γ·‖k‖₁ per head
     dim_scales: bool = True  # also train per-dimension q/k input scales of the operator in the fine-tune

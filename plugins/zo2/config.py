@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -17,7 +16,7 @@ class MeZOConfig:
     distribution: str = "gaussian"  # gaussian | rademacher
     q: int = 1  # perturbations per step (n-SPSA), estimates averaged
     one_sided: bool = False  # (f(θ+εz) - f(θ)) / ε instead of the central difference
-    no_decay: List[str] = field(default_factory=lambda: ["bias", "norm", "ln_", "layernorm"])
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "ln_", "layernorm"])
     schedule: str = "constant"  # constant | linear | cosine (to 0 at run.steps)
     warmup_steps: int = 0
 
@@ -42,14 +41,14 @@ class NoOffloadConfig:
 class ZO2OffloadConfig:
     """Offload policy ``zo2``: transformer blocks stream from host memory (or disk) through the device."""
 
-    blocks: Optional[List[int]] = None  # which blocks stream; None: all of them, []: none
+    blocks: list[int] | None = None  # which blocks stream; None: all of them, []: none
     overlap: bool = True  # upload block i+1 and offload block i-1 while block i computes
     bucket: bool = True  # one flat buffer per block (one copy per transfer) instead of one per tensor
     storage_dtype: str = "model"  # model (the blocks' own dtype) | fp32 | fp16 | bf16: dtype of the host copy
     pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
     # directory of memory-mapped block shards (disk tier), rewritten from the model at start; "run": in the run
     # dir; null: host memory, or "run" for a zo2-shards model (its own shards are never written)
-    disk_dir: Optional[str] = None
+    disk_dir: str | None = None
 
 
 @dataclass

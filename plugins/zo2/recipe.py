@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate
 from plait.plugins.basics.evaluation import evaluate_lm
 from plait.plugins.basics.parts import build_lm, check_positive, load_text_splits
-from plait.step import BatchOrder
 from plait.run import Run, train_loop
+from plait.step import BatchOrder
 
 from .config import ZORecipeConfig
 from .mezo import InPlaceMeZO, step_seed

@@ -1,10 +1,8 @@
 """Config composition: defaults ⊕ file (with base:) ⊕ dotlist, interpolation, schema validation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional
-
 import re
+from dataclasses import dataclass, field
 
 import pytest
 from omegaconf import MISSING
@@ -18,14 +16,14 @@ from plait.registry import Registries
 class ToyModel:
     width: int = 8
     act: str = "relu"
-    layers: List[int] = field(default_factory=lambda: [1, 2])
-    path: Optional[str] = None
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    path: str | None = None
 
 
 @dataclass
 class Floats:
     lr: float = 1e-3
-    eps: Optional[float] = None
+    eps: float | None = None
     bound: float = field(default=1.0, metadata={"allow_inf": True})
     steps: int = 1
 

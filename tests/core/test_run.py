@@ -17,7 +17,6 @@ from plait.config import load_config
 from plait.run import execute
 
 
-
 def _run_dir(out: Path) -> Path:
     (d,) = [p for p in (out / "t").iterdir() if p.is_dir()]
     return d
@@ -242,6 +241,7 @@ def test_a_resume_refused_for_unfit_shapes_leaves_the_run_directory_byte_identic
         shutil.rmtree(old)
     ck = sorted((d / "checkpoints").glob("step_*"))[-1]
     from safetensors.torch import load_file, save_file
+
     from plait.checkpoint import _write_manifest
     tensors = load_file(str(ck / "tensors.safetensors"))
     name = next(k for k, v in tensors.items() if k.startswith("task/") and v.dim() == 2)

@@ -29,7 +29,6 @@ from plait.kernels.dp_clip import (
     use_ghost_norm,
 )
 
-
 # (B, T, d_in, d_out): T = 1, short and longer sequences, odd sizes
 SHAPES = [(5, 1, 7, 3), (6, 4, 5, 9), (4, 16, 8, 6), (9, 3, 33, 17), (3, 40, 12, 10)]
 

@@ -12,7 +12,6 @@ import torch
 from plait.plugins.basics.data import JsonlDataset, SyntheticSentiment, collate, tokenize_example
 from plait.plugins.basics.tokenizer import load_tokenizer
 
-
 # --------------------------------------------------------------------------
 # SyntheticSentiment
 # --------------------------------------------------------------------------

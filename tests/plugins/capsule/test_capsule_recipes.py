@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from plait.config import load_config
 from plait.run import execute
-
-from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "capsule"
 TINY_DEPTH = ["recipe.batch_size=2", "data.height=32", "data.width=48", "model.depth_width=8", "model.pose_width=8",

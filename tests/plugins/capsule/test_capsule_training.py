@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from plait.config import load_config
-from plait.run import execute
 from plait.plugins.capsule.metrics import classification_metrics
+from plait.run import execute
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "capsule"
 VIBRATION_STEPS = 150  # V2 vs vision-only on the high-vibration tube; the benchmark's 300-step figures are in the docs

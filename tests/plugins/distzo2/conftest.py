@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distzo2_launch import launch
 
 STEPS = 10

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from distzo2_launch import launch
+from safetensors.torch import load_file
 
 STEPS = 8
 CFG = """

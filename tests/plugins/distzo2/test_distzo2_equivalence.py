@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FOUR_RUNS, PAIR_RUNS, STEPS
+from safetensors.torch import load_file
 
 TRAIN_KEYS = ("train/loss", "train/projected_grad", "train/lr", "train/skipped_steps")
 

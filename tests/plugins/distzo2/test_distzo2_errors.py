@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FOUR_RUNS, HUNG_TIMEOUT_S, PAIR_RUNS
 
 CFG = """

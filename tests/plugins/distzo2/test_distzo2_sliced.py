@@ -17,10 +17,17 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FOUR_RUNS, PAIR_RUNS, STEPS
-from test_distzo2_equivalence import (assert_equals_single, assert_params_equal, final, metric_rows, records,
-                                      run_dir, step_collectives, train_rows)
+from test_distzo2_equivalence import (
+    assert_equals_single,
+    assert_params_equal,
+    final,
+    metric_rows,
+    records,
+    run_dir,
+    step_collectives,
+    train_rows,
+)
 
 
 def _block_numel() -> int:
@@ -175,8 +182,9 @@ def test_distzo2_sliced_fill_any_rank_equals_plain_upload(k, rank, storage):
 
 
 def test_distzo2_sliced_upload_misuse_is_one_line(tmp_path, fresh_host, capsys):
-    from plait.cli import main
     from test_distzo2_errors import _cfg
+
+    from plait.cli import main
 
     fresh_host()
     cfg = str(_cfg(tmp_path))

@@ -10,8 +10,7 @@ import copy
 import pytest
 import torch
 from flashdp_reference import check_against_reference, dp_step, make_dp
-from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
 
 from plait.plugins.basics.models import build_causal_lm

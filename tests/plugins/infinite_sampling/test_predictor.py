@@ -12,8 +12,14 @@ import pytest
 import torch
 from scipy.stats import kendalltau as scipy_kendalltau
 
-from plait.plugins.infinite_sampling.predictor import (ConstantPredictor, LengthPredictor, RunningMeanPredictor,
-                                                  build_predictor, kendall_tau, smape)
+from plait.plugins.infinite_sampling.predictor import (
+    ConstantPredictor,
+    LengthPredictor,
+    RunningMeanPredictor,
+    build_predictor,
+    kendall_tau,
+    smape,
+)
 
 
 # --------------------------------------------------------------------------------------------------- metrics

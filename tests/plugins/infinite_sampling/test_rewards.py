@@ -18,7 +18,6 @@ from plait.plugins.infinite_sampling.rewards import (
 )
 from plait.plugins.infinite_sampling.tasks import SINGLE_TOKEN_LETTERS, AdditionTask, CopyTask
 
-
 # --------------------------------------------------------------------------
 # Reward functions
 # --------------------------------------------------------------------------

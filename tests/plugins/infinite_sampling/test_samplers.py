@@ -10,9 +10,13 @@ import torch
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.infinite_sampling.kv_cache import SlotKVCache, kv_bytes_per_token, prefill
 from plait.plugins.infinite_sampling.samplers import (
-    ContinuousScheduler, FullGroupScheduler, LengthAwareScheduler, MicroGroupScheduler, sample_seed)
-from plait.plugins.infinite_sampling.schedule import (
-    FifoDispatcher, PlannedDispatcher, simulate_barrier, simulate_slots)
+    ContinuousScheduler,
+    FullGroupScheduler,
+    LengthAwareScheduler,
+    MicroGroupScheduler,
+    sample_seed,
+)
+from plait.plugins.infinite_sampling.schedule import FifoDispatcher, PlannedDispatcher, simulate_barrier, simulate_slots
 
 MAX_NEW = 8
 

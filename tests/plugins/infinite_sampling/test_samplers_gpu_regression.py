@@ -20,7 +20,11 @@ import torch
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.infinite_sampling.kv_cache import SlotKVCache, prefill
 from plait.plugins.infinite_sampling.samplers import (
-    ContinuousScheduler, FullGroupScheduler, LengthAwareScheduler, MicroGroupScheduler)
+    ContinuousScheduler,
+    FullGroupScheduler,
+    LengthAwareScheduler,
+    MicroGroupScheduler,
+)
 
 MAX_NEW = 6
 

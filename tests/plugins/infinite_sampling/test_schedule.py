@@ -7,8 +7,17 @@ import random
 import pytest
 
 from plait.plugins.infinite_sampling.schedule import (
-    FifoDispatcher, PlannedDispatcher, barrier_steps, fptas_makespan, lpt, makespan, makespan_lower_bound,
-    simulate_barrier, simulate_slots, sort_and_chunk)
+    FifoDispatcher,
+    PlannedDispatcher,
+    barrier_steps,
+    fptas_makespan,
+    lpt,
+    makespan,
+    makespan_lower_bound,
+    simulate_barrier,
+    simulate_slots,
+    sort_and_chunk,
+)
 
 
 def brute_force_makespan(lengths, m):

@@ -157,9 +157,9 @@ def test_attribute_ekfac_equals_the_estimator_with_l2_as_damping(tmp_path, fresh
     # the verb fills l2 from the run: EK-FAC's damping then holds the regulariser's exact Hessian l2·I
     from safetensors.torch import load_file
 
+    from plait.manager import get_host
     from plait.plugins.sam_if.attribute import _load
     from plait.plugins.sam_if.ekfac import EKFACEstimator
-    from plait.manager import get_host
 
     fresh_host()
     run_dir = _train(tmp_path, steps=3)

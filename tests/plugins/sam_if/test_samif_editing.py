@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from plait.plugins.sam_if.data import TabularMLP, load_tabular
-from plait.plugins.sam_if.editing import (edit, mean_loss, removal_update, replay_training, retrain_removed,
-                                          rho_derivative, sam_descent, sam_options, select_rho, solve_fixed_point)
+from plait.plugins.sam_if.editing import (
+    edit,
+    mean_loss,
+    removal_update,
+    replay_training,
+    retrain_removed,
+    rho_derivative,
+    sam_descent,
+    sam_options,
+    select_rho,
+    solve_fixed_point,
+)
 from plait.plugins.sam_if.functional import Objective
 from plait.plugins.sam_if.influence import IFEstimator, SAMHessianEstimator, TrajectoryEstimator
 from plait.plugins.sam_if.sam import train_sam

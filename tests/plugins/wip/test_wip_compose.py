@@ -96,7 +96,7 @@ def test_sft_trains_the_model_calibrated_on_its_own_first_batches(tmp_path, fres
     plain = _swapped(reference).train()
     ref.train()
     with torch.no_grad():
-        want = sum(((ref if k == batches - 1 else plain)(**_batch(reference, k)).loss for k in range(accum))) / accum
+        want = sum((ref if k == batches - 1 else plain)(**_batch(reference, k)).loss for k in range(accum)) / accum
     assert run.logger.last["train/loss"] == pytest.approx(float(want), rel=1e-5)
 
     # the operator ran: every layer on each training forward and on each evaluation batch (first and final)
