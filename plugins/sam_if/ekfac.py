@@ -90,36 +90,36 @@ class EKFACEstimator:
             return logits.detach() - y.to(logits.dtype)
         return torch.softmax(logits.detach(), 1) - torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
 
+    def _output_grads(self, model, layers, X, y):
+        """Per batch and pseudo-gradient column c: (layer inputs, c, output gradients of each layer)."""
+        for start in range(0, X.shape[0], self.batch_size):
+            ins, outs, logits = self._capture(model, layers, X[start:start + self.batch_size])
+            Ls = self._pseudo(logits, y[start:start + self.batch_size])
+            for c in range(Ls.shape[2]):
+                gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=Ls[:, :, c],
+                                         retain_graph=True)
+                yield ins, c, gs
+
     def _fit(self, model, X, y) -> dict[str, dict[str, torch.Tensor]]:
         layers = self._layers(model)
         stats: dict[str, dict[str, torch.Tensor]] = {}
         n = X.shape[0]
         # pass 1: A and S
-        for start in range(0, n, self.batch_size):
-            ins, outs, logits = self._capture(model, layers, X[start:start + self.batch_size])
-            Ls = self._pseudo(logits, y[start:start + self.batch_size])
-            for c in range(Ls.shape[2]):
-                gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=Ls[:, :, c],
-                                         retain_graph=True)
-                for (nm, _), s in zip(layers, gs):
-                    st = stats.setdefault(nm, {"A": 0.0, "S": 0.0})
-                    st["S"] = st["S"] + s.T @ s / n
-                    if c == 0:
-                        st["A"] = st["A"] + ins[nm].T @ ins[nm] / n
+        for ins, c, gs in self._output_grads(model, layers, X, y):
+            for (nm, _), s in zip(layers, gs):
+                st = stats.setdefault(nm, {"A": 0.0, "S": 0.0})
+                st["S"] = st["S"] + s.T @ s / n
+                if c == 0:
+                    st["A"] = st["A"] + ins[nm].T @ ins[nm] / n
         for st in stats.values():
             st["eA"], st["QA"] = torch.linalg.eigh(st["A"])
             st["eS"], st["QS"] = torch.linalg.eigh(st["S"])
             st["L"] = 0.0
         # pass 2: the eigenvalue correction
-        for start in range(0, n, self.batch_size):
-            ins, outs, logits = self._capture(model, layers, X[start:start + self.batch_size])
-            Ls = self._pseudo(logits, y[start:start + self.batch_size])
-            for c in range(Ls.shape[2]):
-                gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=Ls[:, :, c],
-                                         retain_graph=True)
-                for (nm, _), s in zip(layers, gs):
-                    st = stats[nm]
-                    st["L"] = st["L"] + ((s @ st["QS"]) ** 2).T @ ((ins[nm] @ st["QA"]) ** 2) / n
+        for ins, _, gs in self._output_grads(model, layers, X, y):
+            for (nm, _), s in zip(layers, gs):
+                st = stats[nm]
+                st["L"] = st["L"] + ((s @ st["QS"]) ** 2).T @ ((ins[nm] @ st["QA"]) ** 2) / n
         return stats
 
     def _grads(self, model, X, y) -> dict[str, torch.Tensor]:
