@@ -63,6 +63,12 @@ def child(args) -> None:
     ids = torch.randint(4, 1000, (1, args.seq), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     times, losses, sizes = [], [], []
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     for t in range(args.steps):
         t0 = time.perf_counter()
         if dp is not None:
@@ -81,6 +87,14 @@ def child(args) -> None:
         losses.append(l)
         print(f"step {t}: {times[-1]:.1f}s loss {l}", file=sys.stderr, flush=True)
     eng.close()
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+        Path(args.profile).write_text(text.getvalue())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"seconds_per_step": times, "losses": losses, "peak_rss_bytes": rss}
     if dp is not None:
@@ -101,6 +115,7 @@ def main() -> int:
     ap.add_argument("--dp-clip", type=float, default=1.0, help="C: each example's projected gradient clip")
     ap.add_argument("--dp-n", type=int, default=64, help="examples in the private data set")
     ap.add_argument("--batch", type=int, default=2, help="expected batch size (Poisson rate batch / dp-n)")
+    ap.add_argument("--profile", default=None, help="write a cProfile table (by own time) of the steps here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -121,7 +136,8 @@ def main() -> int:
     dp_args = ["--dp", "--dp-epsilon", str(args.dp_epsilon), "--dp-clip", str(args.dp_clip), "--dp-n",
                str(args.dp_n), "--batch", str(args.batch)] if args.dp else []
     proc = subprocess.run([sys.executable, __file__, "--child", "--dir", str(out), "--steps", str(args.steps),
-                           "--seq", str(args.seq), *dp_args], capture_output=True, text=True)
+                           "--seq", str(args.seq), *dp_args,
+                           *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
     steps = result.get("seconds_per_step", [])
