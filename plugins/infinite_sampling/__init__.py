@@ -24,7 +24,7 @@ the update is the shared ``plait.step.FirstOrderStep``, so ``grad_transform:`` w
     plait run configs/compose/dp_grpo_addition.yaml
 
 Modules: ``schedule`` (plans, dispatchers, simulator; pure Python), ``kv_cache`` (slot KV cache over HF models),
-``samplers`` (the schedulers and `Rollouts`), ``grpo_loss``, ``rewards``, ``tasks``, ``recipe`` (``grpo``),
+``samplers`` (the schedulers and `Rollouts`), ``grpo_loss``, ``rewards``, ``tasks``, ``grpo_recipe`` (``grpo``),
 ``config`` (schemas).
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def build_copy(**kwargs):
 
 
 def build_grpo(run, **kwargs):
-    from .recipe import GRPORecipe
+    from .grpo_recipe import GRPORecipe
 
     return GRPORecipe(run, **kwargs)
 

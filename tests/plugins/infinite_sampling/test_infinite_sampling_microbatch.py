@@ -13,7 +13,7 @@ import torch
 
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.infinite_sampling.grpo_loss import AGGREGATIONS, grpo_loss, grpo_loss_part
-from plait.plugins.infinite_sampling.recipe import (
+from plait.plugins.infinite_sampling.grpo_recipe import (
     accumulate_grpo_gradients,
     batched_logp,
     completion_logp,
