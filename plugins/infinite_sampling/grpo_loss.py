@@ -55,14 +55,25 @@ Stats (TRL's metric definitions, masked means over active tokens): the
 fraction of tokens clipped low (ρ < 1 - ε_low and A < 0), clipped high
 (ρ > 1 + ε_high and A > 0), either ("region"), the mean k3 KL and the mean
 ratio.
+
+Over a policy model (the forwards come from `logprobs`): ``grpo_micro_losses``
+yields one ``grpo_loss_part`` per micro-batch of rows, one forward at a time;
+``accumulate_grpo_gradients`` backwards each before the next forward
+(gradient accumulation whose sum is the one-batch loss for every
+aggregation); ``prompt_losses`` gives one loss per prompt from one packed row
+per prompt (DP's per-sample losses); ``token_weighted`` averages the stats of
+several parts by their token counts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .logprobs import completion_logp, micro_batches, pack_groups, packed_logp, take_rows
+
 SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "dapo", "dr_grpo", "bnpo")
+PER_PROMPT_AGGREGATIONS = ("grpo", "dr_grpo")  # the batch loss is the mean of per-prompt losses
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -263,3 +274,69 @@ def grpo_loss_part(
                          num_items_in_batch=max(float(total_tokens), 1.0), **kwargs)
     loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, aggregation=aggregation, **kwargs)
     return loss * (logp.shape[0] / total_rows), stats
+
+
+def grpo_micro_losses(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
+                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, micro_batch_size: int = 0,
+                      **loss_kwargs):
+    """The GRPO loss of all ``N`` rows as one `grpo_loss_part` per micro-batch of ``micro_batch_size`` rows
+    (0: one), yielded as ``(loss, stats)`` one forward at a time, so that the caller can backward each share
+    before the next forward (gradient accumulation: the shares sum to the one-batch loss for every aggregation).
+    ``old_logp`` None means the current policy (ratio 1, μ = 1)."""
+    n = seqs["input_ids"].shape[0]
+    total_tokens = float(seqs["completion_mask"][:, 1:].sum())
+    for rows in micro_batches(n, micro_batch_size):
+        part = take_rows(seqs, rows)
+        logp, mask = completion_logp(model, part)
+        width = logp.shape[1]
+        old = logp.detach() if old_logp is None else old_logp[rows, :width]
+        ref = None if ref_logp is None else ref_logp[rows, :width]
+        yield grpo_loss_part(logp, old, ref, advantages[rows], mask, total_rows=n, total_tokens=total_tokens,
+                             **loss_kwargs)
+
+
+def token_weighted(stats: list[dict[str, float]]) -> dict[str, float]:
+    """The token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean`` over micro-batches' stats."""
+    sums, tokens = {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}, 0.0
+    for st in stats:
+        tokens += st["num_tokens"]
+        for k in sums:
+            sums[k] += st[k] * st["num_tokens"]
+    return {k: v / tokens if tokens else 0.0 for k, v in sums.items()}
+
+
+def accumulate_grpo_gradients(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
+                              old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                              micro_batch_size: int = 0, **loss_kwargs) -> tuple[float, dict[str, float]]:
+    """Backward of the GRPO loss of all ``N`` rows, ``micro_batch_size`` rows per forward (gradient
+    accumulation; 0: one forward). Each micro-batch adds its `grpo_loss_part`, so the accumulated gradient is the
+    one-batch gradient for every aggregation. ``old_logp`` None means the current policy (ratio 1, μ = 1).
+    Returns the loss value and the token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean``."""
+    loss_value, stats = 0.0, []
+    for loss, st in grpo_micro_losses(model, seqs, advantages, old_logp, ref_logp, micro_batch_size,
+                                      **loss_kwargs):
+        loss.backward()
+        loss_value += float(loss.detach())
+        stats.append(st)
+    return loss_value, token_weighted(stats)
+
+
+def prompt_losses(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor, old_logp: torch.Tensor | None,
+                  ref_logp: torch.Tensor | None, group_size: int,
+                  **loss_kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+    """One loss per prompt, shape ``[B]``: `grpo_loss` over the prompt's own G rollouts (rows ``p * G + i``), so
+    that for aggregations ``grpo`` / ``dr_grpo`` (`PER_PROMPT_AGGREGATIONS`) the batch loss is their mean. All
+    prompts run in one forward of one packed row each (`logprobs.pack_groups`): a per-sample gradient (DP) is then
+    the gradient of one prompt's G rollouts. ``old_logp`` None means the current policy. Returns the losses and the
+    token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean``."""
+    logp = packed_logp(model, pack_groups(seqs, group_size))
+    mask = seqs["completion_mask"][:, 1:]
+    losses, stats = [], []
+    for p in range(logp.shape[0] // group_size):
+        rows = slice(p * group_size, (p + 1) * group_size)
+        old = logp[rows].detach() if old_logp is None else old_logp[rows]
+        ref = None if ref_logp is None else ref_logp[rows]
+        loss, st = grpo_loss(logp[rows], old, ref, advantages[rows], mask[rows], **loss_kwargs)
+        losses.append(loss)
+        stats.append(st)
+    return torch.stack(losses), token_weighted(stats)

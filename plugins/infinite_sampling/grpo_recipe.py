@@ -18,7 +18,7 @@ Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run 
    step, before the first update, without gradient (the snapshot); with ``num_iterations = 1`` they equal the
    current ones (ratio 1). With ``micro_batch_size`` > 0 every forward (loss, snapshot, reference) takes that
    many of the ``B * G`` rows, each trimmed to its longest row, and each micro-batch's share is backwarded before
-   the next forward (`accumulate_grpo_gradients`: the sum of the shares is the one-batch loss for every
+   the next forward (`grpo_loss.accumulate_grpo_gradients`: the sum of the shares is the one-batch loss for every
    aggregation). Without a grad transform the trajectory is the one this recipe had before the shared step.
 
 Grad transforms (``grad_transform:``, one mapping or a list; see `plait.step`): ``sam`` (its ascent re-runs the
@@ -32,9 +32,10 @@ prompts, which is what the accountant uses); the G rollouts are then generated f
 prompt's G rollouts and their loss terms are one "sample": `sample_losses` returns one loss per prompt (its share
 of the GRPO objective: ``grpo`` — the mean over its G completions of each one's token mean; ``dr_grpo`` — its
 token sum over ``G * max_new_tokens``; the batch loss is their mean), and the loss forward packs each prompt's
-rollouts into one row (`pack_groups`: block-diagonal causal mask, positions restarting per rollout, so the logits
-are those of the unpacked rows; the attention of a packed row is quadratic in G * (prompt + completion)
-length, and a model that does not honour the 4-D mask and positions is refused at start-up by `check_packing`).
+rollouts into one row (`logprobs.pack_groups`: block-diagonal causal mask, positions restarting per rollout, so
+the logits are those of the unpacked rows; the attention of a packed row is quadratic in G * (prompt + completion)
+length, and a model that does not honour the 4-D mask and positions is refused at start-up by
+`logprobs.check_packing`).
 The DP layers take the rows of a forward as the samples, so a row's per-sample gradient is the prompt's whole
 gradient and clipping bounds each prompt's influence at C (clipping the B * G unpacked rows would bound each
 rollout at C and a prompt at G * C: not the unit sampled). A prompt's loss depends
@@ -76,15 +77,23 @@ from plait.run import Run, train_loop
 from plait.step import Backwarded, BatchOrder, FirstOrderStep
 
 from .config import GRPORecipeConfig
-from .grpo_loss import AGGREGATIONS, SCALES, group_advantages, grpo_loss, grpo_loss_part
+from .grpo_loss import (
+    AGGREGATIONS,
+    PER_PROMPT_AGGREGATIONS,
+    SCALES,
+    accumulate_grpo_gradients,
+    group_advantages,
+    grpo_micro_losses,
+    prompt_losses,
+    token_weighted,
+)
+from .logprobs import PACKING_TOLERANCE, batched_logp, check_packing
 from .predictor import PREDICTORS, build_predictor, kendall_tau, smape
 from .rewards import ON_ERROR, REGEX_MODES, ExactMatch, PythonCallable, RegexFormat, evaluate_rewards
 from .samplers import Rollouts, RolloutStats
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-PER_PROMPT_AGGREGATIONS = ("grpo", "dr_grpo")  # the batch loss is the mean of per-prompt losses
 EVAL_SAMPLES_LOGGED = 8  # eval completions shown as text in TensorBoard at each evaluation
-PACKING_TOLERANCE = 1e-3  # |Δ log-prob| between packed and unpacked rollouts accepted by the start-up check
 REWARD_KINDS = {
     "exact_match": ("field", "strip"),
     "regex": ("pattern", "reward", "mode"),
@@ -135,162 +144,6 @@ def build_rewards(specs: list[dict]) -> tuple[list, list[float]]:
         fns.append(fn)
         weights.append(weight)
     return fns, weights
-
-
-def completion_logp(model, seqs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each next token ``[N, T-1]`` and the completion mask aligned with them."""
-    logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"]).logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-    targets = seqs["input_ids"][:, 1:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, seqs["completion_mask"][:, 1:]
-
-
-def micro_batches(n: int, size: int) -> list[slice]:
-    """Row slices of at most ``size`` rows (``size`` 0: one slice of all ``n``)."""
-    size = size if size > 0 else n
-    return [slice(k, min(k + size, n)) for k in range(0, n, size)]
-
-
-def take_rows(seqs: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """Rows of `Rollouts.sequences`, trimmed to their longest row (right padding only, so the causal logits of
-    the kept positions do not change)."""
-    width = int(seqs["attention_mask"][rows].sum(1).max())
-    return {k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in seqs.items()}
-
-
-@torch.no_grad()
-def batched_logp(model, seqs: dict[str, torch.Tensor], micro_batch_size: int = 0) -> torch.Tensor:
-    """`completion_logp` ``[N, T-1]`` computed ``micro_batch_size`` rows at a time (0 at padded positions past a
-    micro-batch's longest row), for the old-policy snapshot and the reference model."""
-    n, t = seqs["input_ids"].shape
-    out = torch.zeros((n, t - 1), dtype=torch.float32, device=seqs["input_ids"].device)
-    for rows in micro_batches(n, micro_batch_size):
-        logp = completion_logp(model, take_rows(seqs, rows))[0]
-        out = out.to(logp.dtype)
-        out[rows, :logp.shape[1]] = logp
-    return out
-
-
-def grpo_micro_losses(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
-                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, micro_batch_size: int = 0,
-                      **loss_kwargs):
-    """The GRPO loss of all ``N`` rows as one `grpo_loss_part` per micro-batch of ``micro_batch_size`` rows
-    (0: one), yielded as ``(loss, stats)`` one forward at a time, so that the caller can backward each share
-    before the next forward (gradient accumulation: the shares sum to the one-batch loss for every aggregation).
-    ``old_logp`` None means the current policy (ratio 1, μ = 1)."""
-    n = seqs["input_ids"].shape[0]
-    total_tokens = float(seqs["completion_mask"][:, 1:].sum())
-    for rows in micro_batches(n, micro_batch_size):
-        part = take_rows(seqs, rows)
-        logp, mask = completion_logp(model, part)
-        width = logp.shape[1]
-        old = logp.detach() if old_logp is None else old_logp[rows, :width]
-        ref = None if ref_logp is None else ref_logp[rows, :width]
-        yield grpo_loss_part(logp, old, ref, advantages[rows], mask, total_rows=n, total_tokens=total_tokens,
-                             **loss_kwargs)
-
-
-def token_weighted(stats: list[dict[str, float]]) -> dict[str, float]:
-    """The token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean`` over micro-batches' stats."""
-    sums, tokens = {"kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0}, 0.0
-    for st in stats:
-        tokens += st["num_tokens"]
-        for k in sums:
-            sums[k] += st[k] * st["num_tokens"]
-    return {k: v / tokens if tokens else 0.0 for k, v in sums.items()}
-
-
-def accumulate_grpo_gradients(model, seqs: dict[str, torch.Tensor], advantages: torch.Tensor,
-                              old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                              micro_batch_size: int = 0, **loss_kwargs) -> tuple[float, dict[str, float]]:
-    """Backward of the GRPO loss of all ``N`` rows, ``micro_batch_size`` rows per forward (gradient
-    accumulation; 0: one forward). Each micro-batch adds its `grpo_loss_part`, so the accumulated gradient is the
-    one-batch gradient for every aggregation. ``old_logp`` None means the current policy (ratio 1, μ = 1).
-    Returns the loss value and the token-weighted means of ``kl``, ``clip_frac`` and ``ratio_mean``."""
-    loss_value, stats = 0.0, []
-    for loss, st in grpo_micro_losses(model, seqs, advantages, old_logp, ref_logp, micro_batch_size,
-                                      **loss_kwargs):
-        loss.backward()
-        loss_value += float(loss.detach())
-        stats.append(st)
-    return loss_value, token_weighted(stats)
-
-
-def pack_groups(seqs: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
-    """The ``N = B * G`` rows of `Rollouts.sequences` packed into ``B`` rows, one per prompt: its G rollouts side
-    by side (each prompt + completion, padding dropped), with a block-diagonal causal mask (a token attends only to
-    its own rollout's earlier tokens) and positions restarting at 0 in every rollout, so each rollout's logits are
-    those of its own unpacked row (up to float rounding). Returns ``input_ids`` / ``position_ids`` ``[B, L]``,
-    ``segment`` ``[B, L]`` (the rollout of each position, -1 on padding) and, to read the packed log-probs back in
-    the unpacked layout ``[N, T-1]``, ``row`` / ``col`` (where row n's next-token log-prob t lies) and ``valid``.
-    One packed row per prompt is what makes a per-sample gradient (DP) a per-prompt gradient."""
-    ids, attn = seqs["input_ids"], seqs["attention_mask"]
-    n, t = ids.shape
-    if n % group_size:
-        raise ValueError(f"{n} rows are not groups of {group_size}")
-    b = n // group_size
-    lengths = attn.sum(1).tolist()
-    width = max(sum(lengths[p * group_size:(p + 1) * group_size]) for p in range(b))
-    packed = torch.zeros((b, width), dtype=ids.dtype)
-    positions = torch.zeros((b, width), dtype=torch.long)
-    segment = torch.full((b, width), -1, dtype=torch.long)
-    row = torch.zeros((n, t - 1), dtype=torch.long)
-    col = torch.zeros((n, t - 1), dtype=torch.long)
-    valid = torch.zeros((n, t - 1), dtype=torch.bool)
-    ids_cpu = ids.cpu()
-    for p in range(b):
-        offset = 0
-        for i in range(group_size):
-            r, length = p * group_size + i, lengths[p * group_size + i]
-            packed[p, offset:offset + length] = ids_cpu[r, :length]
-            positions[p, offset:offset + length] = torch.arange(length)
-            segment[p, offset:offset + length] = i
-            row[r] = p
-            col[r, :length - 1] = torch.arange(offset, offset + length - 1)
-            valid[r, :length - 1] = True
-            offset += length
-    device = ids.device
-    return {"input_ids": packed.to(device), "position_ids": positions.to(device), "segment": segment.to(device),
-            "row": row.to(device), "col": col.to(device), "valid": valid.to(device)}
-
-
-def packed_logp(model, packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`completion_logp`'s log-probs ``[N, T-1]`` (0 past each row's end) from one forward of the packed rows
-    (`pack_groups`): a 4-D additive attention mask (0 where a token may attend, the dtype's minimum elsewhere; a
-    padding position attends to itself only) and explicit ``position_ids``, which HF causal LMs take as given."""
-    seg = packed["segment"]
-    width = seg.shape[1]
-    causal = torch.ones((width, width), dtype=torch.bool, device=seg.device).tril()
-    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & causal
-    allowed |= torch.eye(width, dtype=torch.bool, device=seg.device)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    ids = packed["input_ids"]
-    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=packed["position_ids"]).logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, L-1]
-    out = logp[packed["row"], packed["col"]]
-    return torch.where(packed["valid"], out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def check_packing(model, prompts: list[list[int]], pad_id: int) -> float:
-    """Largest |Δ log-prob| between `packed_logp` and `completion_logp` on two short made-up rollouts of each of
-    up to two train prompts (every position compared): a model that ignores the 4-D mask or the positions shows
-    a large difference."""
-    rows = [p + p[-1:] * k for p in prompts[:2] for k in (1, 2)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = torch.tensor(row)
-        attn[r, :len(row)] = 1
-    device = next(model.parameters()).device
-    seqs = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "completion_mask": attn.to(device)}
-    with torch.no_grad():
-        ref, mask = completion_logp(model, seqs)
-        got = packed_logp(model, pack_groups(seqs, 2))
-    return float(((got - ref).abs() * mask).max())
 
 
 @torch.no_grad()
@@ -685,25 +538,17 @@ class GRPORecipe:
         """One loss per prompt, shape [B]: the prompt's share of the GRPO objective, ``grpo_loss`` over its own G
         rollouts (``grpo``: the mean over them of each one's token mean; ``dr_grpo``: their token sum over
         ``G * max_new_tokens``), so that the batch loss is their mean. All prompts run in one forward of one packed
-        row each (`pack_groups`): a per-sample gradient (DP) is then the gradient of one prompt's G rollouts."""
+        row each (`grpo_loss.prompt_losses`): a per-sample gradient (DP) is then the gradient of one prompt's G
+        rollouts."""
         c = self.cfg
         if c.aggregation not in PER_PROMPT_AGGREGATIONS or c.advantage_scale == "batch":
             raise RuntimeError(f"grpo: aggregation {c.aggregation!r} / advantage_scale {c.advantage_scale!r} couple "
                                f"the prompts of a batch: there is no per-prompt loss")
         b = self._current(idx)
-        G = c.group_size
-        logp = packed_logp(self.model, pack_groups(b.seqs, G))
-        mask = b.seqs["completion_mask"][:, 1:]
-        losses, stats = [], []
-        for p in range(len(b.idx)):
-            rows = slice(p * G, (p + 1) * G)
-            old = logp[rows].detach() if b.old_logp is None else b.old_logp[rows]
-            ref = None if b.ref_logp is None else b.ref_logp[rows]
-            loss, st = grpo_loss(logp[rows], old, ref, b.adv[rows], mask[rows], **self._loss_kwargs())
-            losses.append(loss)
-            stats.append(st)
-        self._note(token_weighted(stats))
-        return torch.stack(losses)
+        losses, stats = prompt_losses(self.model, b.seqs, b.adv, b.old_logp, b.ref_logp, c.group_size,
+                                      **self._loss_kwargs())
+        self._note(stats)
+        return losses
 
     def log_metrics(self, step: int) -> dict[str, float]:
         """The grad transforms' values at a logged step (e.g. DP's ε so far), not window-averaged."""

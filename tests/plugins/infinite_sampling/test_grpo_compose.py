@@ -143,7 +143,7 @@ def test_one_update_without_a_transform_equals_a_hand_written_reference(tmp_path
 
 
 def test_packed_rows_give_the_unpacked_log_probs(tmp_path, fresh_host, hash_reward):
-    from plait.plugins.infinite_sampling.grpo_recipe import completion_logp, pack_groups, packed_logp
+    from plait.plugins.infinite_sampling.logprobs import completion_logp, pack_groups, packed_logp
 
     recipe = _recipe(tmp_path, fresh_host, model=GPT2_F64, rewards=hash_reward)
     rollouts = recipe.sampler.generate(recipe.model, recipe.train_prompts[:3], group_size=4, max_new_tokens=5,

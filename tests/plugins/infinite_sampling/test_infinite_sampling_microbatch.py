@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from plait.plugins.basics.models import build_causal_lm
-from plait.plugins.infinite_sampling.grpo_loss import AGGREGATIONS, grpo_loss, grpo_loss_part
-from plait.plugins.infinite_sampling.grpo_recipe import (
+from plait.plugins.infinite_sampling.grpo_loss import (
+    AGGREGATIONS,
     accumulate_grpo_gradients,
-    batched_logp,
-    completion_logp,
-    micro_batches,
+    grpo_loss,
+    grpo_loss_part,
 )
+from plait.plugins.infinite_sampling.logprobs import batched_logp, completion_logp, micro_batches
 from plait.plugins.infinite_sampling.samplers import Rollouts, RolloutStats
 from plait.step import lr_factor
 
