@@ -24,7 +24,9 @@ the update is the shared ``plait.step.FirstOrderStep``, so ``grad_transform:`` w
     plait run configs/compose/dp_grpo_addition.yaml
 
 Modules: ``schedule`` (plans, dispatchers, simulator; pure Python), ``kv_cache`` (slot KV cache over HF models),
-``samplers`` (the schedulers and `Rollouts`), ``grpo_loss``, ``rewards``, ``tasks``, ``grpo_recipe`` (``grpo``),
+``samplers`` (the schedulers and `Rollouts`), ``predictor`` (length predictors), ``rewards``, ``tasks``, and recipe
+``grpo``: ``grpo_recipe`` (the recipe), ``rollout`` (rollouts through the scheduler), ``scoring`` (reward specs,
+rewards, advantages), ``logprobs`` (the forwards), ``grpo_loss`` (the objective), ``reporting`` (metrics, text);
 ``config`` (schemas).
 """
 from __future__ import annotations

@@ -5,9 +5,9 @@ Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run 
 1. ``prompts_per_step`` train prompts (a seeded permutation per epoch, as ``plait.step.BatchOrder``), or the
    grad transform's own sample (DP: Poisson sampling of prompts);
 2. ``group_size`` completions per prompt from ``run.build("sampler")`` (each rollout seeded by
-   ``(sampler.seed, step, prompt, sample)``; under DP by `rollout_key`, below), at most ``max_new_tokens``
+   ``(sampler.seed, step, prompt, sample)``; under DP by `rollout.rollout_key`), at most ``max_new_tokens``
    tokens, EOS included;
-3. rewards: the weighted sum of the ``rewards:`` specs (`rewards.evaluate_rewards`; a raising or non-finite value
+3. rewards: the weighted sum of the ``rewards:`` specs (`scoring.score_completions`; a raising or non-finite value
    fails the run naming the sample, or counts 0 with ``reward_on_error: skip``);
 4. advantages `grpo_loss.group_advantages` (scale group / batch / none);
 5. ``num_iterations`` updates of the shared first-order step (`plait.step.FirstOrderStep`: AdamW, the LR of
@@ -41,7 +41,7 @@ gradient and clipping bounds each prompt's influence at C (clipping the B * G un
 rollout at C and a prompt at G * C: not the unit sampled). A prompt's loss depends
 on its own record only: rewards come from the model's own samples and the record's answer fields; advantages are
 scaled within the group; each prompt's rollouts are drawn with seeds keyed by the prompt's text and the step
-(`rollout_key`), not by its place in the batch. Hence refused with a private transform: ``advantage_scale:
+(`rollout.rollout_key`), not by its place in the batch. Hence refused with a private transform: ``advantage_scale:
 batch`` and aggregations ``dapo`` / ``bnpo`` (they normalise over the batch), ``num_iterations`` > 1 (several
 updates per sampled batch), ``micro_batch_size`` > 0 (the DP layers clip and add noise in one backward per step),
 ``warmup_sft_steps`` > 0 and a length ``predictor`` (both learn from the prompts without DP). Reward functions
@@ -58,14 +58,16 @@ restores the weights it produced).
 Evaluation: greedy decoding of the eval prompts; ``eval/accuracy`` is exact match against ``answer`` (stripped),
 ``eval/reward_mean`` the configured reward.
 
+The parts live beside this module: `rollout` (sampling through the scheduler, length predictions, greedy
+completions), `scoring` (reward specs, rewards, group advantages), `logprobs` (the forwards: plain, micro-batched,
+packed) and `grpo_loss` (the clipped objective with k3 KL, its micro-batch and per-prompt forms), `reporting`
+(metrics, the eval completions' text table).
+
     plait run configs/grpo/addition.yaml
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,100 +84,18 @@ from .grpo_loss import (
     PER_PROMPT_AGGREGATIONS,
     SCALES,
     accumulate_grpo_gradients,
-    group_advantages,
     grpo_micro_losses,
     prompt_losses,
     token_weighted,
 )
 from .logprobs import PACKING_TOLERANCE, batched_logp, check_packing
-from .predictor import PREDICTORS, build_predictor, kendall_tau, smape
-from .rewards import ON_ERROR, REGEX_MODES, ExactMatch, PythonCallable, RegexFormat, evaluate_rewards
-from .samplers import Rollouts, RolloutStats
+from .predictor import PREDICTORS, build_predictor
+from .reporting import mean_over_iterations, rollout_metrics, samples_table
+from .rewards import ON_ERROR, ExactMatch
+from .rollout import generate_rollouts, greedy_generate, learn_lengths, predicted_lengths
+from .scoring import build_rewards, group_scores, plain, score_completions
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-EVAL_SAMPLES_LOGGED = 8  # eval completions shown as text in TensorBoard at each evaluation
-REWARD_KINDS = {
-    "exact_match": ("field", "strip"),
-    "regex": ("pattern", "reward", "mode"),
-    "python": ("path",),
-}
-
-
-def build_rewards(specs: list[dict]) -> tuple[list, list[float]]:
-    """Reward functions and weights from the ``rewards:`` specs; a bad spec is a `ConfigError` naming it."""
-    if not specs:
-        raise ConfigError("recipe.rewards: empty; give at least one reward, e.g. [{name: exact_match}]")
-    fns, weights = [], []
-    for k, raw in enumerate(specs):
-        where = f"recipe.rewards[{k}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a mapping with a 'name' key, got {raw!r}")
-        spec = dict(raw)
-        name = spec.pop("name", None)
-        if name not in REWARD_KINDS:
-            raise ConfigError(f"{where}.name: {name!r} is not a reward; allowed: {', '.join(REWARD_KINDS)}")
-        weight = spec.pop("weight", 1.0)
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}.weight: must be a number, got {weight!r}") from None
-        if not math.isfinite(weight):
-            raise ConfigError(f"{where}.weight: must be finite, got {weight}")
-        unknown = sorted(set(spec) - set(REWARD_KINDS[name]))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown key for reward {name!r}; allowed keys: name, weight, "
-                              f"{', '.join(REWARD_KINDS[name])}")
-        try:
-            if name == "exact_match":
-                fn = ExactMatch(field=str(spec.get("field", "answer")), strip=bool(spec.get("strip", True)))
-            elif name == "regex":
-                if "pattern" not in spec:
-                    raise ValueError("needs a 'pattern'")
-                mode = spec.get("mode", "fullmatch")
-                if mode not in REGEX_MODES:
-                    raise ValueError(f"mode {mode!r} is not allowed; allowed: {', '.join(REGEX_MODES)}")
-                fn = RegexFormat(str(spec["pattern"]), reward=float(spec.get("reward", 1.0)), mode=mode)
-            else:
-                if "path" not in spec:
-                    raise ValueError("needs a 'path' ('package.module:function')")
-                fn = PythonCallable(spec["path"])
-        except ValueError as exc:
-            raise ConfigError(f"{where} ({name}): {exc}") from exc
-        fns.append(fn)
-        weights.append(weight)
-    return fns, weights
-
-
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, pad_id: int,
-                    batch_size: int = 64) -> list[list[int]]:
-    """Greedy completions (EOS included when emitted) by plain full forwards, no cache: for short eval sets."""
-    out: list[list[int]] = []
-    device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        rows = [list(p) for p in prompts[start:start + batch_size]]
-        done = [False] * len(rows)
-        gen: list[list[int]] = [[] for _ in rows]
-        for _ in range(max_new_tokens):
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for n, r in enumerate(rows):
-                ids[n, :len(r)] = torch.tensor(r)
-                mask[n, :len(r)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for n, r in enumerate(rows):
-                if done[n]:
-                    continue
-                tok = int(torch.argmax(logits[n, len(r) - 1]))
-                r.append(tok)
-                gen[n].append(tok)
-                if eos_id is not None and tok == eos_id:
-                    done[n] = True
-            if all(done):
-                break
-        out.extend(gen)
-    return out
 
 
 class GRPORecipe:
@@ -190,7 +110,7 @@ class GRPORecipe:
         self.private = _declares_private(run)
         if self.private:
             self._check_private()
-        self.fns, self.weights = build_rewards([_plain(s) for s in c.rewards])
+        self.fns, self.weights = build_rewards([plain(s) for s in c.rewards])
         self.sampler = run.build("sampler")
         g = getattr(self.sampler, "g", 0)
         if getattr(self.sampler, "_uses_g", True) and g and g > c.group_size:
@@ -206,6 +126,26 @@ class GRPORecipe:
         self.eos_id, self.pad_id = self.tok.eos_token_id, self.tok.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
+        self._load_data(run)
+        self.ref = None  # made after warm-up (fresh run) or from the checkpoint (resume)
+        if c.beta > 0:  # copied before the grad transforms prepare the policy (a DP transform swaps its layers)
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.step = self._first_order_step(run)
+        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, self.step.transform
+        self._batch: _StepBatch | None = None  # the rollouts of the step in progress
+        self._stats: dict[str, float] | None = None
+        self.skipped = 0
+        self.prefix_tokens = int(getattr(self.sampler, "prefix_tokens", 0) or 0)
+        if self.prefix_tokens and c.predictor == "none":
+            raise ConfigError(f"sampler.prefix_tokens: {self.prefix_tokens} probed tokens need a length predictor; "
+                              "set recipe.predictor to constant, running_mean or mlp (or prefix_tokens: 0)")
+        self.predictor = build_predictor(c.predictor, constant=c.predictor_constant or c.max_new_tokens,
+                                         lr=c.predictor_lr, seed=run.cfg.run.seed, prefix_tokens=self.prefix_tokens)
+
+    def _load_data(self, run: Run) -> None:
+        """Train and eval examples and their prompts' token ids, the fields every train example has (passed to the
+        rewards), the seeded prompt order."""
+        c = self.cfg
         self.data = run.build("data")
         self.train_examples = self.data.examples("train")
         eval_examples = self.data.examples("eval")
@@ -221,35 +161,21 @@ class GRPORecipe:
         self._check_capacity()
         self.fields = sorted(set.intersection(*(set(e) for e in self.train_examples)) - {"prompt"})
         self.order = BatchOrder(len(self.train_prompts), c.prompts_per_step, run.cfg.run.seed)
-        self.ref = None  # made after warm-up (fresh run) or from the checkpoint (resume)
-        if c.beta > 0:  # copied before the grad transforms prepare the policy (a DP transform swaps its layers)
-            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _first_order_step(self, run: Run) -> FirstOrderStep:
+        """The shared first-order step with the ``grad_transform:`` chain. A transform that sums per-sample losses
+        (DP) makes the run private: one loss per prompt, from one packed row per prompt."""
+        c = self.cfg
         transform = run.build("grad_transform") if run.has("grad_transform") else None
-        # per-sample losses summed (DP): one loss per prompt, from one packed row per prompt
         self.per_prompt = getattr(transform, "loss_reduction", "mean") == "sum"
         if self.per_prompt:
             self.private = True
             self._check_private()
-            gap = check_packing(self.model, self.train_prompts, self.pad_id)
-            if not gap < PACKING_TOLERANCE:
-                raise ConfigError(f"model: {type(self.model).__name__} does not compute packed rollouts (a 4-D "
-                                  f"attention mask and position_ids) like unpacked ones (log-probs differ by "
-                                  f"{gap:.3g}); a private grad_transform needs one packed row per prompt — use an "
-                                  f"HF causal LM with attn_implementation eager or sdpa")
-        self.step = FirstOrderStep(run, self.model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
-                                   schedule=c.lr_schedule, warmup_steps=c.lr_warmup_steps,
-                                   max_grad_norm=c.max_grad_norm, grad_accum=1, batch_size=c.prompts_per_step,
-                                   dataset_size=len(self.train_prompts), transform=transform)
-        self.model, self.optimizer, self.grad_transform = self.step.model, self.step.optimizer, self.step.transform
-        self._batch: _StepBatch | None = None  # the rollouts of the step in progress
-        self._stats: dict[str, float] | None = None
-        self.skipped = 0
-        self.prefix_tokens = int(getattr(self.sampler, "prefix_tokens", 0) or 0)
-        if self.prefix_tokens and c.predictor == "none":
-            raise ConfigError(f"sampler.prefix_tokens: {self.prefix_tokens} probed tokens need a length predictor; "
-                              "set recipe.predictor to constant, running_mean or mlp (or prefix_tokens: 0)")
-        self.predictor = build_predictor(c.predictor, constant=c.predictor_constant or c.max_new_tokens,
-                                         lr=c.predictor_lr, seed=run.cfg.run.seed, prefix_tokens=self.prefix_tokens)
+            self._check_packing()
+        return FirstOrderStep(run, self.model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
+                              schedule=c.lr_schedule, warmup_steps=c.lr_warmup_steps,
+                              max_grad_norm=c.max_grad_norm, grad_accum=1, batch_size=c.prompts_per_step,
+                              dataset_size=len(self.train_prompts), transform=transform)
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _check_options(self) -> None:
@@ -341,6 +267,15 @@ class GRPORecipe:
             if refused:
                 raise ConfigError(f"{message} (with a private grad_transform)")
 
+    def _check_packing(self) -> None:
+        """A private transform's loss reads one packed row per prompt: refuse a model that computes it otherwise."""
+        gap = check_packing(self.model, self.train_prompts, self.pad_id)
+        if not gap < PACKING_TOLERANCE:
+            raise ConfigError(f"model: {type(self.model).__name__} does not compute packed rollouts (a 4-D "
+                              f"attention mask and position_ids) like unpacked ones (log-probs differ by "
+                              f"{gap:.3g}); a private grad_transform needs one packed row per prompt — use an "
+                              f"HF causal LM with attn_implementation eager or sdpa")
+
     # --- run ----------------------------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:
         if self.run.resume_state is None and self.cfg.warmup_sft_steps:
@@ -380,42 +315,24 @@ class GRPORecipe:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def _score(self, examples: list[dict], completions: list[str], step: int | None) -> tuple[list[float], int]:
-        prompts = [e["prompt"] for e in examples]
-        fields = {k: [e.get(k) for e in examples] for k in self.fields}
-        try:
-            res = evaluate_rewards(self.fns, self.weights, prompts, completions, fields,
-                                   on_error=self.cfg.reward_on_error)
-        except ValueError as exc:
-            where = "evaluation" if step is None else f"step {step}"
-            m = re.search(r"on sample (\d+)", str(exc))
-            detail = ""
-            if m and int(m.group(1)) < len(prompts):
-                i = int(m.group(1))
-                detail = f" (sample {i}: prompt {prompts[i]!r}, completion {completions[i]!r})"
-            raise ConfigError(f"recipe.rewards: {where}: {exc}{detail}; set recipe.reward_on_error=skip to count "
-                              f"such values as 0") from exc
-        return res.rewards, res.skipped
+        return score_completions(self.fns, self.weights, self.fields, examples, completions,
+                                 self.cfg.reward_on_error, step)
 
     def _sequences(self, rollouts) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in rollouts.sequences(self.pad_id).items()}
 
     def _generate(self, prompts: list[list[int]], examples: list[dict], step: int, predicted):
-        """The G rollouts of each prompt. Under a private transform each prompt's rollouts are drawn in a call of
-        their own whose seeds are keyed by the prompt's record (`rollout_key`), not by its place in the batch: a
-        prompt's rollouts (and so its loss) then do not depend on which other prompts were sampled."""
+        """The G rollouts of each prompt (`rollout.generate_rollouts`: under a private transform, one sampler call
+        per prompt, seeded by the prompt's record)."""
         c = self.cfg
-        kw = dict(group_size=c.group_size, max_new_tokens=c.max_new_tokens,
-                  sampling={"temperature": c.temperature, "top_k": c.top_k}, eos_id=self.eos_id, pad_id=self.pad_id)
-        if not self.private:
-            return self.sampler.generate(self.model, prompts, step=step, predicted_lengths=predicted, **kw)
-        parts = [self.sampler.generate(self.model, [p], step=rollout_key(step, e["prompt"]), **kw)
-                 for p, e in zip(prompts, examples)]
-        return merge_rollouts(parts)
+        return generate_rollouts(self.sampler, self.model, prompts, examples, step, predicted, private=self.private,
+                                 group_size=c.group_size, max_new_tokens=c.max_new_tokens,
+                                 sampling={"temperature": c.temperature, "top_k": c.top_k}, eos_id=self.eos_id,
+                                 pad_id=self.pad_id)
 
     # --- Task protocol ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         self._last_step = step
-        c = self.cfg
         chain = self.step.transform
         idx = chain.batch_indices(step) if chain is not None else None  # Poisson-sampled prompts (DP)
         sampled = idx is not None
@@ -423,76 +340,39 @@ class GRPORecipe:
             idx = self.batch_indices(step, 0)
         out: dict[str, float] = {"train/prompts": float(len(idx))} if sampled else {}
         self._batch = self._rollout_batch(step, list(idx), out) if len(idx) else None
-        sums: dict[str, float] = {}
-        for _ in range(c.num_iterations):
-            self._stats = None
-            metrics = self.step(step)  # an empty Poisson batch: the transform supplies the (noise) update
-            self.model.eval()  # FirstOrderStep sets train mode; the policy runs in eval mode (no dropout)
-            if self._stats is not None:
-                metrics.update({f"train/{k}": v for k, v in self._stats.items()})
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            lr = metrics["train/lr"]
+        out.update(mean_over_iterations([self._update(step) for _ in range(self.cfg.num_iterations)]))
         self._batch = None
-        out.update({k: v / c.num_iterations for k, v in sums.items()})
-        out["train/lr"] = lr  # the step's LR (the same for every iteration), not a mean of copies
         return out
+
+    def _update(self, step: int) -> dict[str, float]:
+        """One update of the shared step on the step's rollouts: its metrics, with the loss's kl / clip_frac /
+        ratio_mean."""
+        self._stats = None
+        metrics = self.step(step)  # an empty Poisson batch: the transform supplies the (noise) update
+        self.model.eval()  # FirstOrderStep sets train mode; the policy runs in eval mode (no dropout)
+        if self._stats is not None:
+            metrics.update({f"train/{k}": v for k, v in self._stats.items()})
+        return metrics
 
     def _rollout_batch(self, step: int, idx: list[int], out: dict[str, float]) -> _StepBatch:
         """Rollouts, rewards and advantages of the step's prompts, and the snapshot / reference log-probs; the
         step's metrics are added to ``out``."""
-        c = self.cfg
+        c, G = self.cfg, self.cfg.group_size
         examples = [self.train_examples[i] for i in idx]
         prompts = [self.train_prompts[i] for i in idx]
-        predicted = None
-        if self.prefix_tokens:  # partial decode: the sampler probes k tokens, then asks the predictor
-            predicted = self.predictor
-        elif self.predictor is not None:  # before generation: no prefix; one value per prompt, repeated G times
-            per_prompt = self.predictor.predict_batch(prompts, [[] for _ in prompts])
-            predicted = [[v] * c.group_size for v in per_prompt]
+        predicted = predicted_lengths(self.predictor, self.prefix_tokens, prompts, G)
         rollouts = self._generate(prompts, examples, step, predicted)
-        pred_metrics: dict[str, float] = {}
-        if self.prefix_tokens:  # score and train on the remaining lengths of the jobs that outlived the probe
-            k, planned = self.prefix_tokens, self.sampler.last_predictions
-            left = sorted(planned)
-            if left:
-                observed = [rollouts.lengths[b][i] - k for b, i in left]
-                flat_pred = [planned[j] for j in left]
-                pred_metrics = {"predictor/smape": smape(flat_pred, observed),
-                                "predictor/kendall_tau": kendall_tau(flat_pred, observed),
-                                "perf/probe_steps": float(rollouts.stats.probe_steps)}
-                self.predictor.update([prompts[b] for b, _ in left],
-                                      [rollouts.completions[b][i][:k] for b, i in left], observed)
-        elif self.predictor is not None:
-            observed = [n for row in rollouts.lengths for n in row]
-            flat_pred = [v for row in predicted for v in row]
-            pred_metrics = {"predictor/smape": smape(flat_pred, observed),
-                            "predictor/kendall_tau": kendall_tau(flat_pred, observed)}
-            self.predictor.update([p for p in prompts for _ in range(c.group_size)],
-                                  [[] for _ in observed], observed)
-        G = c.group_size
-        flat_examples = [e for e in examples for _ in range(G)]
+        pred_metrics = learn_lengths(self.predictor, self.prefix_tokens, self.sampler, prompts, rollouts, predicted, G)
         texts = [self._decode(comp) for group in rollouts.completions for comp in group]
-        rewards, skipped = self._score(flat_examples, texts, step)
+        rewards, skipped = self._score([e for e in examples for _ in range(G)], texts, step)
         self.skipped += skipped
-        r = torch.tensor(rewards, dtype=torch.float32).view(len(examples), G)
-        adv = group_advantages(r, scale=c.advantage_scale).reshape(-1).to(self.device)
+        r, adv = group_scores(rewards, G, c.advantage_scale)
+        adv = adv.to(self.device)
         seqs = self._sequences(rollouts)
         mb = c.micro_batch_size
         old_logp = batched_logp(self.model, seqs, mb) if c.num_iterations > 1 else None
         ref_logp = batched_logp(self.ref, seqs, mb) if self.ref is not None else None
-        st = rollouts.stats
-        lengths = [n for row in rollouts.lengths for n in row]
-        out.update({
-            "train/reward_mean": float(r.mean()),
-            "train/reward_std": float(r.std()),
-            "train/completion_len": sum(lengths) / len(lengths),
-            "train/reward_skipped": float(skipped),
-            "perf/decode_steps": float(st.decode_steps),
-            "perf/rollout_s": float(st.wall_time_s),
-            "mem/peak_kv_bytes": float(st.peak_kv_bytes),
-            **pred_metrics,
-        })
+        out.update({**rollout_metrics(r, rollouts, skipped), **pred_metrics})
         return _StepBatch(step, idx, seqs, adv, old_logp, ref_logp)
 
     # --- Objective (plait.step) -----------------------------------------------------------------------------
@@ -570,19 +450,10 @@ class GRPORecipe:
             out["eval/accuracy"] = sum(em) / len(em)
         rewards, _ = self._score(self.eval_examples, texts, None)
         out["eval/reward_mean"] = sum(rewards) / len(rewards)
-        self._log_samples(texts, rewards)
+        # the first eval prompts' greedy completions with their rewards (TEXT tab), at the training step of this
+        # evaluation (0 before training)
+        self.run.logger.text("eval/samples", samples_table(self.eval_examples, texts, rewards), self._last_step)
         return out
-
-    def _log_samples(self, texts: list[str], rewards: list[float], n: int = EVAL_SAMPLES_LOGGED) -> None:
-        """The first eval prompts' greedy completions with their rewards, as a markdown table (TEXT tab) at the
-        training step of this evaluation (0 before training)."""
-        def cell(t: Any) -> str:
-            return " ".join(str(t).split()).replace("|", "\\|")[:200] or " "
-
-        rows = [f"| {cell(e['prompt'])} | {cell(t)} | {r:.4g} |"
-                for e, t, r in list(zip(self.eval_examples, texts, rewards))[:n]]
-        self.run.logger.text("eval/samples", "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(rows),
-                             self._last_step)
 
     def state_dict(self) -> dict[str, Any]:
         state = {"model": self.model.state_dict(), **self.step.state_dict(), "reward_skipped": self.skipped}
@@ -618,42 +489,8 @@ class _StepBatch:
     ref_logp: torch.Tensor | None
 
 
-def rollout_key(step: int, prompt: str) -> int:
-    """The ``step`` a private run hands the sampler for one prompt's rollouts: a 63-bit hash of the step and the
-    prompt's text, so the rollout seeds ``(sampler.seed, key, 0, i)`` depend on the prompt's own record only."""
-    digest = hashlib.blake2b(f"{step}:{prompt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def merge_rollouts(parts: list[Rollouts]) -> Rollouts:
-    """One `Rollouts` from per-prompt calls, prompt-major; counters summed, peaks maxed."""
-    stats = RolloutStats()
-    for r in parts:
-        s = r.stats
-        for key in ("decode_steps", "forward_calls", "prefills", "tokens_generated", "idle_slot_steps", "probe_steps"):
-            setattr(stats, key, getattr(stats, key) + getattr(s, key))
-        for key in ("peak_kv_bytes", "peak_prompt_kv_bytes", "peak_allocated_kv_bytes"):
-            setattr(stats, key, max(getattr(stats, key), getattr(s, key)))
-        stats.live_kv_trace.extend(s.live_kv_trace)
-        stats.wall_time_s += s.wall_time_s
-    return Rollouts([p for r in parts for p in r.prompt_ids], [g for r in parts for g in r.completions],
-                    [n for r in parts for n in r.lengths], [t for r in parts for t in r.truncated], stats)
-
-
 def _declares_private(run: Run) -> bool:
     """Whether a ``grad_transform:`` entry (or a chain member) is registered as private (DP)."""
     comp = run.components.get("grad_transform")
     comps = comp if isinstance(comp, list) else [comp] if comp is not None else []
     return any(c.entry.extra.get("private") for c in comps)
-
-
-def _plain(spec: Any) -> Any:
-    """An OmegaConf node (or anything) as plain Python containers."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(spec):
-            return OmegaConf.to_container(spec, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(spec) if isinstance(spec, dict) else spec

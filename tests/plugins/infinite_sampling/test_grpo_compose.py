@@ -205,7 +205,7 @@ def _plain_gpt2(model):
 
 
 def _merged(parts):
-    from plait.plugins.infinite_sampling.grpo_recipe import merge_rollouts
+    from plait.plugins.infinite_sampling.rollout import merge_rollouts
 
     return merge_rollouts(parts)
 
