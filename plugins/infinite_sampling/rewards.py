@@ -276,93 +276,15 @@ def evaluate_rewards(
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; allowed: {', '.join(ON_ERROR)}")
     fns = list(fns)
-    if not fns:
-        raise ValueError("evaluate_rewards needs at least one reward function")
-    if weights is None:
-        weights = [1.0] * len(fns)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(fns):
-        raise ValueError(f"got {len(weights)} weights for {len(fns)} reward functions")
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"reward weights must be finite, got {weights}")
+    weights = _checked_weights(fns, weights)
     fields = dict(fields or {})
     n = _check_batch(prompts, completions, fields)
-    prompts, completions = list(prompts), list(completions)
-    fields = {k: list(v) for k, v in fields.items()}
-
-    names: list[str] = []
-    for fn in fns:
-        base = reward_name(fn)
-        name, k = base, 1
-        while name in names:
-            name, k = f"{base}#{k}", k + 1
-        names.append(name)
+    batch = _Batch(list(prompts), list(completions), {k: list(v) for k, v in fields.items()})
 
     totals = [0.0] * n
     result = RewardResult(rewards=totals)
-    for fn, w, name in zip(fns, weights, names):
-        values: list[float | None] = [None] * n
-        errors: dict[int, str] = {}  # sample index -> cause
-
-        def check(i: int, raw: Any) -> None:
-            try:
-                v = _to_value(raw)
-            except TypeError as e:
-                errors[i] = f"returned a bad value ({e})"
-                return
-            if v is not None and not math.isfinite(v):
-                errors[i] = f"returned a non-finite value {v}"
-                return
-            values[i] = v
-
-        def call(idx: Sequence[int]) -> Any:
-            sub_fields = {k: [v[i] for i in idx] for k, v in fields.items()}
-            out = fn([prompts[i] for i in idx], [completions[i] for i in idx], **sub_fields)
-            try:
-                out = list(out)
-            except TypeError:
-                raise RewardShapeError(
-                    f"reward function {name!r} must return a list of {len(idx)} values, "
-                    f"got {type(out).__name__}"
-                ) from None
-            if len(out) != len(idx):
-                raise RewardShapeError(
-                    f"reward function {name!r} returned {len(out)} values for {len(idx)} samples"
-                )
-            return out
-
-        try:
-            batch_out = call(range(n)) if n else []
-        except RewardShapeError:
-            raise
-        except Exception:
-            batch_out = None
-
-        if batch_out is not None:
-            for i, raw in enumerate(batch_out):
-                check(i, raw)
-        else:
-            # The batched call raised: find the failing samples one by one.
-            for i in range(n):
-                try:
-                    (raw,) = call([i])
-                except RewardShapeError:
-                    raise
-                except Exception as e:
-                    errors[i] = f"raised {type(e).__name__}: {_one_line(e)}"
-                    continue
-                check(i, raw)
-            if not errors:
-                # Each sample alone is fine, only the batch raises: report the batch.
-                try:
-                    call(range(n))
-                except Exception as e:
-                    if on_error == "fail":
-                        raise ValueError(
-                            f"reward function {name!r} raised on the batch of {n} samples "
-                            f"(each sample alone succeeded): {type(e).__name__}: {_one_line(e)}"
-                        ) from e
-
+    for fn, w, name in zip(fns, weights, _unique_names(fns)):
+        values, errors = _score_function(fn, name, batch, on_error)
         if errors:
             first = min(errors)
             if on_error == "fail":
@@ -378,3 +300,115 @@ def evaluate_rewards(
         for i, v in enumerate(raw_values):
             totals[i] += w * v
     return result
+
+
+def _checked_weights(fns: list[Callable], weights: Sequence[float] | None) -> list[float]:
+    """One finite float weight per function (1.0 each when ``weights`` is None); at least one function."""
+    if not fns:
+        raise ValueError("evaluate_rewards needs at least one reward function")
+    if weights is None:
+        weights = [1.0] * len(fns)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(fns):
+        raise ValueError(f"got {len(weights)} weights for {len(fns)} reward functions")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"reward weights must be finite, got {weights}")
+    return weights
+
+
+def _unique_names(fns: list[Callable]) -> list[str]:
+    """Each function's `reward_name`, made unique with ``#k``."""
+    names: list[str] = []
+    for fn in fns:
+        base = reward_name(fn)
+        name, k = base, 1
+        while name in names:
+            name, k = f"{base}#{k}", k + 1
+        names.append(name)
+    return names
+
+
+@dataclass
+class _Batch:
+    """The samples every reward function is called on (fields: one list of N values per example field)."""
+
+    prompts: list[str]
+    completions: list[str]
+    fields: dict[str, list]
+
+
+def _call(fn: Callable, name: str, batch: _Batch, idx: Sequence[int]) -> list:
+    """``fn`` on the samples ``idx``: its values as a list of ``len(idx)``, else `RewardShapeError`."""
+    sub_fields = {k: [v[i] for i in idx] for k, v in batch.fields.items()}
+    out = fn([batch.prompts[i] for i in idx], [batch.completions[i] for i in idx], **sub_fields)
+    try:
+        out = list(out)
+    except TypeError:
+        raise RewardShapeError(
+            f"reward function {name!r} must return a list of {len(idx)} values, "
+            f"got {type(out).__name__}"
+        ) from None
+    if len(out) != len(idx):
+        raise RewardShapeError(
+            f"reward function {name!r} returned {len(out)} values for {len(idx)} samples"
+        )
+    return out
+
+
+def _checked_value(raw: Any) -> tuple[float | None, str | None]:
+    """A returned reward as ``(value, None)``, or ``(None, cause)`` when it is not a number or not finite."""
+    try:
+        v = _to_value(raw)
+    except TypeError as e:
+        return None, f"returned a bad value ({e})"
+    if v is not None and not math.isfinite(v):
+        return None, f"returned a non-finite value {v}"
+    return v, None
+
+
+def _score_function(fn: Callable, name: str, batch: _Batch, on_error: str) -> tuple[list, dict[int, str]]:
+    """One function's value per sample (None: abstained or failed) and the failing samples' causes. Called on the
+    whole batch first; if that raises, once per sample to find the failing ones."""
+    n = len(batch.completions)
+    values: list[float | None] = [None] * n
+    errors: dict[int, str] = {}  # sample index -> cause
+
+    def check(i: int, raw: Any) -> None:
+        v, cause = _checked_value(raw)
+        if cause is not None:
+            errors[i] = cause
+        else:
+            values[i] = v
+
+    try:
+        batch_out = _call(fn, name, batch, range(n)) if n else []
+    except RewardShapeError:
+        raise
+    except Exception:
+        batch_out = None
+
+    if batch_out is not None:
+        for i, raw in enumerate(batch_out):
+            check(i, raw)
+        return values, errors
+    # The batched call raised: find the failing samples one by one.
+    for i in range(n):
+        try:
+            (raw,) = _call(fn, name, batch, [i])
+        except RewardShapeError:
+            raise
+        except Exception as e:
+            errors[i] = f"raised {type(e).__name__}: {_one_line(e)}"
+            continue
+        check(i, raw)
+    if not errors:
+        # Each sample alone is fine, only the batch raises: report the batch.
+        try:
+            _call(fn, name, batch, range(n))
+        except Exception as e:
+            if on_error == "fail":
+                raise ValueError(
+                    f"reward function {name!r} raised on the batch of {n} samples "
+                    f"(each sample alone succeeded): {type(e).__name__}: {_one_line(e)}"
+                ) from e
+    return values, errors
