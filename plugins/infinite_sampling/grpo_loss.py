@@ -210,40 +210,50 @@ def grpo_loss(
     else:
         kl = None
 
+    loss = _aggregate(per_token, m, aggregation, max_completion_length, num_items_in_batch)
+    return loss, _loss_stats(ratio, adv, m, kl, clip_eps_low, clip_eps_high)
+
+
+def _aggregate(per_token: torch.Tensor, m: torch.Tensor, aggregation: str, max_completion_length: int | None,
+               num_items_in_batch: float | None) -> torch.Tensor:
+    """The per-token losses ``(B, T)`` reduced over the mask ``m`` as ``aggregation`` says (see the module doc)."""
     masked_sum = (per_token * m).sum()
     n_tokens = m.sum()
     if aggregation == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif aggregation == "bnpo":
-        loss = masked_sum / n_tokens.clamp(min=1.0)
-    elif aggregation == "dapo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if aggregation == "bnpo":
+        return masked_sum / n_tokens.clamp(min=1.0)
+    if aggregation == "dapo":
         if num_items_in_batch is None:
             normalizer = n_tokens.clamp(min=1.0)
         else:
             if not num_items_in_batch > 0:
                 raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
             normalizer = num_items_in_batch
-        loss = masked_sum / normalizer
-    else:  # dr_grpo
-        loss = masked_sum / (per_token.shape[0] * max_completion_length)
+        return masked_sum / normalizer
+    return masked_sum / (per_token.shape[0] * max_completion_length)  # dr_grpo
 
-    with torch.no_grad():
-        denom = n_tokens.clamp(min=1.0)
-        r = ratio.detach()
-        low = (r < 1 - clip_eps_low) & (adv < 0)
-        high = (r > 1 + clip_eps_high) & (adv > 0)
-        active = m > 0
-        stats = {
-            "clip_frac_low": float((low * m).sum() / denom),
-            "clip_frac_high": float((high * m).sum() / denom),
-            "clip_frac": float(((low | high) * m).sum() / denom),
-            "kl": float((kl.detach() * m).sum() / denom) if kl is not None else 0.0,
-            "ratio_mean": float((r * m).sum() / denom),
-            "ratio_min": float(r[active].min()) if bool(active.any()) else 1.0,
-            "ratio_max": float(r[active].max()) if bool(active.any()) else 1.0,
-            "num_tokens": float(n_tokens),
-        }
-    return loss, stats
+
+@torch.no_grad()
+def _loss_stats(ratio: torch.Tensor, adv: torch.Tensor, m: torch.Tensor, kl: torch.Tensor | None,
+                clip_eps_low: float, clip_eps_high: float) -> dict[str, float]:
+    """TRL's clip fractions, the mean k3 KL and the ratio's mean / min / max over the active tokens of ``m``."""
+    n_tokens = m.sum()
+    denom = n_tokens.clamp(min=1.0)
+    r = ratio.detach()
+    low = (r < 1 - clip_eps_low) & (adv < 0)
+    high = (r > 1 + clip_eps_high) & (adv > 0)
+    active = m > 0
+    return {
+        "clip_frac_low": float((low * m).sum() / denom),
+        "clip_frac_high": float((high * m).sum() / denom),
+        "clip_frac": float(((low | high) * m).sum() / denom),
+        "kl": float((kl.detach() * m).sum() / denom) if kl is not None else 0.0,
+        "ratio_mean": float((r * m).sum() / denom),
+        "ratio_min": float(r[active].min()) if bool(active.any()) else 1.0,
+        "ratio_max": float(r[active].max()) if bool(active.any()) else 1.0,
+        "num_tokens": float(n_tokens),
+    }
 
 
 def grpo_loss_part(
