@@ -336,6 +336,44 @@ class Component:
         return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
 
 
+def renamed_key(schema: type, key: str) -> str | None:
+    """The option that replaced ``key`` in an entry's schema: a field declares its former spellings with
+    ``field(metadata={"renamed_from": ("old",)})``. None if ``key`` is a field or was never one."""
+    if not dataclasses.is_dataclass(schema):
+        return None
+    fields = dataclasses.fields(schema)
+    if any(f.name == key for f in fields):
+        return None
+    return next((f.name for f in fields if key in f.metadata.get("renamed_from", ())), None)
+
+
+def find_renamed(cfg: Any, registries: Registries) -> str | None:
+    """The first entry name or option key in a config (a saved ``config.yaml`` of an older run) that has since
+    been renamed, as ``"<key path>: 'old' was renamed to 'new'"``; None if every name is current."""
+    data = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    if not isinstance(data, dict):
+        return None
+    for section, node in data.items():
+        kind = KINDS_BY_SECTION.get(section)
+        if kind is None:
+            continue
+        items = [(f"{section}[{i}]", n) for i, n in enumerate(node)] if isinstance(node, list) else [(section, node)]
+        registry = registries.for_section(section)
+        for where, item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue
+            new = registry.renamed(item["name"])
+            if new is not None:
+                return f"{where}.name: {item['name']!r} was renamed to {new!r}"
+            if item["name"] in registry:
+                schema = registry.get(item["name"]).config
+                for key in item:
+                    new = renamed_key(schema, str(key))
+                    if new is not None:
+                        return f"{where}.{key}: {key!r} was renamed to {new!r}"
+    return None
+
+
 def validate_section(section: str, node: Any, registries: Registries, where: str) -> tuple[Component, DictConfig]:
     """Check one component node against its registry entry; returns (Component, the node with defaults filled)."""
     registry = registries.for_section(section)
@@ -346,12 +384,16 @@ def validate_section(section: str, node: Any, registries: Registries, where: str
     if node.get("name") is None:
         raise ConfigError(f"{where}.name: missing; available: {registry.describe_available()}")
     if str(node.name) not in registry:  # named by its place (transforms[0].name), not just its section
-        raise ConfigError(f"{where}.name: unknown {section} {str(node.name)!r}; available: "
-                          f"{registry.describe_available()}")
+        raise registry.unknown(str(node.name), f"{where}.name")
     entry = registry.get(str(node.name))
     schema = OmegaConf.structured(entry.config)
     options = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "name"])
     label = f"{section} {entry.name!r} (plugin {entry.plugin!r})"
+    for key in options.keys():
+        new = renamed_key(entry.config, str(key))
+        if new is not None:
+            raise ConfigError(f"{where}.{key}: {str(key)!r} was renamed to {new!r} for {label}; write "
+                              f"{where}.{new} instead")
     allowed = ", ".join(f.name for f in dataclasses.fields(entry.config)) or "none"
     check_scalars(entry.config, _raw(options), where)
     try:

@@ -2,6 +2,10 @@
 
 Each kind maps a config section (``model:``, ``offload:`` …) to a registry. An entry holds the factory,
 its config dataclass (the schema), a one-line doc and the plugin that registered it.
+
+Entry names are snake_case (``hf_causal_lm``, ``sam_train``), like the option keys of the YAML. An entry that
+was known by another name declares it (``renamed_from=("hf-causal-lm",)``); the registry uses former names only
+to answer a config that still says them with a one-line hint to the new name.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ class Entry:
     doc: str = ""
     plugin: str = "?"
     extra: dict = field(default_factory=dict)  # kind-specific metadata, e.g. a recipe's ``requires``
+    renamed_from: tuple[str, ...] = ()  # former names, answered with a hint to this one
 
 
 class Registry:
@@ -63,9 +68,10 @@ class Registry:
     def __init__(self, kind: Kind):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._renamed: dict[str, str] = {}  # former name -> current name
 
     def register(self, name: str, factory: Callable[..., Any], *, config: type = EmptyConfig, doc: str = "",
-                 plugin: str = "?", **extra: Any) -> None:
+                 plugin: str = "?", renamed_from: tuple[str, ...] | list[str] | str = (), **extra: Any) -> None:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered a {self.kind.section} with an invalid name {name!r}")
         if not dataclasses.is_dataclass(config):
@@ -75,14 +81,33 @@ class Registry:
             other = self._entries[name].plugin
             raise PluginError(f"{self.kind.section} {name!r} is registered twice: by plugin {other!r} and by "
                               f"plugin {plugin!r}; disable one with PLAIT_DISABLE_PLUGINS")
-        self._entries[name] = Entry(name, factory, config, doc, plugin, dict(extra))
+        former = (renamed_from,) if isinstance(renamed_from, str) else tuple(renamed_from)
+        if not all(isinstance(old, str) and old and old != name for old in former):
+            raise PluginError(f"plugin {plugin!r}: {self.kind.section} {name!r} has an invalid renamed_from "
+                              f"{renamed_from!r}; give the former names as a tuple of strings")
+        self._entries[name] = Entry(name, factory, config, doc, plugin, dict(extra), former)
+        for old in former:
+            self._renamed.setdefault(old, name)
 
     def get(self, name: str) -> Entry:
         try:
             return self._entries[name]
         except KeyError:
-            raise ConfigError(f"{self.kind.section}.name: unknown {self.kind.section} {name!r}; available: "
-                              f"{self.describe_available()}") from None
+            raise self.unknown(name, f"{self.kind.section}.name") from None
+
+    def renamed(self, name: str) -> str | None:
+        """The current name of an entry formerly called ``name`` (None if ``name`` is current or unknown)."""
+        if name in self._entries:
+            return None
+        new = self._renamed.get(name)
+        return new if new in self._entries else None
+
+    def unknown(self, name: str, where: str) -> ConfigError:
+        """The error for a name that is not registered: a hint to the new name if it was renamed."""
+        new = self.renamed(name)
+        if new is not None:
+            return ConfigError(f"{where}: {name!r} was renamed to {new!r}; write {new} instead")
+        return ConfigError(f"{where}: unknown {self.kind.section} {name!r}; available: {self.describe_available()}")
 
     def describe_available(self) -> str:
         if not self._entries:

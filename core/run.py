@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import Checkpointer, RunLock, rng_state, set_rng_state
-from .config import Component, validate
+from .config import Component, find_renamed, validate
 from .errors import CheckpointError, ConfigError, PlaitError, RunWriteError
 from .manager import PluginHost, get_host
 from .metrics import MetricsLogger, Progress
@@ -152,7 +152,7 @@ RESUME_FREE = ("resume", "progress", "steps", "device", "log_every", "eval_every
                "out_dir", "name", "on_nonfinite")  # run keys a resume may change; everything else must equal the saved config
 
 
-def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
+def _check_resume_config(cfg: DictConfig, run_dir: Path, registries: Any = None) -> None:
     """A resume continues the *same* run: a different model, data or optimizer would load a state that does
     not fit (a traceback) or silently train something else under the old config.yaml."""
     saved_path = run_dir / "config.yaml"
@@ -162,6 +162,10 @@ def _check_resume_config(cfg: DictConfig, run_dir: Path) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"run.resume: cannot read '{saved_path}': {exc}") from None
+    renamed = find_renamed(saved, registries) if registries is not None else None
+    if renamed is not None:  # written before an entry or option was renamed: say so, not just "differs"
+        raise ConfigError(f"run.resume: '{saved_path}' is older than a rename ({renamed}); write the new name "
+                          f"there to resume this run")
     now = OmegaConf.to_container(cfg, resolve=True)
     for cur in (saved, now):
         for key in RESUME_FREE:
@@ -281,7 +285,7 @@ def compose(cfg: DictConfig, host: PluginHost | None = None) -> Run:
             raise CheckpointError(f"run.resume: '{run_dir}' has no complete checkpoint under checkpoints/")
         lock = RunLock(run_dir) if main else None
         try:
-            _check_resume_config(cfg, run_dir)
+            _check_resume_config(cfg, run_dir, host.registries)
             resume_state = Checkpointer.load(latest)
             if 0 < cfg.run.steps <= resume_state[0]:  # before the logger truncates anything of the finished run
                 raise CheckpointError(f"run.resume: '{run_dir}' already finished step {resume_state[0]} of "

@@ -115,7 +115,7 @@ class _OtherRecipe(Exception):
 
 def _load(run_dir: Path, host):
     from plait.checkpoint import Checkpointer
-    from plait.config import load_config, validate
+    from plait.config import find_renamed, load_config, validate
 
     if not run_dir.is_dir():
         raise PlaitError(f"attribute: '{run_dir}' is not a run directory")
@@ -126,6 +126,10 @@ def _load(run_dir: Path, host):
         raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/ (did the run "
                          f"finish? a sam_train run saves one at its last step)")
     cfg = load_config(run_dir / "config.yaml")
+    renamed = find_renamed(cfg, host.registries)
+    if renamed is not None:  # a run written before an entry or option was renamed
+        raise ConfigError(f"attribute: '{run_dir / 'config.yaml'}' is older than a rename ({renamed}); write the "
+                          f"new name there to attribute this run")
     comps = validate(cfg, host.registries)
     if cfg.recipe.name != "sam_train":
         raise _OtherRecipe(cfg, comps)
