@@ -169,7 +169,7 @@ def mislabel(args, hidden):
 
 
 def lm_case(args) -> dict:
-    """Mislabel detection on the bundled tiny OPT: synthetic-sentiment with ``--flip`` of the completions swapped,
+    """Mislabel detection on the bundled tiny OPT: synthetic_sentiment with ``--flip`` of the completions swapped,
     AdamW fine-tuning (sft's loss: mean completion-token NLL per example), checkpoints every quarter of the run,
     then `projected.CheckpointTracIn` self-influence (exact, and projected to ``--lm-k``) vs the final training
     loss as rankings of the flipped examples; seconds and peak RSS per 1,000 scored examples."""
@@ -261,7 +261,7 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.case == "lm":
-        result = {"benchmark": "attribution", "case": "lm", "dataset": "synthetic-sentiment",
+        result = {"benchmark": "attribution", "case": "lm", "dataset": "synthetic_sentiment",
                   "torch": torch.__version__, "settings": vars(args), "lm": lm_case(args)}
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(result, indent=2))

@@ -60,7 +60,7 @@ PRESETS = {
     }),
     "dp_sam_sft_opt": ("dp_sam_sft_opt.yaml", "eval/accuracy", {
         "dp_sat": [],
-        "dp_sgd": ["grad_transform={name: dp-flat, target_epsilon: 8.0, max_grad_norm: 1.0}"],
+        "dp_sgd": ["grad_transform={name: dp_flat, target_epsilon: 8.0, max_grad_norm: 1.0}"],
         "sam": ["grad_transform={name: sam, rho: 0.05}"],
         "plain": ["~grad_transform"],
     }),

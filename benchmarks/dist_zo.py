@@ -16,7 +16,7 @@ host memcpy and the gather goes through loopback TCP, so expect no gain there; t
     .venv/bin/python benchmarks/dist_zo.py                         # OPT "small", batch 16, 25 steps
     .venv/bin/python benchmarks/dist_zo.py --size tiny --steps 15
     .venv/bin/python benchmarks/dist_zo.py --size tiny --offload zo2 --variants single,pertp,pertp_sliced
-    python benchmarks/dist_zo.py --device cuda --backend nccl --nproc 4 --variants single,pertp,zo_ddp,2d \
+    python benchmarks/dist_zo.py --device cuda --backend nccl --nproc 4 --variants single,pertp,zo_ddp,zo_2d \
         --model-config '{"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192}'
                                                     # several GPUs (benchmarks/gpu/dist_zo.sh); pertp uses 2
 
@@ -40,8 +40,8 @@ CFG = """
 run: {{name: {name}, seed: 0, steps: {steps}, log_every: {window}, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false, keep_checkpoints: 1, device: {device}}}
 recipe: {{name: zo, batch_size: {batch}, max_length: {seq}, eval_batch_size: 64, eval_examples: 8}}
-model: {{name: hf-causal-lm, arch: opt, size: {size}, config: {model_config}}}
-data: {{name: synthetic-sentiment, n_train: 512, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: opt, size: {size}, config: {model_config}}}
+data: {{name: synthetic_sentiment, n_train: 512, n_eval: 8}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-4}}
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--window", type=int, default=5)
-    ap.add_argument("--nproc", type=int, default=2, help="processes for zo_ddp and 2d (pertp always uses 2)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes for zo_ddp and zo_2d (pertp always uses 2)")
     ap.add_argument("--variants", default="single,pertp,zo_ddp")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="gloo")
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--model-config", default="{}", help="HF config overrides (JSON), e.g. an OPT-1.3B shape")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    procs = {"single": 1, "pertp": 2, "zo_ddp": args.nproc, "2d": args.nproc}
+    procs = {"single": 1, "pertp": 2, "zo_ddp": args.nproc, "zo_2d": args.nproc}
     nproc = {v: procs[v.removesuffix("_sliced")] for v in ["single"] + variants}
     if any(v.endswith("_sliced") for v in variants) and args.offload != "zo2":
         raise SystemExit("the *_sliced variants slice zo2 block uploads: add --offload zo2")

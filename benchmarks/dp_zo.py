@@ -4,7 +4,7 @@ One process drives one ``plait run`` subprocess per variant (so each has its own
 with ``os.wait4``), all on the same data, model and step count:
 
 * ``zo``        ``configs/quickstart.yaml``: MeZO steps with the ZO2 engine (fp16 host storage), batch 16;
-* ``dpzo_eps2``, ``dpzo_eps8``  the same plus ``grad_transform: dp-zo`` at target ε 2 / 8 (δ 1e-5, C = 20 as
+* ``dpzo_eps2``, ``dpzo_eps8``  the same plus ``grad_transform: dp_zo`` at target ε 2 / 8 (δ 1e-5, C = 20 as
   ``configs/compose/dp_zo2.yaml``; Poisson batches of mean 16);
 * ``dpsgd_eps2``, ``dpsgd_eps8``  first-order ``sft`` (``configs/basics/sft_quickstart.yaml`` on the same
   bundled base, AdamW) with ``grad_transform: flashdp`` at the same ε, δ and steps (C = 1).
@@ -59,7 +59,7 @@ def argv_of(variant: str, steps: int, out: Path, n_train: int, size: str | None 
     eps = float(variant.rsplit("eps", 1)[1])
     if variant.startswith("dpzo"):
         return [str(REPO / "configs/quickstart.yaml"), *common,
-                f"grad_transform={{name: dp-zo, target_epsilon: {eps}, max_grad_norm: 20.0, delta: 1.0e-5}}"]
+                f"grad_transform={{name: dp_zo, target_epsilon: {eps}, max_grad_norm: 20.0, delta: 1.0e-5}}"]
     return [str(REPO / "configs/basics/sft_quickstart.yaml"), *([] if size else [BASE]), *common,
             f"grad_transform={{name: flashdp, target_epsilon: {eps}, max_grad_norm: 1.0, delta: 1.0e-5}}"]
 

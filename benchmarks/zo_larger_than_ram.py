@@ -9,7 +9,7 @@ process streaming every block from the memory-mapped shards, and reports seconds
     python benchmarks/zo_larger_than_ram.py --dir /tmp/x --layers 4 --steps 2       # a quick look
     nice -n 19 python benchmarks/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b --steps 1 --dp   # DP-ZO
 
-``--dp``: private zeroth-order steps (``dp-zo``, plugins/flashdp/dp_zo.py) through the same disk tier. The data
+``--dp``: private zeroth-order steps (``dp_zo``, plugins/flashdp/dp_zo.py) through the same disk tier. The data
 is ``--dp-n`` random token sequences of ``--seq`` tokens (the second half as completion); each step's batch is
 Poisson-sampled at rate ``--batch`` / ``--dp-n``; each example's projected gradient comes from the engine's
 own two streamed passes (no extra forward), is clipped to ``--dp-clip`` and gets Gaussian noise whose σ is
@@ -110,7 +110,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--dp", action="store_true", help="DP-ZO steps (dp-zo) instead of plain ZO")
+    ap.add_argument("--dp", action="store_true", help="DP-ZO steps (dp_zo) instead of plain ZO")
     ap.add_argument("--dp-epsilon", type=float, default=8.0, help="target ε at δ 1e-5 over --steps steps")
     ap.add_argument("--dp-clip", type=float, default=1.0, help="C: each example's projected gradient clip")
     ap.add_argument("--dp-n", type=int, default=64, help="examples in the private data set")

@@ -87,7 +87,7 @@ def _model_for_disk(args):
     if args.disk_source == "materialize":
         model, vocab = build_model(args.arch, args.size)
         return model, vocab, dict(disk_dir=args.disk_dir)
-    # "shards": built from the shard directory without materializing the blocks (model family zo2-shards)
+    # "shards": built from the shard directory without materializing the blocks (model family zo2_shards)
     from plait.plugins.zo2.shards import load_sharded_model
 
     model, _ = load_sharded_model(args.disk_dir)

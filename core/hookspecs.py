@@ -33,7 +33,7 @@ def register_model_families(register):
 
         @hookimpl
         def register_model_families(register):
-            register("hf-causal-lm", build_hf_causal_lm, config=HFCausalLMConfig, doc="HF OPT/Qwen3/LLaMA")
+            register("hf_causal_lm", build_hf_causal_lm, config=HFCausalLMConfig, doc="HF OPT/Qwen3/LLaMA")
     """
 
 

@@ -241,7 +241,7 @@ class FirstOrderStep:
             if self_sampled and not private:
                 raise ConfigError(f"grad_transform: {', '.join(map(repr, transform.names))} under parallel "
                                   f"{getattr(par, 'name', '?')!r} is not supported yet; private ddp takes one DP "
-                                  f"transform (flashdp, dp-flat) alone")
+                                  f"transform (flashdp, dp_flat) alone")
             if hasattr(par, "broadcast_parameters"):
                 par.broadcast_parameters(model)
             if private:

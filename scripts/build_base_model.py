@@ -10,7 +10,7 @@ tokenizer's vocabulary, ~0.17M parameters) as a plain causal LM with AdamW on
 a generated corpus, then ``save_pretrained``s it (fp32 safetensors, under
 1 MB) with the tokenizer to ``plugins/basics/assets/tiny-opt-base/``.  Load it
 with ``build_causal_lm(path="bundled:tiny-opt-base")`` or, in a config,
-``model: {name: hf-causal-lm, path: "bundled:tiny-opt-base"}``.
+``model: {name: hf_causal_lm, path: "bundled:tiny-opt-base"}``.
 
 Why: zeroth-order fine-tuning (MeZO / ZO2) adapts a *pretrained* language
 model; from a random init it lowers the loss but does not learn the task.  The

@@ -117,7 +117,7 @@ def generic_sentences(n: int, seed: int = SEED) -> list[str]:
 
 def corpus() -> list[str]:
     data = _load_data_module()
-    # A large synthetic-sentiment draw: it contains the default splits' style
+    # A large synthetic_sentiment draw: it contains the default splits' style
     # and every sentiment word many times, so those words become single tokens.
     task = data.SyntheticSentiment(n_train=4096, n_eval=1024, seed=SEED)
     lines = [e["prompt"] + e["completion"] for split in ("train", "eval") for e in task.examples(split)]

@@ -1,6 +1,6 @@
 """Write a randomly initialised causal LM as a sharded directory, one block at a time (never the whole model).
 
-The directory is what the zo2 disk tier streams from (``model: {name: zo2-shards, path: DIR}``), so a model
+The directory is what the zo2 disk tier streams from (``model: {name: zo2_shards, path: DIR}``), so a model
 larger than RAM can be fine-tuned with ZO2. Example: an OPT-13B-shaped fp16 model (~26 GB on disk):
 
     python scripts/make_shards.py --arch opt --out /data/opt13b --dtype fp16 \\

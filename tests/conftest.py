@@ -67,8 +67,8 @@ TINY_RUN = """
 run: {{name: t, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, out_dir: {out},
       progress: false}}
 recipe: {{name: sft, lr: 3.0e-3, batch_size: 4, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 32, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 32, n_eval: 8}}
 """
 
 

@@ -16,11 +16,11 @@ from plait.run import execute
 LM = """
 run: {{name: c, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: sft, lr: 1.0e-2, batch_size: 8, eval_batch_size: 32, eval_examples: 8}}
-model: {{name: hf-causal-lm, arch: {arch}, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 64, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: {arch}, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
 """
 DP = "{name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"
-DP_FLAT = "{name: dp-flat, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"
+DP_FLAT = "{name: dp_flat, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"
 SAM = "{name: sam, rho: 0.05}"
 
 
@@ -41,7 +41,7 @@ def _assert_loss_moved(rows):
 
 
 # --- works ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chain", [DP, DP_FLAT, f"[{SAM}, {DP}]"], ids=["flashdp", "dp-flat", "sam+flashdp"])
+@pytest.mark.parametrize("chain", [DP, DP_FLAT, f"[{SAM}, {DP}]"], ids=["flashdp", "dp_flat", "sam+flashdp"])
 def test_sft_with_a_private_chain_logs_epsilon_and_trains(tmp_path, fresh_host, chain):
     run = _run(tmp_path, fresh_host, [f"grad_transform={chain}"])
     rows = _rows(run.dir)
@@ -83,10 +83,10 @@ def test_sft_with_freeze_and_sam_moves_only_the_unfrozen_parameters(tmp_path, fr
 # --- refused ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config,override,match", [
     ("quickstart", f"grad_transform={DP}", r"grad_transform: 'flashdp' transforms first-order gradients, but recipe "
-                                           r"'zo' takes zeroth-order steps; use 'dp-zo'"),
-    ("basics/sft_quickstart", "grad_transform={name: dp-zo, noise_multiplier: 1.0}", r"use 'dp-flat' or 'flashdp'"),
-    ("quickstart", "grad_transform=[{name: dp-zo, noise_multiplier: 1.0}, {name: sam}]",
-     r"grad_transform\[1\]: 'sam' after the private 'dp-zo'"),
+                                           r"'zo' takes zeroth-order steps; use 'dp_zo'"),
+    ("basics/sft_quickstart", "grad_transform={name: dp_zo, noise_multiplier: 1.0}", r"use 'dp_flat' or 'flashdp'"),
+    ("quickstart", "grad_transform=[{name: dp_zo, noise_multiplier: 1.0}, {name: sam}]",
+     r"grad_transform\[1\]: 'sam' after the private 'dp_zo'"),
     ("basics/sft_quickstart", "perturbation={name: mezo}", r"recipe 'sft' does not use a 'perturbation:' section"),
     ("basics/sft_quickstart", "offload={name: zo2}", r"recipe 'sft' does not use a 'offload:' section"),
     ("basics/sft_quickstart", f"grad_transform=[{DP}, {SAM}]", r"grad_transform\[1\]: 'sam' after the private"),
@@ -98,7 +98,7 @@ def test_sft_with_freeze_and_sam_moves_only_the_unfrozen_parameters(tmp_path, fr
     ("sam_if/digits", f"grad_transform={DP}\nrecipe.m=4", r"recipe\.m: m-sharpness \(m=4\) does not combine"),
     ("capsule/depth_v2", f"grad_transform={DP}", r"^error: grad_transform: the private 'flashdp' needs per-sample "
                                                  r"gradients, but model 'v2_sfmlearner' with norm: batch .*BatchNorm"),
-    ("capsule/depth_v2", f"grad_transform=[{SAM}, {DP_FLAT}]", r"grad_transform\[1\]: the private 'dp-flat'"),
+    ("capsule/depth_v2", f"grad_transform=[{SAM}, {DP_FLAT}]", r"grad_transform\[1\]: the private 'dp_flat'"),
     ("capsule/depth_v2", f"grad_transform={DP}\nmodel.norm=group", r"grad_transform\.skip: pose_net and vibration "
                                                                      r"run twice per snippet"),
 ])
@@ -128,7 +128,7 @@ def test_a_command_line_list_replaces_a_mapping_section_and_back(tmp_path, fresh
     cfg.write_text(LM.format(steps=1, out=tmp_path / "runs", arch="opt") + f"grad_transform: {DP}\n")
     chained = load_config(cfg, [f"grad_transform=[{SAM}, {DP_FLAT}]"])
     assert isinstance(chained.grad_transform, ListConfig)
-    assert [m.name for m in chained.grad_transform] == ["sam", "dp-flat"]
+    assert [m.name for m in chained.grad_transform] == ["sam", "dp_flat"]
     cfg.write_text(LM.format(steps=1, out=tmp_path / "runs", arch="opt") + f"grad_transform: [{SAM}, {DP}]\n")
     single = load_config(cfg, [f"grad_transform={DP_FLAT}"])
-    assert single.grad_transform.name == "dp-flat" and single.grad_transform.noise_multiplier == 0.5
+    assert single.grad_transform.name == "dp_flat" and single.grad_transform.noise_multiplier == 0.5

@@ -22,8 +22,8 @@ DOC = ROOT / "docs" / "reliability.md"
 TINY = """\
 run: {{name: t, seed: 0, steps: 2, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: sft, lr: 3.0e-3, batch_size: 4, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 32, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 32, n_eval: 8}}
 """
 GT = "grad_transform={name: flashdp, noise_multiplier: 1.0, delta: 1.0e-3"
 
@@ -118,7 +118,7 @@ FILES = [
     ("an empty file", "", "recipe: missing"),
     ("recipe without name", TINY.replace("name: sft, ", ""), "recipe.name: missing"),
     ("a broken interpolation", TINY.replace("lr: 3.0e-3", "lr: '${{nope}}'"), "cannot resolve interpolation"),
-    ("recipe: null and model list", TINY.replace("model: {{name: hf-causal-lm, arch: opt, size: tiny}}",
+    ("recipe: null and model list", TINY.replace("model: {{name: hf_causal_lm, arch: opt, size: tiny}}",
                                                  "model: [1, 2]"), "model: must be a mapping"),
 ]
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# DistZO2 on several GPUs of one node (NCCL): steps/s of pertp (2 GPUs), zo_ddp and 2d (NGPU GPUs) relative to
+# DistZO2 on several GPUs of one node (NCCL): steps/s of pertp (2 GPUs), zo_ddp and zo_2d (NGPU GPUs) relative to
 # one GPU at the same global batch, in-GPU MeZO and with ZO2 streaming (fp16 host copies), on OPT-1.3B and
 # OPT-2.7B shapes (random init). With ZO2 also the sliced block upload (pertp_sliced, zo_ddp_sliced[, 2d_sliced]:
 # each GPU uploads 1/k of a block over PCIe, an NCCL all-gather over NVLink completes it). Each configuration
 # writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object from benchmarks/dist_zo.py). Needs at least 2
-# GPUs; 2d needs 4. Not runnable on a single-GPU machine.
+# GPUs; zo_2d needs 4. Not runnable on a single-GPU machine.
 #
 #   OUT=/some/dir bash benchmarks/gpu/dist_zo.sh            # from the repository root, on the multi-GPU machine
 #   NGPU=8 STEPS=30 OUT=/some/dir bash benchmarks/gpu/dist_zo.sh
@@ -25,7 +25,7 @@ if [ "${NGPU}" -lt 2 ]; then
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 VARIANTS="single,pertp,zo_ddp"
-if [ "${NGPU}" -ge 4 ] && [ $((NGPU % 2)) -eq 0 ]; then VARIANTS="$VARIANTS,2d"; fi
+if [ "${NGPU}" -ge 4 ] && [ $((NGPU % 2)) -eq 0 ]; then VARIANTS="$VARIANTS,zo_2d"; fi
 
 declare -A SHAPES=(
   [opt1.3b]='{"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192, "max_position_embeddings": 2048}'

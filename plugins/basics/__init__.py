@@ -1,8 +1,8 @@
 """Builtin plugin ``basics``: the first-order path every other method stands beside.
 
-Registers recipe ``sft``, model family ``hf-causal-lm`` (OPT, Qwen3, LLaMA from a size preset, an explicit HF
+Registers recipe ``sft``, model family ``hf_causal_lm`` (OPT, Qwen3, LLaMA from a size preset, an explicit HF
 config, or a local ``from_pretrained`` directory, with the bundled tokenizer), datasets ``jsonl`` and
-``synthetic-sentiment``, model transform ``freeze`` and parallel strategy ``single``.
+``synthetic_sentiment``, model transform ``freeze`` and parallel strategy ``single``.
 
     plait run configs/quickstart.yaml
 """
@@ -128,14 +128,15 @@ def register_recipes(register):
 
 @hookimpl
 def register_model_families(register):
-    register("hf-causal-lm", build_hf_causal_lm, config=HFCausalLMConfig,
+    register("hf_causal_lm", build_hf_causal_lm, config=HFCausalLMConfig, renamed_from=("hf-causal-lm",),
              doc="HF OPT / Qwen3 / LLaMA causal LM from a size preset, an HF config, or a local directory",
              check=check_hf_causal_lm)
 
 
 @hookimpl
 def register_datasets(register):
-    register("synthetic-sentiment", build_synthetic_sentiment, config=SyntheticSentimentConfig,
+    register("synthetic_sentiment", build_synthetic_sentiment, config=SyntheticSentimentConfig,
+             renamed_from=("synthetic-sentiment",),
              doc="bundled templated sentiment sentences with label words (learnable, no download)")
     register("jsonl", build_jsonl, config=JsonlConfig, doc="JSON Lines of prompt/completion or text/label")
 

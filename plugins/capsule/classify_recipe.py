@@ -10,7 +10,7 @@ cosine decay. Evaluation: accuracy, balanced accuracy, macro-F1, MCC, the majori
 confusion matrix as a TensorBoard image.
 
 The recipe is the objective (`batch_indices`, `mean_loss`, `sample_losses`); the shared
-`plait.step.FirstOrderStep` moves the parameters, so ``grad_transform:`` (sam, flashdp, dp-flat, chains) and
+`plait.step.FirstOrderStep` moves the parameters, so ``grad_transform:`` (sam, flashdp, dp_flat, chains) and
 ``transforms:`` (freeze, …) apply. Under DP each example's loss is w_y·ℓ_i (docs/capsule.md, "The shared step").
 """
 from __future__ import annotations

@@ -137,7 +137,7 @@ class DepthRecipeConfig:
 class ClassifyRecipeConfig:
     """Recipe ``classify``: from-scratch image classification with imbalance handling (steps: ``run.steps``).
     AdamW (decay / no-decay groups), warm-up + cosine, on the shared first-order step: accepts ``grad_transform:``
-    (sam, flashdp, dp-flat, chains) and ``transforms:``."""
+    (sam, flashdp, dp_flat, chains) and ``transforms:``."""
 
     lr: float = 1.0e-3
     weight_decay: float = 0.05

@@ -301,4 +301,4 @@ def refuse_batch_mixing(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             raise ConfigError(f"grad_transform: model layer '{name}' is a {type(module).__name__}: it mixes the "
                               f"samples of a batch (batch statistics), so per-sample gradients and DP are not "
-                              f"defined for this model; drop the private transform (flashdp / dp-flat)")
+                              f"defined for this model; drop the private transform (flashdp / dp_flat)")

@@ -5,7 +5,7 @@ perturbation and either offload policy (``none`` or the streamed ``zo2`` engine)
 
 * ``zo_ddp``: every rank draws the same z, evaluates both losses on its own micro-batch; g is averaged;
 * ``pertp``: perturbation parallelism: a rank pair evaluates f(θ+εz) and f(θ-εz) of the same batch;
-* ``2d``: PertP pairs × data-parallel groups.
+* ``zo_2d``: PertP pairs × data-parallel groups.
 
 Each step exchanges one all-gather of a few loss scalars; parameters never travel. Launch with torchrun
 (gloo on CPU, NCCL on GPU; multi-node through torchrun's rendezvous)::
@@ -44,5 +44,5 @@ def register_parallel_strategies(register):
              doc="DistZO2 data parallelism: same z on every rank, own micro-batch, one scalar all-gather per step")
     register("pertp", build_pertp, config=DistZOConfig, updates=("zeroth_order",),
              doc="DistZO2 perturbation parallelism: a rank pair runs f(θ+εz) and f(θ-εz) of one batch")
-    register("2d", build_2d, config=DistZOConfig, updates=("zeroth_order",),
+    register("zo_2d", build_2d, config=DistZOConfig, updates=("zeroth_order",), renamed_from=("2d",),
              doc="DistZO2 2D parallelism: PertP pairs × data-parallel groups (world = 2 × groups)")

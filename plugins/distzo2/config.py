@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 @dataclass
 class DistZOConfig:
-    """Parallel strategies ``zo_ddp``, ``pertp`` and ``2d``: torch.distributed, launched by torchrun."""
+    """Parallel strategies ``zo_ddp``, ``pertp`` and ``zo_2d``: torch.distributed, launched by torchrun."""
 
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 300.0  # a collective (or the start-up rendezvous) waiting longer than this fails the run

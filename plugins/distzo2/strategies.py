@@ -1,4 +1,4 @@
-"""Parallel strategies ``zo_ddp``, ``pertp`` and ``2d``: the ZO step of the ``zo`` recipe on several processes.
+"""Parallel strategies ``zo_ddp``, ``pertp`` and ``zo_2d``: the ZO step of the ``zo`` recipe on several processes.
 
 The world is laid out as ``dp`` data-parallel groups of ``pert`` consecutive ranks (rank ``r`` is member
 ``r % pert`` of group ``r // pert``):
@@ -8,7 +8,7 @@ strategy   pert    dp              what a rank does in a step
 =========  ======  ==============  ==================================================================
 zo_ddp     1       world           every chunk (f⁺ and f⁻) on its own micro-batch (1/world of the batch)
 pertp      2       1               member 0 the f⁺ chunks, member 1 the f⁻ chunks, on the whole batch
-2d         2       world / 2       pertp inside a group, on the group's micro-batch (1/dp of the batch)
+zo_2d      2       world / 2       pertp inside a group, on the group's micro-batch (1/dp of the batch)
 =========  ======  ==============  ==================================================================
 
 Every rank holds the same parameters and follows the same step seed, and applies *every* in-place shift of the
@@ -277,21 +277,21 @@ class PertP(DistZO):
     def _check_world(self, world: int) -> None:
         if world < 2 or world % 2:
             raise ConfigError(f"parallel 'pertp': needs an even world size (rank pairs), got WORLD_SIZE={world}; "
-                              f"use torchrun --nproc-per-node 2, or 2d / zo_ddp for other sizes")
+                              f"use torchrun --nproc-per-node 2, or zo_2d / zo_ddp for other sizes")
         if world > 2:
-            raise ConfigError(f"parallel 'pertp': one rank pair only, got WORLD_SIZE={world}; use parallel.name=2d "
+            raise ConfigError(f"parallel 'pertp': one rank pair only, got WORLD_SIZE={world}; use parallel.name=zo_2d "
                               f"to add data parallelism across {world // 2} pairs")
 
 
 class TwoD(DistZO):
-    """``2d``: PertP pairs × data-parallel groups (world = 2 × dp)."""
+    """``zo_2d``: PertP pairs × data-parallel groups (world = 2 × dp)."""
 
-    name = "2d"
+    name = "zo_2d"
     pert = 2
 
     def _check_world(self, world: int) -> None:
         if world < 2 or world % 2:
-            raise ConfigError(f"parallel '2d': the world size must be a multiple of 2 (PertP pairs × data-parallel "
+            raise ConfigError(f"parallel 'zo_2d': the world size must be a multiple of 2 (PertP pairs × data-parallel "
                               f"groups), got WORLD_SIZE={world}")
 
 
@@ -308,7 +308,7 @@ class DistMeZO:
         self._local = {c: c // pert for c in range(inner.n_chunks) if c % pert == member}
         self.last_losses: list[float] = []
         self.last_group_losses: list[list[float]] = []
-        self.exclude_local_samples = False  # dp-zo: this rank's forward ran a stand-in example (empty share)
+        self.exclude_local_samples = False  # dp_zo: this rank's forward ran a stand-in example (empty share)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["inner"], name)
@@ -323,7 +323,7 @@ class DistMeZO:
 
     def estimate(self, losses: list[float], sample_losses: list[torch.Tensor] | None = None) -> list[float]:
         """g from every rank's losses: one all-gather, then Σ_d g_d / dp in rank order (identical everywhere).
-        With per-example losses (dp-zo) the gather carries them, and the inner estimate sees the global batch."""
+        With per-example losses (dp_zo) the gather carries them, and the inner estimate sees the global batch."""
         if sample_losses is not None:
             return self._estimate_private(losses, sample_losses)
         self.last_losses, self.last_group_losses = self.strategy.combine([float(x) for x in losses])
@@ -338,7 +338,7 @@ class DistMeZO:
 
 
     def _estimate_private(self, losses: list[float], sample_losses: list[torch.Tensor]) -> list[float]:
-        """dp-zo: gather every rank's per-example losses of its own chunks (shares may differ in size), rebuild
+        """dp_zo: gather every rank's per-example losses of its own chunks (shares may differ in size), rebuild
         each chunk's losses over the global batch in rank order, and let the private estimate clip and noise
         them; the noise comes from the shared secret seed, so every rank computes the identical update."""
         mine = [] if self.exclude_local_samples else [s.tolist() for s in sample_losses]

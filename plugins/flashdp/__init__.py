@@ -1,7 +1,7 @@
 """Builtin plugin ``flashdp``: DP-SGD with per-layer clipping fused into the backward (FlashDP), and flat clipping.
 
-Registers gradient transforms ``flashdp`` (per-layer clipping) and ``dp-flat`` (one global threshold), used by
-the first-order recipes through the shared step (``grad_transform:`` section), and ``dp-zo`` (clipped, noised
+Registers gradient transforms ``flashdp`` (per-layer clipping) and ``dp_flat`` (one global threshold), used by
+the first-order recipes through the shared step (``grad_transform:`` section), and ``dp_zo`` (clipped, noised
 per-example projected gradients) for the ``zo`` recipe. The accountant that logs ``privacy/epsilon`` is Rényi DP
 (``accountant: rdp``, the default; :mod:`.rdp`) or privacy loss random variables (``accountant: prv``;
 :mod:`.prv`); :mod:`.accountant` re-exports the RDP names and holds the σ search for ``target_epsilon`` (with
@@ -66,12 +66,13 @@ def project_flashdp(cfg, options) -> str | None:
 def register_grad_transforms(register):
     from .dp_zo import DPZOConfig
 
-    register("dp-zo", build_dp_zo, config=DPZOConfig, private=True, update="zeroth_order", check=build_dp_zo,
+    register("dp_zo", build_dp_zo, config=DPZOConfig, renamed_from=("dp-zo",), private=True, update="zeroth_order",
+             check=build_dp_zo,
              doc="DP zeroth-order steps: per-example projected gradients clipped to [-C, C], Gaussian noise, "
                  "accountant (the zo recipe; in-place, ZO2, DistZO2)")
     register("flashdp", build_flashdp, config=FlashDPConfig,
              doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP or PRV accountant",
              private=True, check=build_flashdp, project=project_flashdp)
-    register("dp-flat", build_dp_flat, config=FlashDPConfig,
+    register("dp_flat", build_dp_flat, config=FlashDPConfig, renamed_from=("dp-flat",),
              doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)",
              private=True, check=build_dp_flat, project=project_flashdp)

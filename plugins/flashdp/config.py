@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class FlashDPConfig:
-    """Gradient transform ``flashdp`` (per-layer clipping) and ``dp-flat`` (one global threshold)."""
+    """Gradient transform ``flashdp`` (per-layer clipping) and ``dp_flat`` (one global threshold)."""
 
     max_grad_norm: float = 1.0  # C: per-layer mode splits it over the K groups, C_k = C/sqrt(K) (sqrt(Σ C_k²) = C)
     thresholds: dict[str, float] = field(default_factory=dict)  # fnmatch pattern over parameter names -> C_k

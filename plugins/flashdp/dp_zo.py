@@ -1,4 +1,4 @@
-"""The ``dp-zo`` transform: differentially private zeroth-order steps (DPZero, Zhang et al. 2023; DP-ZO, Tang et
+"""The ``dp_zo`` transform: differentially private zeroth-order steps (DPZero, Zhang et al. 2023; DP-ZO, Tang et
 al. 2024) for the ``zo`` recipe, with any of its engines (in-place, ZO2 host / fp16 / disk) and DistZO2 ``pertp``.
 
 The only data-dependent quantity of a MeZO step is one scalar per example and perturbation sample j: the
@@ -37,7 +37,7 @@ from .prv import PRVAccountant
 
 @dataclass
 class DPZOConfig:
-    """Grad transform ``dp-zo`` (the ``zo`` recipe)."""
+    """Grad transform ``dp_zo`` (the ``zo`` recipe)."""
 
     # C: each example's projected gradient is clipped to [-C, C]; .inf only without privacy
     max_grad_norm: float = field(default=1.0, metadata={"allow_inf": True})
@@ -178,7 +178,7 @@ class PrivateMeZO:
     def estimate(self, losses: list[float], sample_losses: list[torch.Tensor] | None = None) -> list[float]:
         """ĝ_j from per-example chunk losses ``sample_losses[c][i]`` (chunk order as the inner's)."""
         if sample_losses is None:
-            raise RuntimeError("dp-zo: the engine did not report per-example losses")
+            raise RuntimeError("dp_zo: the engine did not report per-example losses")
         per = torch.stack([s.to(torch.float64) for s in sample_losses], dim=1)  # [B, chunks]
         g = torch.tensor([self.inner.estimate(row.tolist()) for row in per], dtype=torch.float64) \
             if per.shape[0] else None

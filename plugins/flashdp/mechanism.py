@@ -1,6 +1,6 @@
 """What every DP transform of this plugin shares: the noise options' checks, the per-step seed derived from the
-(secret) base seed, and Poisson sampling of a step's batch. ``flashdp`` / ``dp-flat`` (first-order) and
-``dp-zo`` (zeroth-order) differ only in what they clip."""
+(secret) base seed, and Poisson sampling of a step's batch. ``flashdp`` / ``dp_flat`` (first-order) and
+``dp_zo`` (zeroth-order) differ only in what they clip."""
 from __future__ import annotations
 
 import math

@@ -68,7 +68,7 @@ class FlashDP:
         if bad:
             raise ValueError(f"grad_transform.thresholds: every threshold must be > 0, got {bad}")
         if mode == "flat" and thresholds:
-            raise ValueError("grad_transform.thresholds apply to flashdp only (per-layer clipping); dp-flat has one "
+            raise ValueError("grad_transform.thresholds apply to flashdp only (per-layer clipping); dp_flat has one "
                              "threshold, max_grad_norm: remove thresholds")
         if unsupported not in ("freeze", "error"):
             raise ValueError(f"grad_transform.unsupported {unsupported!r}; allowed: freeze, error")

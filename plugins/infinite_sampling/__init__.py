@@ -17,7 +17,7 @@ Objects come from the factories (``g``, ``cache_capacity`` … from the config) 
 Also registers recipe ``grpo`` (rollouts from the ``sampler:`` section -> rewards -> group advantages ->
 clipped policy loss, optional k3 KL to a frozen reference; rewards are listed in the recipe's ``rewards:`` option;
 the update is the shared ``plait.step.FirstOrderStep``, so ``grad_transform:`` works: ``sam``, and ``flashdp`` /
-``dp-flat`` for DP GRPO with one training prompt as the privacy unit) and the bundled verifiable tasks as datasets
+``dp_flat`` for DP GRPO with one training prompt as the privacy unit) and the bundled verifiable tasks as datasets
 ``addition`` and ``copy``::
 
     plait run configs/grpo/addition.yaml

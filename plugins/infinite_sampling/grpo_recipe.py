@@ -22,7 +22,7 @@ Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run 
    aggregation). Without a grad transform the trajectory is the one this recipe had before the shared step.
 
 Grad transforms (``grad_transform:``, one mapping or a list; see `plait.step`): ``sam`` (its ascent re-runs the
-step's loss on the same rollouts, micro-batches included), ``flashdp`` / ``dp-flat`` (DP GRPO). The rollouts,
+step's loss on the same rollouts, micro-batches included), ``flashdp`` / ``dp_flat`` (DP GRPO). The rollouts,
 rewards, advantages, snapshot and reference log-probs are made before the step, at the current weights; the
 transform only sees the loss.
 

@@ -7,7 +7,7 @@ Registers
   perturbation's data dependence), ``tracin`` and ``sam_trajectory`` (from a recorded SAM trajectory), ``ekfac``
   (EK-FAC on chosen Linear modules, `ekfac`); `projected.CheckpointTracIn` sums TracIn over saved checkpoints of
   any module with randomly projected per-example gradients;
-* datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, label flips) and model family ``tabular-mlp``;
+* datasets ``digits`` / ``breast_cancer`` (scikit-learn bundled, label flips) and model family ``tabular_mlp``;
 * recipe ``sam_train`` (`recipe`; before a private ``grad_transform:`` such as flashdp, DP-SAT) and the CLI verb
   ``plait attribute RUN_DIR [estimator=…]`` (`attribute`).
 
@@ -93,7 +93,7 @@ def build_digits(**kwargs):
 def build_breast_cancer(**kwargs):
     from .data import load_tabular
 
-    return load_tabular("breast-cancer", **kwargs)
+    return load_tabular("breast_cancer", **kwargs)
 
 
 def build_sam_train(run, **kwargs):
@@ -136,13 +136,13 @@ def register_influence_estimators(register):
 def register_datasets(register):
     register("digits", build_digits, config=TabularConfig,
              doc="scikit-learn digits (1,797 × 64, 10 classes), standardised, optional label flips")
-    register("breast-cancer", build_breast_cancer, config=TabularConfig,
+    register("breast_cancer", build_breast_cancer, config=TabularConfig, renamed_from=("breast-cancer",),
              doc="scikit-learn breast cancer (569 × 30, 2 classes), standardised, optional label flips")
 
 
 @hookimpl
 def register_model_families(register):
-    register("tabular-mlp", build_tabular_mlp, config=TabularMLPConfig,
+    register("tabular_mlp", build_tabular_mlp, config=TabularMLPConfig, renamed_from=("tabular-mlp",),
              doc="logistic regression or a small tanh MLP over tabular features (float64 by default)")
 
 
@@ -150,7 +150,7 @@ def register_model_families(register):
 def register_recipes(register):
     register("sam_train", build_sam_train, config=SAMTrainConfig, requires=("model", "data"),
              uses=("grad_transform", "transforms"), check_components=check_sam_train_components,
-             doc="SAM / ASAM + SGD of tabular-mlp on a tabular dataset (before a private grad_transform: DP-SAT); "
+             doc="SAM / ASAM + SGD of tabular_mlp on a tabular dataset (before a private grad_transform: DP-SAT); "
                  "record_trajectory for trajectory influence")
 
 

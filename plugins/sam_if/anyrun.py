@@ -12,7 +12,7 @@ the default ``keep_checkpoints: 2`` only the last two are summed (the report say
 Writes ``RUN/attribution/tracin/``: ``scores.safetensors`` (``self_influence`` [n], ``train_loss`` [n] at the last
 checkpoint), ``report.json``, ``report.md`` (the top-k self-influential examples, with their text for LM runs).
 
-A run whose ``grad_transform:`` holds a private transform (flashdp, dp-flat) is refused unless
+A run whose ``grad_transform:`` holds a private transform (flashdp, dp_flat) is refused unless
 ``--allow-private-data``: the model is private, but attribution reads the training examples themselves and its
 scores are *not* differentially private — they single out individual examples.
 """

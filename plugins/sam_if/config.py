@@ -106,7 +106,7 @@ class EKFACConfig:
 
 @dataclass
 class TabularConfig:
-    """Datasets ``digits`` / ``breast-cancer`` (scikit-learn bundled, no download)."""
+    """Datasets ``digits`` / ``breast_cancer`` (scikit-learn bundled, no download)."""
 
     n_train: int | None = None  # None: 70% of the rows
     n_test: int | None = None  # None: the rest
@@ -118,7 +118,7 @@ class TabularConfig:
 
 @dataclass
 class TabularMLPConfig:
-    """Model family ``tabular-mlp``: logistic regression (hidden: []) or a tanh MLP returning logits."""
+    """Model family ``tabular_mlp``: logistic regression (hidden: []) or a tanh MLP returning logits."""
 
     n_features: int = 64
     n_classes: int = 10
@@ -130,7 +130,7 @@ class TabularMLPConfig:
 @dataclass
 class SAMTrainConfig:
     """Recipe ``sam_train``: SAM / ASAM + SGD on a tabular dataset (steps: ``run.steps``); before a private
-    ``grad_transform:`` (flashdp, dp-flat) the SAM runs as DP-SAT."""
+    ``grad_transform:`` (flashdp, dp_flat) the SAM runs as DP-SAT."""
 
     rho: float = 0.05  # perturbation radius ρ (0: plain SGD)
     adaptive: bool = False  # ASAM

@@ -1,6 +1,6 @@
 """Bundled sklearn tabular datasets (no download) with optional label flips, as float tensors.
 
-``digits``: 1,797 8×8 images, 64 features, 10 classes; ``breast-cancer``: 569 × 30, 2 classes. Features are
+``digits``: 1,797 8×8 images, 64 features, 10 classes; ``breast_cancer``: 569 × 30, 2 classes. Features are
 standardised with the training split's statistics. ``flip_fraction`` of the training labels are replaced by a
 different class chosen at random (seeded); ``flipped`` holds their indices (the ground truth of mislabel
 detection).
@@ -54,10 +54,10 @@ class TabularData:
 
 def load_tabular(name: str, n_train: int | None = None, n_test: int | None = None, flip_fraction: float = 0.0,
                  seed: int = 0, standardize: bool = True, dtype: str = "float64") -> TabularData:
-    """Load ``digits`` or ``breast-cancer``, shuffle with ``seed``, split, standardise, flip labels."""
+    """Load ``digits`` or ``breast_cancer``, shuffle with ``seed``, split, standardise, flip labels."""
     from sklearn import datasets  # lazy: only the sam_if plugin needs scikit-learn
 
-    loaders = {"digits": datasets.load_digits, "breast-cancer": datasets.load_breast_cancer}
+    loaders = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}
     if name not in loaders:
         raise ValueError(f"unknown tabular dataset {name!r}; available: {', '.join(loaders)}")
     if not 0.0 <= flip_fraction < 1.0:
@@ -96,7 +96,7 @@ def build_digits(**kw) -> TabularData:
 
 
 def build_breast_cancer(**kw) -> TabularData:
-    return load_tabular("breast-cancer", **kw)
+    return load_tabular("breast_cancer", **kw)
 
 
 class TabularMLP(torch.nn.Sequential):

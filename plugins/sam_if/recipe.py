@@ -1,4 +1,4 @@
-"""Recipe ``sam_train``: train ``tabular-mlp`` on a tabular dataset (``digits`` / ``breast-cancer``) with SAM /
+"""Recipe ``sam_train``: train ``tabular_mlp`` on a tabular dataset (``digits`` / ``breast_cancer``) with SAM /
 ASAM inside `plait.run.train_loop`, optionally recording the trajectory (``record_trajectory: true`` →
 ``<run dir>/trajectory/``, the format of `sam.save_trajectory`) for the trajectory estimators. ``summary.json``
 gets a ``sam_if`` block that ``plait attribute`` reads.
@@ -9,7 +9,7 @@ recipe's own SAM (rho, adaptive, eta, eps) is the first member of the step's ``g
 by whatever the config's ``grad_transform:`` section holds:
 
 * none: SAM, the gradient at w + e with e from this batch's gradient (bit-identical to `sam.sam_gradient`);
-* a private transform (``{name: flashdp, noise_multiplier: 1.0}``, ``dp-flat``): DP-SAT (`sam.SAMTransform`,
+* a private transform (``{name: flashdp, noise_multiplier: 1.0}``, ``dp_flat``): DP-SAT (`sam.SAMTransform`,
   ``compose_before_private``): e from the previous step's privatized gradient, the batch read once, by the private
   transform, so the accountant counts exactly DP-SGD's mechanisms; rho = 0 is DP-SGD. The per-sample losses are
   then the cross-entropies alone and (l2/2)‖w‖² enters as SGD weight decay (the same update; a data-independent
@@ -78,7 +78,7 @@ class SAMTrainRecipe:
         self.data = data = run.build("data")
         if not (hasattr(data, "train") and hasattr(data.train, "X") and hasattr(data, "test")):
             raise ConfigError(f"data {run.cfg.data.name!r}: sam_train needs a tabular dataset with train/test "
-                              f"splits (digits, breast-cancer)")
+                              f"splits (digits, breast_cancer)")
         model = run.build("model")
         mc = run.cfg.model
         if mc.get("n_features") != data.n_features or mc.get("n_classes") != data.n_classes:

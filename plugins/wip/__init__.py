@@ -9,8 +9,8 @@ Registers
   training forward, so any first-order recipe trains the calibrated swap (docs/wip.md);
 * recipe ``wip_recover``: perplexity of each operator after the swap, after closed-form per-head calibration
   and after ≤ 100 steps on the calibration parameters and norms, with op counts and energy;
-* model family ``wip-lm`` (the bundled ~0.9M-parameter LLaMA trained on Python's own docs by
-  scripts/train_wip_lm.py) and dataset ``wip-heldout`` (its calibration / evaluation text).
+* model family ``wip_lm`` (the bundled ~0.9M-parameter LLaMA trained on Python's own docs by
+  scripts/train_wip_lm.py) and dataset ``wip_heldout`` (its calibration / evaluation text).
 
 Python API::
 
@@ -64,13 +64,13 @@ def register_model_transforms(register):
 
 @hookimpl
 def register_model_families(register):
-    register("wip-lm", build_wip_lm, config=WipLMConfig,
+    register("wip_lm", build_wip_lm, config=WipLMConfig, renamed_from=("wip-lm",),
              doc="the bundled ~0.9M-param LLaMA trained on Python's docs (scripts/train_wip_lm.py)")
 
 
 @hookimpl
 def register_datasets(register):
-    register("wip-heldout", build_wip_heldout, config=WipHeldoutConfig,
+    register("wip_heldout", build_wip_heldout, config=WipHeldoutConfig, renamed_from=("wip-heldout",),
              doc="held-out Python-docs text of the WiP LM: train = calibration text, eval = evaluation text")
 
 

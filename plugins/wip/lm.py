@@ -53,7 +53,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 3
 
 
 class HeldoutText:
-    """Dataset ``wip-heldout``: the LM's held-out text; split ``train`` is the calibration text, ``eval`` the
+    """Dataset ``wip_heldout``: the LM's held-out text; split ``train`` is the calibration text, ``eval`` the
     evaluation text. Examples are ``{"prompt": "", "completion": text}`` (the basics Dataset protocol)."""
 
     label_words = None

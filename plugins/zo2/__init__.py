@@ -2,7 +2,7 @@
 
 Registers perturbation ``mezo``, recipe ``zo``, offload policies ``none`` (plain in-place MeZO) and ``zo2``
 (fused dual forward; transformer blocks stream from host memory or memory-mapped disk shards), and model
-family ``zo2-shards`` (a model larger than RAM, loaded block by block from a sharded directory).
+family ``zo2_shards`` (a model larger than RAM, loaded block by block from a sharded directory).
 
     plait run configs/zo2/opt.yaml
     plait run configs/zo2/opt.yaml offload.name=none        # the plain MeZO baseline
@@ -34,7 +34,7 @@ def build_zo2(model, device, mezo, run_dir=None, **kwargs):
 
     disk_dir = kwargs.get("disk_dir")
     if disk_dir is None and getattr(model, "_plait_shard_dir", None):
-        disk_dir = "run"  # a zo2-shards model trains a working copy of its shards, never the source
+        disk_dir = "run"  # a zo2_shards model trains a working copy of its shards, never the source
     if disk_dir == "run":  # shards inside the run directory
         if run_dir is None:
             raise ValueError("offload.disk_dir 'run' needs a run directory")
@@ -66,7 +66,7 @@ def build_sharded_model(path):
 
 @hookimpl
 def register_model_families(register):
-    register("zo2-shards", build_sharded_model, config=ShardedModelConfig,
+    register("zo2_shards", build_sharded_model, config=ShardedModelConfig, renamed_from=("zo2-shards",),
              doc="a causal LM from a sharded directory (scripts/make_shards.py); blocks memory-mapped, for models "
                  "larger than RAM")
 

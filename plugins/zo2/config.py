@@ -47,12 +47,12 @@ class ZO2OffloadConfig:
     storage_dtype: str = "model"  # model (the blocks' own dtype) | fp32 | fp16 | bf16: dtype of the host copy
     pin_memory: bool = True  # pinned host buffers on CUDA (ignored on CPU)
     # directory of memory-mapped block shards (disk tier), rewritten from the model at start; "run": in the run
-    # dir; null: host memory, or "run" for a zo2-shards model (its own shards are never written)
+    # dir; null: host memory, or "run" for a zo2_shards model (its own shards are never written)
     disk_dir: str | None = None
 
 
 @dataclass
 class ShardedModelConfig:
-    """Model family ``zo2-shards``: a directory written by scripts/make_shards.py."""
+    """Model family ``zo2_shards``: a directory written by scripts/make_shards.py."""
 
     path: str = MISSING

@@ -95,9 +95,9 @@ class ZO2Engine:
         from plait.plugins.basics.models import find_blocks
 
         source = getattr(model, "_plait_shard_dir", None)
-        if source is not None:  # a zo2-shards model: its mapped shards are read, a working copy is trained
+        if source is not None:  # a zo2_shards model: its mapped shards are read, a working copy is trained
             if disk_dir is None:
-                raise ValueError("offload.disk_dir: a zo2-shards model streams from a working copy of its shards; "
+                raise ValueError("offload.disk_dir: a zo2_shards model streams from a working copy of its shards; "
                                  "set disk_dir to a directory (or 'run')")
             if Path(disk_dir).resolve() == Path(source).resolve():
                 raise ValueError(f"offload.disk_dir '{disk_dir}' is the model's own shard directory; training "
@@ -314,7 +314,7 @@ class ZO2Engine:
             out = self.model(input_ids=batch["input_ids"].repeat(n, 1),
                              attention_mask=batch["attention_mask"].repeat(n, 1), use_cache=False).logits
             losses = [float(lm_loss(out[c * b:(c + 1) * b], batch["labels"])) for c in range(n)]
-            want = getattr(m, "wants_sample_losses", False)  # dp-zo: per-example losses of the same logits
+            want = getattr(m, "wants_sample_losses", False)  # dp_zo: per-example losses of the same logits
             samples = [sample_lm_losses(out[c * b:(c + 1) * b], batch["labels"]).detach().cpu() for c in range(n)] \
                 if want else None
             for u in self.units:  # a unit the forward skipped still owes its update

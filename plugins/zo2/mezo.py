@@ -184,7 +184,7 @@ class InPlaceMeZO:
         """One ZO step; returns (chunk losses, projected gradients). The update is applied at once."""
         m, eps = self.mezo, self.mezo.eps
         losses: list[float] = [0.0] * m.n_chunks
-        want = getattr(m, "wants_sample_losses", False)  # dp-zo: per-example losses from the same forwards
+        want = getattr(m, "wants_sample_losses", False)  # dp_zo: per-example losses from the same forwards
         samples: list[torch.Tensor] = [torch.empty(0)] * m.n_chunks
 
         def forward(chunk: int) -> None:

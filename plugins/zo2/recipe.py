@@ -4,7 +4,7 @@ The ZO step is done by an engine chosen by the ``offload:`` section: ``none`` (p
 parameter on the device; the default) or ``zo2`` (fused dual forward with blocks streamed from host memory or
 disk). Both give the same numbers; ``zo2`` needs a fraction of the device memory.
 
-A ``parallel:`` strategy that adapts the ZO step (DistZO2's ``zo_ddp`` / ``pertp`` / ``2d``: optional members
+A ``parallel:`` strategy that adapts the ZO step (DistZO2's ``zo_ddp`` / ``pertp`` / ``zo_2d``: optional members
 ``wrap_perturbation``, ``wrap_engine``, ``local_batch``, ``metrics``) splits each step across processes.
 
     plait run configs/zo2/opt.yaml
@@ -39,12 +39,12 @@ class ZORecipe:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("transforms: every parameter is frozen; zo has nothing to train")
         self.mezo = run.build("perturbation")
-        self.private = None  # dp-zo: per-example projected gradients clipped and noised (plugins/flashdp/dp_zo.py)
+        self.private = None  # dp_zo: per-example projected gradients clipped and noised (plugins/flashdp/dp_zo.py)
         if run.has("grad_transform"):
             transform = run.build("grad_transform")
             members = list(getattr(transform, "members", [transform]))
             if len(members) != 1 or not hasattr(members[0], "prepare_zo"):
-                raise ConfigError("grad_transform: the zo recipe takes one zeroth-order transform (dp-zo); "
+                raise ConfigError("grad_transform: the zo recipe takes one zeroth-order transform (dp_zo); "
                                   "first-order transforms need a gradient recipe such as sft")
             self.private = members[0]
         self.parallel = run.parallel if hasattr(run.parallel, "wrap_perturbation") else None

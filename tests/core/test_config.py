@@ -203,11 +203,11 @@ def test_every_shipped_recipe_declares_the_sections_it_uses(fresh_host):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("model.arch=gpt9", "model 'hf-causal-lm': unknown arch 'gpt9'; allowed: opt, qwen3, llama, gpt2"),
-    ("model.size=huge", "model 'hf-causal-lm': unknown size 'huge' for arch 'opt'"),
-    ("model.path=/nonexistent/model", "model 'hf-causal-lm': model path does not exist: /nonexistent/model"),
+    ("model.arch=gpt9", "model 'hf_causal_lm': unknown arch 'gpt9'; allowed: opt, qwen3, llama, gpt2"),
+    ("model.size=huge", "model 'hf_causal_lm': unknown size 'huge' for arch 'opt'"),
+    ("model.path=/nonexistent/model", "model 'hf_causal_lm': model path does not exist: /nonexistent/model"),
     ("grad_transform={name: flashdp, noise_multiplier: 0}", "noise_multiplier 0 gives no privacy"),
-    ("grad_transform={name: dp-flat, noise_multiplier: 1.0, max_grad_norm: 0}", "max_grad_norm must be > 0"),
+    ("grad_transform={name: dp_flat, noise_multiplier: 1.0, max_grad_norm: 0}", "max_grad_norm must be > 0"),
     ("grad_transform=[{name: sam}, {name: flashdp}]", r"grad_transform\[1\] 'flashdp': grad_transform: give exactly "
                                                       "one of noise_multiplier and target_epsilon"),
     ("grad_transform=[{name: sam, rho: -1}]", r"grad_transform\[0\] 'sam': rho must be >= 0"),

@@ -37,8 +37,8 @@ def _check_register_hook(kind_name, plugin_site, fresh_host, tmp_path):
     assert entry.factory(width=5) == {"width": 5}
     # a recipe that declares no ``uses`` takes any section (sft would refuse e.g. an offload: section)
     host.registries.recipes.register("any-section", lambda **kw: kw, plugin="test")
-    sections = {"recipe": "{name: any-section}", "model": "{name: hf-causal-lm}",
-                "data": "{name: synthetic-sentiment}"}
+    sections = {"recipe": "{name: any-section}", "model": "{name: hf_causal_lm}",
+                "data": "{name: synthetic_sentiment}"}
     sections[kind.section] = "[{name: probe, width: 7}]" if kind.many else "{name: probe, width: 7}"
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("".join(f"{k}: {v}\n" for k, v in sections.items()))

@@ -15,14 +15,14 @@ from plait.manager import get_host
 SFT = """
 run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: sft, batch_size: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 8, n_eval: 4}}
 """
 ZO = """
 run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: zo, batch_size: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 8, n_eval: 4}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}
 """
 
@@ -45,10 +45,10 @@ def _zeroth_order_strategies() -> list[str]:
 
 
 def test_declarations_cover_distzo2():
-    assert {"zo_ddp", "pertp", "2d"} <= set(_zeroth_order_strategies())
+    assert {"zo_ddp", "pertp", "zo_2d"} <= set(_zeroth_order_strategies())
 
 
-@pytest.mark.parametrize("strategy", ["zo_ddp", "pertp", "2d"])
+@pytest.mark.parametrize("strategy", ["zo_ddp", "pertp", "zo_2d"])
 def test_zeroth_order_strategy_under_sft_refused_at_validate(tmp_path, capsys, strategy):
     code = main(["validate", _cfg(tmp_path, SFT), f"parallel.name={strategy}"])
     err = _one_line(capsys.readouterr().err)

@@ -24,7 +24,7 @@ class Cfg:
 
 @hookimpl
 def register_datasets(register):
-    register("{name}-data", dict, config=Cfg, doc="a test dataset")
+    register("{name}_data", dict, config=Cfg, doc="a test dataset")
 """
 
 
@@ -32,14 +32,14 @@ def test_builtins_all_load_and_register(fresh_host):
     host = fresh_host()
     assert not host.failures
     assert {p.rsplit(".", 1)[-1] for p in DEFAULT_PLUGINS} <= set(host.plugins)
-    assert "sft" in host.registries.recipes and "hf-causal-lm" in host.registries.model_families
+    assert "sft" in host.registries.recipes and "hf_causal_lm" in host.registries.model_families
 
 
 def test_entry_point_plugin_is_discovered(plugin_site, fresh_host):
     plugin_site("ext", GOOD.format(name="ext"))
     host = fresh_host()
     assert host.plugins["ext"].version == "0.1" and not host.plugins["ext"].builtin
-    assert host.registries.datasets.get("ext-data").plugin == "ext"
+    assert host.registries.datasets.get("ext_data").plugin == "ext"
     assert host.plugins["ext"].hooks == ["register_datasets"]
 
 
@@ -80,17 +80,17 @@ from plait import hookimpl
 
 @hookimpl
 def register_datasets(register):
-    register("half-data", dict)
+    register("half_data", dict)
     raise ValueError("cannot register today")
 """)
     host = fresh_host()
     assert "register_datasets" in host.failures["badreg"] and "cannot register today" in host.failures["badreg"]
-    assert "half-data" not in host.registries.datasets  # nothing half-registered
+    assert "half_data" not in host.registries.datasets  # nothing half-registered
     assert main(["run", "quickstart", "run.steps=1"]) == 2
 
 
 def test_two_plugins_registering_one_name(plugin_site, fresh_host, capsys):
-    plugin_site("dup", GOOD.replace("{name}-data", "synthetic-sentiment"), module="plait_dup")
+    plugin_site("dup", GOOD.replace("{name}_data", "synthetic_sentiment"), module="plait_dup")
     host = fresh_host()
     msg = host.failures["dup"]
     assert "registered twice" in msg and "'basics'" in msg and "'dup'" in msg
@@ -155,7 +155,7 @@ def test_ls_lists_entries_with_plugins(capsys, fresh_host):
     assert main(["ls", "data", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
-    assert by_name["jsonl"]["plugin"] == by_name["synthetic-sentiment"]["plugin"] == "basics"
+    assert by_name["jsonl"]["plugin"] == by_name["synthetic_sentiment"]["plugin"] == "basics"
     assert all(r["section"] == "data" and r["kind"] == "datasets" for r in rows)
     assert [r["name"] for r in rows] == sorted(by_name)
     assert main(["ls", "nonsense"]) == 2
@@ -180,7 +180,7 @@ def test_fixture_package_installs_and_is_discovered(tmp_path):
     assert rows["hello"]["version"] == "0.3.0" and rows["hello"]["builtin"] is False
     assert set(rows["hello"]["hooks"]) == {"register_commands", "register_datasets"}
     ls = json.loads(plait("ls", "datasets", "--json").stdout)
-    assert {"name": "hello-data", "plugin": "hello"}.items() <= next(r for r in ls if r["name"] == "hello-data").items()
+    assert {"name": "hello_data", "plugin": "hello"}.items() <= next(r for r in ls if r["name"] == "hello_data").items()
     assert plait("hello", "--name", "plait").stdout.strip() == "hello, plait"
     assert "hello" not in {r["name"] for r in json.loads(plait("plugins", "--json", PLAIT_LOAD_PLUGINS="").stdout)}
     assert "hello" not in {r["name"] for r in json.loads(plait("plugins", "--json", PLAIT_DISABLE_PLUGINS="hello").stdout)}

@@ -65,8 +65,8 @@ def test_progress_false_silences_hugging_face_loading_bar(tmp_path, fresh_host, 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run: {{name: t, steps: 1, log_every: 1, eval_every: 0, out_dir: {tmp_path / 'runs'}, "
                    f"progress: false}}\nrecipe: {{name: sft, batch_size: 2}}\n"
-                   f"model: {{name: hf-causal-lm, path: {model_dir}}}\n"
-                   f"data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}\n")
+                   f"model: {{name: hf_causal_lm, path: {model_dir}}}\n"
+                   f"data: {{name: synthetic_sentiment, n_train: 8, n_eval: 4}}\n")
     fresh_host()
     hf_logging.enable_progress_bar()
     try:

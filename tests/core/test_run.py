@@ -114,8 +114,8 @@ def _cfg(out: Path) -> str:
     return (f"run: {{name: t, seed: 3, steps: 10, log_every: 1, eval_every: 4, ckpt_every: 3, out_dir: {out}, "
             f"progress: false, keep_checkpoints: 0}}\n"
             "recipe: {name: sft, lr: 3.0e-3, batch_size: 4, eval_batch_size: 32}\n"
-            "model: {name: hf-causal-lm, arch: opt, size: tiny}\n"
-            "data: {name: synthetic-sentiment, n_train: 12, n_eval: 8}\n")
+            "model: {name: hf_causal_lm, arch: opt, size: tiny}\n"
+            "data: {name: synthetic_sentiment, n_train: 12, n_eval: 8}\n")
 
 
 class _Interrupter:
@@ -181,7 +181,7 @@ def test_bad_config_writes_no_run_directory(tiny_config, fresh_host, capsys, tmp
     fresh_host()
     assert main(["run", str(tiny_config()), "model.arch=gpt9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: model 'hf-causal-lm': ") and "gpt9" in err and "\n" not in err
+    assert err.startswith("error: model 'hf_causal_lm': ") and "gpt9" in err and "\n" not in err
     assert not (tmp_path / "runs" / "t").exists()  # neither the run directory nor its <name>/ folder
     assert main(["run", str(tiny_config()), "model.bogus=1"]) == 2
     assert "model.bogus: unknown key" in capsys.readouterr().err

@@ -124,14 +124,14 @@ def test_first_order_step_refuses_a_model_with_nothing_to_train():
 
 
 # --- chains at validate -----------------------------------------------------------------------------------------
-SFT = ["recipe=sft", "model.arch=opt", "model.size=tiny", "data.name=synthetic-sentiment"]
+SFT = ["recipe=sft", "model.arch=opt", "model.size=tiny", "data.name=synthetic_sentiment"]
 
 
 def _validate(fresh_host, tmp_path, overrides):
     host = fresh_host()
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text("run: {steps: 2}\nrecipe: {name: sft}\nmodel: {name: hf-causal-lm, arch: opt, size: tiny}\n"
-                        "data: {name: synthetic-sentiment}\n")
+    cfg_path.write_text("run: {steps: 2}\nrecipe: {name: sft}\nmodel: {name: hf_causal_lm, arch: opt, size: tiny}\n"
+                        "data: {name: synthetic_sentiment}\n")
     return validate(load_config(cfg_path, overrides), host.registries)
 
 
@@ -148,7 +148,7 @@ def test_a_chain_validates_and_each_member_is_checked_by_its_place(fresh_host, t
 @pytest.mark.parametrize("chain,match", [
     ("[{name: flashdp, noise_multiplier: 1.0}, {name: sam}]",
      r"grad_transform\[1\]: 'sam' after the private 'flashdp' would recompute the gradient from the raw batch"),
-    ("[{name: flashdp, noise_multiplier: 1.0}, {name: dp-flat, noise_multiplier: 1.0}]",
+    ("[{name: flashdp, noise_multiplier: 1.0}, {name: dp_flat, noise_multiplier: 1.0}]",
      r"grad_transform\[1\]: a second private transform"),
     ("[{name: sam}, {name: sam}]", r"grad_transform\[1\]: 'sam' appears twice"),
     ("[]", r"grad_transform: an empty list"),
@@ -162,7 +162,7 @@ def test_chains_without_a_sound_meaning_are_refused_at_validate(fresh_host, tmp_
 
 # --- DP-SAT: SAM before a private transform ---------------------------------------------------------------------
 def _dp_sat_run(rho, steps=4, sigma=0.0, C=1e6, record=None):
-    """dp-flat (q = 1: every example every step) after sam, on a tiny fp64 regression; returns the model."""
+    """dp_flat (q = 1: every example every step) after sam, on a tiny fp64 regression; returns the model."""
     from plait.plugins.flashdp import build_dp_flat
     from plait.plugins.flashdp.config import FlashDPConfig
     from plait.plugins.sam_if import build_sam
@@ -174,7 +174,7 @@ def _dp_sat_run(rho, steps=4, sigma=0.0, C=1e6, record=None):
     dp = FlashDPConfig(noise_multiplier=sigma, max_grad_norm=C, allow_no_privacy=True, reproducible_noise=True,
                        delta=1e-2)
     members = [build_dp_flat(**dataclasses.asdict(dp))]
-    names = ["dp-flat"]
+    names = ["dp_flat"]
     if rho is not None:
         sam = build_sam(**dataclasses.asdict(SAMConfig(rho=rho)))
         sam.compose_before_private()

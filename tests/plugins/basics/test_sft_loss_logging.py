@@ -14,8 +14,8 @@ from plait.run import execute
 CFG = """
 run: {{name: e, seed: 1, steps: 4, log_every: 2, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: sft, lr: 1.0e-3, batch_size: 1, eval_batch_size: 8}}
-model: {{name: hf-causal-lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 8, n_eval: 2}}
+model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 8, n_eval: 2}}
 grad_transform: {{name: flashdp, noise_multiplier: 0.0, allow_no_privacy: true, delta: 1.0e-3,
                  reproducible_noise: true}}
 """

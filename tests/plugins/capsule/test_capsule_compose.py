@@ -226,7 +226,7 @@ def test_classify_refuses_the_weighted_sampler_under_poisson_sampling(tmp_path, 
             "run.steps=2", "recipe.sampler=weighted", "grad_transform={name: flashdp, noise_multiplier: 1.0}"])
 
 
-@pytest.mark.parametrize("name", ["flashdp", "dp-flat"])
+@pytest.mark.parametrize("name", ["flashdp", "dp_flat"])
 @pytest.mark.parametrize("verb", ["validate", "run"])
 def test_depth_with_a_private_transform_and_batchnorm_is_refused_at_validate(tmp_path, fresh_host, capsys, name,
                                                                               verb):

@@ -7,7 +7,7 @@ few as it can and checks many properties on each launch:
   (both exit 2), ``zo_ddp``, ``pertp``, ``pertp`` + ``zo2``, ``pertp`` + ``zo2`` + sliced upload, ``zo_ddp`` +
   ``zo2`` + sliced upload, ``pertp`` stopped after 4 steps and resumed, and last a run on a
   fresh group with ``parallel.timeout_s: 4`` whose rank 1 is stopped (SIGSTOP) at step 3;
-* ``four``: one 4-rank launch running ``2d``, ``2d`` + ``zo2`` + sliced upload (k = 4), and last a ``2d`` run
+* ``four``: one 4-rank launch running ``zo_2d``, ``zo_2d`` + ``zo2`` + sliced upload (k = 4), and last a ``zo_2d`` run
   whose rank 3 is killed (SIGKILL) at step 3;
 * ``references``: the single-process ``zo`` run and the hand-written micro-batch oracle, in this process.
 """
@@ -25,8 +25,8 @@ CFG = """
 run: {{name: ref, seed: 3, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false, keep_checkpoints: 0}}
 recipe: {{name: zo, batch_size: 4, eval_batch_size: 32, eval_examples: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 4}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 2.0e-3, weight_decay: 0.01}}
 parallel: {{name: pertp, timeout_s: 60}}
 """
@@ -81,9 +81,9 @@ def four(tmp_path_factory):
     root = tmp_path_factory.mktemp("four")
     cfg = str(write_config(root))
     runs = [
-        {"argv": [cfg, "run.name=twod", "parallel.name=2d"]},
-        {"argv": [cfg, "run.name=twod_sliced", "parallel.name=2d", *ZO2, "parallel.sliced_upload=true"]},
-        {"argv": [cfg, "run.name=killed", "parallel.name=2d", "run.steps=8"],
+        {"argv": [cfg, "run.name=twod", "parallel.name=zo_2d"]},
+        {"argv": [cfg, "run.name=twod_sliced", "parallel.name=zo_2d", *ZO2, "parallel.sliced_upload=true"]},
+        {"argv": [cfg, "run.name=killed", "parallel.name=zo_2d", "run.steps=8"],
          "kill": {"rank": 3, "step": 3, "signal": "KILL"}},
     ]
     results = launch(4, {"own_group": True, "runs": runs}, root / "launch", timeout=400)

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[3]
 CFG = """
 run: {{name: cli, seed: 2, steps: 3, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: zo, batch_size: 4, eval_batch_size: 32, eval_examples: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 4}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}
 parallel: {{name: pertp, backend: gloo, timeout_s: 120}}
 """
@@ -59,7 +59,7 @@ def test_distzo2_configs_compose_the_strategies(fresh_host):
         cfg = load_config(path)
         validate(cfg, host.registries)
         names[path.stem] = (cfg.recipe.name, cfg.parallel.name, cfg.offload.name, cfg.parallel.sliced_upload)
-    assert names == {"opt_2d": ("zo", "2d", "none", False), "opt_pertp": ("zo", "pertp", "none", False),
+    assert names == {"opt_2d": ("zo", "zo_2d", "none", False), "opt_pertp": ("zo", "pertp", "none", False),
                      "opt_pertp_zo2": ("zo", "pertp", "zo2", False),
                      "opt_pertp_zo2_sliced": ("zo", "pertp", "zo2", True),
                      "opt_zo_ddp": ("zo", "zo_ddp", "none", False)}

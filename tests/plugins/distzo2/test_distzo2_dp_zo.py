@@ -1,9 +1,9 @@
-"""DP-ZO (``grad_transform: dp-zo``) under DistZO2 ``zo_ddp`` and ``2d`` on 2 gloo ranks.
+"""DP-ZO (``grad_transform: dp_zo``) under DistZO2 ``zo_ddp`` and ``zo_2d`` on 2 gloo ranks.
 
 One launch runs both strategies with ``reproducible_noise`` (so the secret seed is run.seed, and the
 single-process run in this process draws the same Poisson batches and the same noise). Checked:
 * every rank's parameters hash the same after every step (the worker hashes them after each step);
-* the rank-0 checkpoint equals the single-process DP-ZO run's bit for bit. ``2d`` on 2 ranks is one PertP pair
+* the rank-0 checkpoint equals the single-process DP-ZO run's bit for bit. ``zo_2d`` on 2 ranks is one PertP pair
   on the whole batch. ``zo_ddp`` evaluates each rank's share of the Poisson batch in its own forward; it is
   still exact because each example's loss is a row-wise computation (every example of this task has the same
   token length, so no padding differs, and the CPU matmuls give each row the same bits whatever the number of
@@ -28,10 +28,10 @@ CFG = """
 run: {{name: ref, seed: 5, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false, keep_checkpoints: 0}}
 recipe: {{name: zo, batch_size: 2, eval_batch_size: 32, eval_examples: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny, dtype: float32}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny, dtype: float32}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 4}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 2.0e-3, weight_decay: 0.01}}
-grad_transform: {{name: dp-zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3, reproducible_noise: true}}
+grad_transform: {{name: dp_zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3, reproducible_noise: true}}
 """
 RUNS = ("ddp", "twod")
 
@@ -57,7 +57,7 @@ def launched(tmp_path_factory):
     cfg = root / "cfg.yaml"
     cfg.write_text(CFG.format(steps=STEPS, out=root / "runs"))
     runs = [{"argv": [str(cfg), "run.name=ddp", "parallel={name: zo_ddp, backend: gloo, timeout_s: 120}"]},
-            {"argv": [str(cfg), "run.name=twod", "parallel={name: 2d, backend: gloo, timeout_s: 120}"]}]
+            {"argv": [str(cfg), "run.name=twod", "parallel={name: zo_2d, backend: gloo, timeout_s: 120}"]}]
     results = launch(2, {"own_group": True, "runs": runs}, root / "launch", timeout=400)
     for r in results:
         assert r.result is not None and r.result["codes"] == [0, 0], f"rank {r.rank}:\n{r.stderr[-3000:]}"
@@ -67,7 +67,7 @@ def launched(tmp_path_factory):
 
 
 def _shares(n=16, q=2 / 16, seed=5):
-    """Each step's Poisson batch (drawn as dp-zo draws it) and zo_ddp's share sizes on 2 ranks."""
+    """Each step's Poisson batch (drawn as dp_zo draws it) and zo_ddp's share sizes on 2 ranks."""
     from plait.plugins.flashdp.mechanism import poisson_batch, step_seed
 
     out = []

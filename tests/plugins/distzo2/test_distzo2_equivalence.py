@@ -3,7 +3,7 @@
 References, computed in this process (``conftest.references``):
 * ``pertp`` (2 ranks) must equal the single-process ``zo`` run on the same batch, bit for bit (both with the
   in-place engine and with the streamed ``zo2`` engine);
-* ``zo_ddp`` (2 ranks) and ``2d`` (4 ranks = 2 pairs × 2 groups) must equal a hand-written MeZO loop that
+* ``zo_ddp`` (2 ranks) and ``zo_2d`` (4 ranks = 2 pairs × 2 groups) must equal a hand-written MeZO loop that
   evaluates the two micro-batches at each perturbed point and averages g over them (``oracle``).
 Also: identical parameter hashes on every rank after every step, exactly one collective per step (an
 all-gather of the rank's chunk losses, float64), only rank 0 writes, and a resumed run equals an uninterrupted one.

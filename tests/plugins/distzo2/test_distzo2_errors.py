@@ -14,8 +14,8 @@ CFG = """
 run: {{name: e, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false}}
 recipe: {{name: zo, batch_size: 4, eval_batch_size: 32, eval_examples: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 4}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}
 parallel: {{name: pertp, timeout_s: {timeout}}}
 """
@@ -36,8 +36,8 @@ def _one_line(err: str) -> str:
 @pytest.mark.parametrize("world,overrides,match", [
     (3, [], "parallel 'pertp': needs an even world size (rank pairs), got WORLD_SIZE=3"),
     (1, [], "parallel 'pertp': needs an even world size (rank pairs), got WORLD_SIZE=1"),
-    (4, [], "parallel 'pertp': one rank pair only, got WORLD_SIZE=4; use parallel.name=2d"),
-    (3, ["parallel.name=2d"], "parallel '2d': the world size must be a multiple of 2"),
+    (4, [], "parallel 'pertp': one rank pair only, got WORLD_SIZE=4; use parallel.name=zo_2d"),
+    (3, ["parallel.name=zo_2d"], "parallel 'zo_2d': the world size must be a multiple of 2"),
     (1, ["parallel.backend=mpi"], "parallel.backend: 'mpi' is not supported; allowed: auto, gloo, nccl"),
     (1, ["parallel.name=zo_ddp", "parallel.timeout_s=0"], "parallel.timeout_s: must be > 0"),
 ])
@@ -113,7 +113,7 @@ def test_distzo2_batch_and_one_sided_checks():
 
 
 def test_distzo2_chunk_split_and_recombination_q3():
-    """q = 3 on 2d with 2 groups: member 0 runs the f⁺ chunks, member 1 the f⁻ ones; g_j = mean over groups."""
+    """q = 3 on zo_2d with 2 groups: member 0 runs the f⁺ chunks, member 1 the f⁻ ones; g_j = mean over groups."""
     from plait.plugins.distzo2.strategies import TwoD
 
     m = _mezo(q=3)
@@ -168,10 +168,10 @@ def test_distzo2_hung_rank_ends_the_others_after_the_timeout(pair):
 
 @pytest.mark.slow
 def test_distzo2_dead_rank_ends_the_others(four):
-    """Last run of ``four`` (2d): rank 3 killed at step 3; ranks 0-2 exit 3 with the one-line error, promptly."""
+    """Last run of ``four`` (zo_2d): rank 3 killed at step 3; ranks 0-2 exit 3 with the one-line error, promptly."""
     root, results = four
     killed_at = float((root / "launch" / "killed_at").read_text())
     for r in results[:3]:
-        _failed_within_timeout(r, killed_at, 60, "2d")
+        _failed_within_timeout(r, killed_at, 60, "zo_2d")
         assert [s["step"] for s in r.result["steps"][FOUR_RUNS.index("killed")]] == [1, 2]
     assert results[3].rc == -9  # SIGKILL

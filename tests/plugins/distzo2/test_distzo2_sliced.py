@@ -1,7 +1,7 @@
 """Sliced block upload (``parallel.sliced_upload`` with the ``zo2`` offload policy).
 
 Multi-process (runs of the ``pair`` / ``four`` launches in ``conftest``): ``pertp`` + sliced upload equals the
-unsliced ``pertp`` + ``zo2`` run and the single-process run bit for bit; ``zo_ddp`` (2 ranks) and ``2d`` (4
+unsliced ``pertp`` + ``zo2`` run and the single-process run bit for bit; ``zo_ddp`` (2 ranks) and ``zo_2d`` (4
 ranks, k = 4) + sliced upload equal the micro-batch oracle; parameter hashes agree on every rank after every
 step (each rank writes its whole updated block back to its own host copy: no write-back traffic); every upload
 all-gather runs on the dedicated group and moves exactly one block bucket; the step's loss all-gather is still

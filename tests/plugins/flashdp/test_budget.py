@@ -16,8 +16,8 @@ CFG = """
 run: {{name: d, seed: 2, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false,
       keep_checkpoints: 0}}
 recipe: {{name: sft, optimizer: adamw, lr: 3.0e-3, batch_size: 8, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 64, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
 grad_transform: {{name: flashdp, max_grad_norm: 1.0, noise_multiplier: 1.0, delta: 1.0e-3}}
 """
 

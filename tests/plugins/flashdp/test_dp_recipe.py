@@ -18,8 +18,8 @@ CFG = """
 run: {{name: d, seed: 2, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false,
       keep_checkpoints: 0}}
 recipe: {{name: sft, optimizer: adamw, lr: 3.0e-3, batch_size: 8, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 64, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
 grad_transform: {{name: flashdp, max_grad_norm: 1.0, noise_multiplier: 1.0, delta: 1.0e-3}}
 """
 
@@ -87,7 +87,7 @@ def test_epsilon_is_logged_at_the_logged_step_not_averaged_over_the_window(tmp_p
 
 def test_flat_mode_runs(tmp_path, fresh_host):
     fresh_host()
-    run = execute(load_config(_cfg(tmp_path, steps=2), ["grad_transform.name=dp-flat",
+    run = execute(load_config(_cfg(tmp_path, steps=2), ["grad_transform.name=dp_flat",
                                                         "grad_transform.noise_multiplier=1.0"]))
     assert run.summary["privacy/epsilon"] > 0
 

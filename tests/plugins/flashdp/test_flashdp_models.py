@@ -92,7 +92,7 @@ def test_opt_positional_embedding_keeps_its_own_forward_and_mlp_rows_are_regroup
 
 @pytest.mark.slow
 def test_sft_preset_opt_tiny_is_exact():
-    """The arch and size of the sft preset (model: {name: hf-causal-lm, arch: opt, size: tiny}), from the builder."""
+    """The arch and size of the sft preset (model: {name: hf_causal_lm, arch: opt, size: tiny}), from the builder."""
     model, _ = build_causal_lm(arch="opt", size="tiny", config={}, path=None, tokenizer=None, dtype="float64")
     model.eval()
     ref = copy.deepcopy(model)

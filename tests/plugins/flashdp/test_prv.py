@@ -104,8 +104,8 @@ def test_dp_run_with_prv_logs_its_epsilon(tmp_path, fresh_host):
     cfg.write_text(f"""
 run: {{name: prv, seed: 0, steps: 3, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {tmp_path}, progress: false}}
 recipe: {{name: sft, optimizer: sgd, lr: 1.0e-2, batch_size: 8, eval_batch_size: 16}}
-model: {{name: hf-causal-lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 64, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
 grad_transform: {{name: flashdp, noise_multiplier: 1.0, delta: 1.0e-3, accountant: prv}}
 """)
     run = execute(load_config(cfg))

@@ -1,7 +1,7 @@
 """Recipe ``grpo`` on the shared first-order step (`plait.step.FirstOrderStep`): one policy update against a
 hand-written reference (the loss from `grpo_loss`'s documented formula, clipping and AdamW by torch directly), the
 privacy unit of DP GRPO (one prompt: its G rollouts in one packed row, so a per-sample gradient is a per-prompt
-gradient), and the grad transforms it now accepts (flashdp / dp-flat, sam) and refuses."""
+gradient), and the grad transforms it now accepts (flashdp / dp_flat, sam) and refuses."""
 from __future__ import annotations
 
 import copy
@@ -31,8 +31,8 @@ model: {model}
 data: {{name: addition}}
 sampler: {{name: continuous, g: {G}}}
 """
-OPT = '{name: hf-causal-lm, path: "bundled:tiny-opt-base"}'
-GPT2_F64 = "{name: hf-causal-lm, arch: gpt2, size: tiny, dtype: float64}"  # random init: varied completions
+OPT = '{name: hf_causal_lm, path: "bundled:tiny-opt-base"}'
+GPT2_F64 = "{name: hf_causal_lm, arch: gpt2, size: tiny, dtype: float64}"  # random init: varied completions
 ADDITION_REWARDS = '[{name: exact_match}, {name: regex, pattern: "[0-9]", weight: 0.2}]'
 DP = "{name: flashdp, noise_multiplier: 1.0, delta: 1.0e-3}"
 

@@ -31,7 +31,7 @@ recipe:
   rewards:
     - {{name: exact_match, weight: 1.0}}
     - {{name: regex, pattern: "[0-9]", weight: 0.2}}
-model: {{name: hf-causal-lm, path: "bundled:tiny-opt-base"}}
+model: {{name: hf_causal_lm, path: "bundled:tiny-opt-base"}}
 data: {{name: addition}}
 sampler: {{name: continuous, g: 8}}
 """

@@ -136,7 +136,7 @@ recipe:
   prompts_per_step: 4
   max_new_tokens: 3
   predictor: {predictor}
-model: {{name: hf-causal-lm, path: "bundled:tiny-opt-base"}}
+model: {{name: hf_causal_lm, path: "bundled:tiny-opt-base"}}
 data: {{name: addition}}
 sampler: {{name: length_aware, g: 4}}
 """

@@ -27,11 +27,11 @@ RUN = ["run.name=r", "run.seed=1", f"run.steps={STEPS}", "run.log_every=1", "run
        "run.ckpt_every=0", "run.progress=false", "run.device=cpu"]
 CONFIGS = {
     "sft": """recipe: {name: sft, batch_size: 4, grad_accum: 2, optimizer: sgd, momentum: 0.9, lr: 0.05, max_grad_norm: 1.0}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic-sentiment, n_train: 32, n_eval: 4}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
+data: {name: synthetic_sentiment, n_train: 32, n_eval: 4}
 """,
     "sam_train": """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
-model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}
+model: {name: tabular_mlp, n_features: 64, n_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 30, seed: 0}
 """,
 }

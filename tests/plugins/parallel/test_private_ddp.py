@@ -1,4 +1,4 @@
-"""Private DDP: a DP transform (flashdp per-layer, dp-flat) under ``parallel: {name: ddp}`` on 2 gloo ranks.
+"""Private DDP: a DP transform (flashdp per-layer, dp_flat) under ``parallel: {name: ddp}`` on 2 gloo ranks.
 
 Each rank clips its own samples (the clipped sum, no noise), the sums are all-reduced, and the noise is added
 once per step after the reduce from the run's (broadcast) seed; the Poisson draw is over the whole dataset at
@@ -20,12 +20,12 @@ import torch
 STEPS = 10
 HELPER = Path(__file__).with_name("_capture_rank.py")
 CFG = """recipe: {name: sft, batch_size: 6, optimizer: sgd, lr: 0.5}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic-sentiment, n_train: 24, n_eval: 4}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
+data: {name: synthetic_sentiment, n_train: 24, n_eval: 4}
 """
 CASES = {  # id: (transform, extra overrides)
     "flashdp": ("flashdp", []),
-    "dp-flat": ("dp-flat", []),
+    "dp_flat": ("dp_flat", []),
     # fixed-size batches (no guarantee): each rank its slice of the single-process batch
     "flashdp-no-poisson": ("flashdp", ["grad_transform.poisson=false", "grad_transform.allow_no_privacy=true"]),
 }

@@ -18,8 +18,8 @@ run: {{name: a, seed: 0, steps: 3, log_every: 1, eval_every: 0, ckpt_every: {ckp
       out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sft, optimizer: sgd, momentum: 0.9, lr: 1.0e-2, batch_size: 4, eval_batch_size: 8,
           eval_examples: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 12, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 12, n_eval: 4}}
 {extra}
 """
 DP = "grad_transform: {name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"

@@ -12,7 +12,7 @@ from plait.cli import main
 CONFIG = """
 run: {{name: s, seed: 0, steps: {steps}, log_every: 5, out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2, record_trajectory: {traj}}}
-model: {{name: tabular-mlp, n_features: 64, n_classes: 10, hidden: []}}
+model: {{name: tabular_mlp, n_features: 64, n_classes: 10, hidden: []}}
 data: {{name: digits, n_train: 120, n_test: 30, flip_fraction: 0.1, seed: 0}}
 """
 

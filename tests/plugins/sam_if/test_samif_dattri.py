@@ -18,7 +18,7 @@ from plait.plugins.sam_if.sam import load_trajectory, train_sam  # noqa: E402
 
 @pytest.fixture(scope="module")
 def small():
-    d = load_tabular("breast-cancer", n_train=40, n_test=10, seed=1)
+    d = load_tabular("breast_cancer", n_train=40, n_test=10, seed=1)
     d.train.X, d.test.X = d.train.X[:, :10].contiguous(), d.test.X[:, :10].contiguous()
     return d
 

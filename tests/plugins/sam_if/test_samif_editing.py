@@ -33,7 +33,7 @@ L2 = 0.05
 def convex():
     """Breast-cancer logistic regression (62 parameters), 10 % flipped labels, at its m-sharpness SAM fixed point."""
     torch.set_num_threads(1)
-    d = load_tabular("breast-cancer", n_train=200, n_test=100, flip_fraction=0.1, seed=2)
+    d = load_tabular("breast_cancer", n_train=200, n_test=100, flip_fraction=0.1, seed=2)
     model = TabularMLP(30, 2, seed=0)
     obj = Objective(model, d.train, L2)
     w, _ = sam_descent(obj, obj.fm.flat(), SAM, lr=1.0, steps=30)  # then Newton/chord to the fixed point

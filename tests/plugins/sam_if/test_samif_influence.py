@@ -37,7 +37,7 @@ def _lbfgs(model, data, l2):
 
 @pytest.fixture(scope="module")
 def cancer():
-    d = load_tabular("breast-cancer", n_train=40, n_test=10, seed=1)
+    d = load_tabular("breast_cancer", n_train=40, n_test=10, seed=1)
     keep = slice(0, 10)  # 10 features -> 22 parameters
     d.train.X, d.test.X = d.train.X[:, keep].contiguous(), d.test.X[:, keep].contiguous()
     return d

@@ -97,7 +97,7 @@ def test_datasets_flip_labels_with_seed():
     assert (a.train.y[a.flipped] != a.clean_y[a.flipped]).all()
     keep = ~a.flip_mask
     assert torch.equal(a.train.y[keep], a.clean_y[keep])
-    c = load_tabular("breast-cancer", flip_fraction=0.0)
+    c = load_tabular("breast_cancer", flip_fraction=0.0)
     assert c.n_features == 30 and c.n_classes == 2 and len(c.train) + len(c.test) == 569
     assert c.train.X.dtype == torch.float64 and abs(float(c.train.X.mean())) < 1e-10
     rows = a.examples("train")
@@ -115,8 +115,8 @@ def test_registry_entries_build(fresh_host):
         est = entry.factory(**vars(entry.config()))
         assert hasattr(est, "scores") and hasattr(est, "self_influence"), name
     assert reg.influence_estimators.get("sam_trajectory").factory().coupling
-    data = reg.datasets.get("breast-cancer").factory(**vars(reg.datasets.get("breast-cancer").config()))
-    fam = reg.model_families.get("tabular-mlp")
+    data = reg.datasets.get("breast_cancer").factory(**vars(reg.datasets.get("breast_cancer").config()))
+    fam = reg.model_families.get("tabular_mlp")
     model = fam.factory(**{**vars(fam.config()), "n_features": 30, "n_classes": 2})
     assert model(data.train.X).shape == (len(data.train), 2)
     assert copy.deepcopy(model) is not None

@@ -1,4 +1,4 @@
-"""``transforms: [{name: wip_attention, calibrate: true}]`` in another recipe (sft on the bundled wip-lm and its
+"""``transforms: [{name: wip_attention, calibrate: true}]`` in another recipe (sft on the bundled wip_lm and its
 held-out text): the closed-form calibration of wip_recover runs on the run's own first training batch(es) inside
 the first training forward, step 1's loss already uses the calibrated operator, the calibration is in the
 checkpoint (a resumed run is exact and fits nothing again), ``calibrate: false`` is today's swap, and recipes
@@ -21,8 +21,8 @@ run: {{name: w, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, o
       device: cpu}}
 recipe: {{name: sft, lr: 1.0e-3, batch_size: {BATCH}, max_length: {MAX_LEN}, eval_batch_size: 32,
          eval_examples: {EVAL_N}, max_grad_norm: 0}}
-model: {{name: wip-lm}}
-data: {{name: wip-heldout}}
+model: {{name: wip_lm}}
+data: {{name: wip_heldout}}
 transforms: [{{name: wip_attention, operator: minprod, calibrate: true}}]
 """
 

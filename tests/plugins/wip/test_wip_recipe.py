@@ -1,4 +1,4 @@
-"""Recipe wip_recover through `plait run` on the bundled LM (model wip-lm, data wip-heldout)."""
+"""Recipe wip_recover through `plait run` on the bundled LM (model wip_lm, data wip_heldout)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""DP-ZO (grad transform ``dp-zo`` under the ``zo`` recipe) against independent references: plain ZO when nothing
+"""DP-ZO (grad transform ``dp_zo`` under the ``zo`` recipe) against independent references: plain ZO when nothing
 is clipped or noised, a hand loop of single-example forwards for the clipped mean, the noise's standard deviation,
 the accountant's ε for the same Gaussian mechanism, exact resume, and pertp on two ranks."""
 from __future__ import annotations
@@ -28,12 +28,12 @@ CFG = """
 run: {{name: z, seed: 1, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, out_dir: {out},
       progress: false, keep_checkpoints: 0}}
 recipe: {{name: zo, batch_size: 4, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny, dtype: {dtype}}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny, dtype: {dtype}}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 8}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3, weight_decay: 0.01}}
 offload: {{name: none}}
 """
-NO_PRIVACY = "grad_transform={name: dp-zo, noise_multiplier: 0, max_grad_norm: .inf, allow_no_privacy: true, " \
+NO_PRIVACY = "grad_transform={name: dp_zo, noise_multiplier: 0, max_grad_norm: .inf, allow_no_privacy: true, " \
              "poisson: false}"
 
 
@@ -164,7 +164,7 @@ def test_epsilon_is_the_gaussian_mechanism_of_the_same_sigma_rate_and_steps():
 
 def test_target_epsilon_is_met_and_reported(tmp_path, fresh_host):
     fresh_host()
-    run = execute(load_config(_cfg(tmp_path, steps=6), ["grad_transform={name: dp-zo, target_epsilon: 3.0, "
+    run = execute(load_config(_cfg(tmp_path, steps=6), ["grad_transform={name: dp_zo, target_epsilon: 3.0, "
                                                          "max_grad_norm: 2.0, delta: 1.0e-3}"]))
     eps = run.summary["privacy/epsilon"]
     assert 2.9 < eps <= 3.0 + 1e-9
@@ -177,7 +177,7 @@ def test_resume_is_exact_with_the_secret_seed_and_poisson_batches(tmp_path, fres
 
     drawn = [222, 333, 222]
     monkeypatch.setattr(dp_zo.secrets, "randbits", lambda bits: drawn.pop(0))
-    dp = "grad_transform={name: dp-zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3}"
+    dp = "grad_transform={name: dp_zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3}"
     fresh_host()
     part = execute(load_config(_cfg(tmp_path, steps=3), ["run.name=part", dp]))
     execute(load_config(_cfg(tmp_path, steps=6), ["run.name=part", f"run.resume={part.dir}", dp]))
@@ -195,10 +195,10 @@ def json_summary(run_dir):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("grad_transform={name: dp-zo, noise_multiplier: 0}", "noise_multiplier 0 gives no privacy"),
-    ("grad_transform={name: dp-zo, noise_multiplier: 1.0, max_grad_norm: 0}", "max_grad_norm must be > 0"),
-    ("grad_transform={name: dp-zo, noise_multiplier: 1.0, delta: 0.1}", r"delta"),
-    ("grad_transform={name: flashdp, noise_multiplier: 1.0}", "use 'dp-zo'"),
+    ("grad_transform={name: dp_zo, noise_multiplier: 0}", "noise_multiplier 0 gives no privacy"),
+    ("grad_transform={name: dp_zo, noise_multiplier: 1.0, max_grad_norm: 0}", "max_grad_norm must be > 0"),
+    ("grad_transform={name: dp_zo, noise_multiplier: 1.0, delta: 0.1}", r"delta"),
+    ("grad_transform={name: flashdp, noise_multiplier: 1.0}", "use 'dp_zo'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
     from plait.cli import main
@@ -214,15 +214,15 @@ def test_dp_zo_under_sft_names_the_first_order_transforms(fresh_host, capsys):
     from plait.cli import main
 
     fresh_host()
-    assert main(["validate", "basics/sft_quickstart", "grad_transform={name: dp-zo, noise_multiplier: 1.0}"]) == 2
-    assert "use 'dp-flat' or 'flashdp'" in capsys.readouterr().err
+    assert main(["validate", "basics/sft_quickstart", "grad_transform={name: dp_zo, noise_multiplier: 1.0}"]) == 2
+    assert "use 'dp_flat' or 'flashdp'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_pertp_on_two_ranks_equals_one_process(tmp_path, fresh_host):
     """The pair gathers each other's per-example losses and draws the same noise from the shared seed: the run
     equals the single-process DP-ZO run bit for bit (reproducible noise, so both use the same seed)."""
-    dp = ("grad_transform={name: dp-zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3, "
+    dp = ("grad_transform={name: dp_zo, noise_multiplier: 1.0, max_grad_norm: 1.0, delta: 1.0e-3, "
           "reproducible_noise: true}")
     cfg = _cfg(tmp_path, steps=3)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

@@ -19,8 +19,8 @@ CFG = """
 run: {{name: z, seed: 1, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, out_dir: {out},
       progress: false, keep_checkpoints: 0}}
 recipe: {{name: zo, batch_size: 4, eval_batch_size: 32}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 16, n_eval: 8}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 16, n_eval: 8}}
 perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3, weight_decay: 0.01}}
 offload: {{name: zo2, storage_dtype: fp32}}
 """
@@ -90,7 +90,7 @@ def _digests(path: Path) -> dict[str, str]:
 
 
 def test_sharded_model_source_untouched_and_disk_dir_rewritten(tmp_path, fresh_host):
-    """Training a zo2-shards model leaves its directory as it was (the run trains a working copy in the run
+    """Training a zo2_shards model leaves its directory as it was (the run trains a working copy in the run
     directory), and two runs with the same explicit disk_dir both start from the model, not from the first
     run's trained shards."""
     from plait.plugins.zo2.shards import write_sharded_model
@@ -98,7 +98,7 @@ def test_sharded_model_source_untouched_and_disk_dir_rewritten(tmp_path, fresh_h
     fresh_host()
     src = write_sharded_model(tmp_path / "src", "opt", "tiny", {"num_hidden_layers": 2}, storage_dtype="fp32")
     source = _digests(src)
-    shards = ["model.name=zo2-shards", f"model.path={src}"]
+    shards = ["model.name=zo2_shards", f"model.path={src}"]
     run = execute(load_config(_cfg(tmp_path), ["run.name=s", *shards]))
     assert _digests(src) == source
     assert len(list((run.dir / "block_shards").glob("block_*.safetensors"))) == 2
