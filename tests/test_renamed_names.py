@@ -1,6 +1,6 @@
-"""Renamed entries (issue 22: snake_case names) are refused with one line and a hint to the new name, exit 2:
-at validate, on resume of an old run directory, and in ``plait attribute`` of an old run. After writing the
-new name, the old run resumes."""
+"""Renamed entries and options (issue 22: snake_case names, one spelling per option) are refused with one
+line and a hint to the new name, exit 2: at validate, on resume of an old run directory, and in
+``plait attribute`` of an old run. After writing the new name, the old run resumes."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,26 @@ def test_validate_refuses_old_names_with_the_hint(fresh_host, capsys, cfg, overr
     assert hint in _one_line(capsys)
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("recipe.lr_schedule=cosine", "recipe.lr_schedule: 'lr_schedule' was renamed to 'schedule' for recipe 'grpo' "
+     "(plugin 'infinite_sampling'); write recipe.schedule instead"),
+    ("recipe.lr_warmup_steps=5", "recipe.lr_warmup_steps: 'lr_warmup_steps' was renamed to 'warmup_steps'"),
+])
+def test_validate_refuses_old_option_keys_with_the_hint(fresh_host, capsys, override, hint):
+    fresh_host()
+    assert main(["validate", str(REPO / "configs/grpo/addition.yaml"), override]) == 2
+    assert hint in _one_line(capsys)
+
+
+def test_new_option_keys_are_the_ones_used(fresh_host, capsys):
+    """grpo now spells its schedule as sft does: the same keys validate in both recipes."""
+    fresh_host()
+    for cfg in ("configs/grpo/addition.yaml", "configs/basics/sft_quickstart.yaml"):
+        assert main(["config", str(REPO / cfg), "recipe.schedule=cosine", "recipe.warmup_steps=3"]) == 0
+        out = capsys.readouterr().out
+        assert "schedule: cosine" in out and "warmup_steps: 3" in out and "lr_schedule" not in out
+
+
 def test_resume_of_an_old_run_directory_gives_the_hint_then_resumes(tiny_config, fresh_host, capsys):
     fresh_host()
     cfg = str(tiny_config(steps=2, ckpt=1))
@@ -61,7 +81,7 @@ def test_resume_of_an_old_run_directory_gives_the_hint_then_resumes(tiny_config,
 ATTRIBUTE_RUN = """
 run: {{name: s, seed: 0, steps: 2, log_every: 1, out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2}}
-model: {{name: tabular_mlp, n_features: 30, n_classes: 2, hidden: []}}
+model: {{name: tabular_mlp, num_features: 30, num_classes: 2, hidden: []}}
 data: {{name: breast_cancer, n_train: 40, n_test: 10, seed: 0}}
 """
 
@@ -69,6 +89,7 @@ data: {{name: breast_cancer, n_train: 40, n_test: 10, seed: 0}}
 @pytest.mark.parametrize("old, new, hint", [
     ("name: tabular_mlp", "name: tabular-mlp", "model.name: 'tabular-mlp' was renamed to 'tabular_mlp'"),
     ("name: breast_cancer", "name: breast-cancer", "data.name: 'breast-cancer' was renamed to 'breast_cancer'"),
+    ("num_classes: 2", "n_classes: 2", "model.n_classes: 'n_classes' was renamed to 'num_classes'"),
 ])
 def test_attribute_of_an_old_run_gives_the_hint(tmp_path, fresh_host, capsys, old, new, hint):
     fresh_host()

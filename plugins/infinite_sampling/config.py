@@ -110,8 +110,10 @@ class GRPORecipeConfig:
     beta: float = 0.0  # k3 KL coefficient to a frozen reference (the model after warm-up); 0: no reference
     num_iterations: int = 1  # optimizer updates per generation batch (mu); > 1 uses an old-policy snapshot
     lr: float = 1.0e-3
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at run.steps)
-    lr_warmup_steps: int = 0  # linear LR warm-up steps of the RL phase (not the SFT warm-up)
+    # the LR schedule, spelled as sft's and mezo's: constant | linear | cosine (decay to 0 at run.steps) after
+    # warmup_steps of linear warm-up in the RL phase (not the SFT warm-up, warmup_sft_steps)
+    schedule: str = field(default="constant", metadata={"renamed_from": ("lr_schedule",)})
+    warmup_steps: int = field(default=0, metadata={"renamed_from": ("lr_warmup_steps",)})
     micro_batch_size: int = 0  # rows of the B*G rollouts per loss forward (gradient accumulation); 0: all
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping

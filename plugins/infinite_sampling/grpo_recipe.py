@@ -11,7 +11,7 @@ Each step (a function of ``(run.seed, step)`` and the weights, so a resumed run 
    fails the run naming the sample, or counts 0 with ``reward_on_error: skip``);
 4. advantages `grpo_loss.group_advantages` (scale group / batch / none);
 5. ``num_iterations`` updates of the shared first-order step (`plait.step.FirstOrderStep`: AdamW, the LR of
-   ``lr_schedule`` — constant / linear / cosine to 0 at ``run.steps``, after ``lr_warmup_steps`` linear warm-up
+   ``schedule`` — constant / linear / cosine to 0 at ``run.steps``, after ``warmup_steps`` linear warm-up
    steps — set from the step number so that a resumed run follows the same schedule, global-norm clipping at
    ``max_grad_norm``, and the ``grad_transform:`` chain) whose objective is `grpo_loss.grpo_loss` over the step's
    rollouts (clip, k3 KL to a frozen reference when ``beta > 0``). The old-policy log-probs are computed once per
@@ -173,7 +173,7 @@ class GRPORecipe:
             self._check_private()
             self._check_packing()
         return FirstOrderStep(run, self.model, self, optimizer="adamw", lr=c.lr, weight_decay=c.weight_decay,
-                              schedule=c.lr_schedule, warmup_steps=c.lr_warmup_steps,
+                              schedule=c.schedule, warmup_steps=c.warmup_steps,
                               max_grad_norm=c.max_grad_norm, grad_accum=1, batch_size=c.prompts_per_step,
                               dataset_size=len(self.train_prompts), transform=transform)
 
@@ -210,9 +210,9 @@ class GRPORecipe:
         if c.predictor_constant < 0:
             raise ConfigError(f"recipe.predictor_constant: must be >= 0 (0: max_new_tokens), got "
                               f"{c.predictor_constant}")
-        if c.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"recipe.lr_schedule: {c.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
-        for key in ("micro_batch_size", "lr_warmup_steps"):
+        if c.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"recipe.schedule: {c.schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+        for key in ("micro_batch_size", "warmup_steps"):
             if getattr(c, key) < 0:
                 raise ConfigError(f"recipe.{key}: must be >= 0, got {getattr(c, key)}")
         for key in ("lr", "warmup_lr", "predictor_lr"):

@@ -120,8 +120,8 @@ class TabularConfig:
 class TabularMLPConfig:
     """Model family ``tabular_mlp``: logistic regression (hidden: []) or a tanh MLP returning logits."""
 
-    n_features: int = 64
-    n_classes: int = 10
+    num_features: int = field(default=64, metadata={"renamed_from": ("n_features",)})  # as pit's / vit's
+    num_classes: int = field(default=10, metadata={"renamed_from": ("n_classes",)})
     hidden: list[int] = field(default_factory=list)
     dtype: str = "float64"
     seed: int = 0

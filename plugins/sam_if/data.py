@@ -115,6 +115,6 @@ class TabularMLP(torch.nn.Sequential):
         self.to(_DTYPES[dtype])
 
 
-def build_tabular_mlp(n_features: int = 64, n_classes: int = 10, hidden: list[int] | None = None,
+def build_tabular_mlp(num_features: int = 64, num_classes: int = 10, hidden: list[int] | None = None,
                       dtype: str = "float64", seed: int = 0, **_runtime) -> TabularMLP:
-    return TabularMLP(n_features, n_classes, tuple(hidden or ()), dtype, seed)
+    return TabularMLP(num_features, num_classes, tuple(hidden or ()), dtype, seed)

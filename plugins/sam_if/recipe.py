@@ -81,9 +81,9 @@ class SAMTrainRecipe:
                               f"splits (digits, breast_cancer)")
         model = run.build("model")
         mc = run.cfg.model
-        if mc.get("n_features") != data.n_features or mc.get("n_classes") != data.n_classes:
-            raise ConfigError(f"model: n_features={mc.get('n_features')}, n_classes={mc.get('n_classes')} do not "
-                              f"match data {data.name!r} ({data.n_features} features, {data.n_classes} classes)")
+        if mc.get("num_features") != data.n_features or mc.get("num_classes") != data.n_classes:
+            raise ConfigError(f"model: num_features={mc.get('num_features')}, num_classes={mc.get('num_classes')} "
+                              f"do not match data {data.name!r} ({data.n_features} features, {data.n_classes} classes)")
         for transform in run.build_transforms():
             model = transform(model)
         self.dtype = next(model.parameters()).dtype

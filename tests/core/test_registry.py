@@ -113,3 +113,7 @@ def test_find_renamed_walks_sections_and_lists(hello_host):
     assert find_renamed({"model": {"name": "hf_causal_lm"}, "run": {"name": "hf-causal-lm"}}, regs) is None
     assert find_renamed({"grad_transform": [{"name": "sam"}, {"name": "dp-flat"}]}, regs) == \
         "grad_transform[1].name: 'dp-flat' was renamed to 'dp_flat'"
+    assert find_renamed({"recipe": {"name": "grpo", "lr_warmup_steps": 3}}, regs) == \
+        "recipe.lr_warmup_steps: 'lr_warmup_steps' was renamed to 'warmup_steps'"
+    assert find_renamed({"model": {"name": "tabular_mlp", "n_classes": 2}}, regs) == \
+        "model.n_classes: 'n_classes' was renamed to 'num_classes'"

@@ -129,7 +129,7 @@ def test_capsule_vision_transformers_equal_per_sample_reference(name, mode):
 
 @pytest.mark.parametrize("hidden", [[], [8, 6]])
 def test_tabular_mlp_equals_per_sample_reference(hidden):
-    model = build_tabular_mlp(n_features=10, n_classes=5, hidden=hidden, dtype="float64")
+    model = build_tabular_mlp(num_features=10, num_classes=5, hidden=hidden, dtype="float64")
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)

@@ -157,7 +157,7 @@ def _rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("predictor,options", [
     ("mlp", ()), ("running_mean", ()),
     # partial decode (probe 1 token, predict the rest) + loss micro-batches + cosine LR, resumed exactly
-    ("mlp", ("sampler.prefix_tokens=1", "recipe.micro_batch_size=5", "recipe.lr_schedule=cosine")),
+    ("mlp", ("sampler.prefix_tokens=1", "recipe.micro_batch_size=5", "recipe.schedule=cosine")),
 ], ids=["mlp", "running_mean", "mlp-prefix-microbatch"])
 def test_recipe_logs_predictor_metrics_and_resumes(tmp_path, fresh_host, one_thread, predictor, options):
     from plait.config import load_config

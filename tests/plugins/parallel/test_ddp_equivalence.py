@@ -31,7 +31,7 @@ model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attent
 data: {name: synthetic_sentiment, n_train: 32, n_eval: 4}
 """,
     "sam_train": """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
-model: {name: tabular_mlp, n_features: 64, n_classes: 10, hidden: [8]}
+model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 30, seed: 0}
 """,
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CFG = """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
-model: {name: tabular_mlp, n_features: 64, n_classes: 10, hidden: [8]}
+model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 30, seed: 0}
 run: {name: r, seed: 2, steps: 1000000, log_every: 1, eval_every: 0, ckpt_every: 0, progress: false,
       device: cpu}

@@ -19,7 +19,7 @@ STEPS, N_TRAIN, BATCH, LR, L2 = 6, 120, 24, 0.5, 1.0e-2
 CONFIG = f"""
 run: {{name: s, seed: 3, steps: {STEPS}, log_every: 3, out_dir: OUT, progress: false, device: cpu}}
 recipe: {{name: sam_train, rho: 0.1, lr: {LR}, l2: {L2}, batch_size: {BATCH}}}
-model: {{name: tabular_mlp, n_features: 64, n_classes: 10, hidden: [8]}}
+model: {{name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}}
 data: {{name: digits, n_train: {N_TRAIN}, n_test: 30, seed: 0}}
 """
 DP = "grad_transform={name: flashdp, noise_multiplier: 1.0, reproducible_noise: true}"

@@ -12,7 +12,7 @@ from plait.cli import main
 CONFIG = """
 run: {{name: s, seed: 0, steps: {steps}, log_every: 5, out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2, record_trajectory: {traj}}}
-model: {{name: tabular_mlp, n_features: 64, n_classes: 10, hidden: []}}
+model: {{name: tabular_mlp, num_features: 64, num_classes: 10, hidden: []}}
 data: {{name: digits, n_train: 120, n_test: 30, flip_fraction: 0.1, seed: 0}}
 """
 
@@ -81,7 +81,7 @@ def test_attribute_bad_inputs(tmp_path, fresh_host, capsys):
 def test_sam_train_rejects_mismatched_model(tmp_path, fresh_host, capsys):
     fresh_host()
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(CONFIG.format(steps=2, out=tmp_path / "runs", traj="false").replace("n_classes: 10", "n_classes: 2"))
+    cfg.write_text(CONFIG.format(steps=2, out=tmp_path / "runs", traj="false").replace("num_classes: 10", "num_classes: 2"))
     assert main(["run", str(cfg)]) == 2
     assert "do not match data 'digits'" in capsys.readouterr().err
 

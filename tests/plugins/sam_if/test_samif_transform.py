@@ -117,6 +117,6 @@ def test_registry_entries_build(fresh_host):
     assert reg.influence_estimators.get("sam_trajectory").factory().coupling
     data = reg.datasets.get("breast_cancer").factory(**vars(reg.datasets.get("breast_cancer").config()))
     fam = reg.model_families.get("tabular_mlp")
-    model = fam.factory(**{**vars(fam.config()), "n_features": 30, "n_classes": 2})
+    model = fam.factory(**{**vars(fam.config()), "num_features": 30, "num_classes": 2})
     assert model(data.train.X).shape == (len(data.train), 2)
     assert copy.deepcopy(model) is not None
