@@ -178,7 +178,7 @@ def lm_case(args) -> dict:
 
     from plait.plugins.basics.data import SyntheticSentiment, collate, tokenize_example
     from plait.plugins.basics.models import BUNDLED_MODELS, build_causal_lm
-    from plait.plugins.basics.sft import sample_losses
+    from plait.plugins.basics.sft_recipe import sample_losses
     from plait.plugins.sam_if.attribute import recall_at, roc_auc
     from plait.plugins.sam_if.projected import Checkpoint, CheckpointTracIn
 

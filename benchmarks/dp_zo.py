@@ -64,7 +64,7 @@ def argv_of(variant: str, steps: int, out: Path, n_train: int, size: str | None 
             f"grad_transform={{name: flashdp, target_epsilon: {eps}, max_grad_norm: 1.0, delta: 1.0e-5}}"]
 
 
-FLOOR = ("import torch, transformers, plait.run, plait.plugins.zo2.recipe, plait.plugins.flashdp.transform; "
+FLOOR = ("import torch, transformers, plait.run, plait.plugins.zo2.zo_recipe, plait.plugins.flashdp.transform; "
          "from plait.plugins.basics.models import build_causal_lm")
 
 

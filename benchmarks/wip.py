@@ -29,7 +29,7 @@ from _common import emit, log  # noqa: E402
 
 from plait.plugins.wip.attention import swap_attention  # noqa: E402
 from plait.plugins.wip.lm import heldout_blocks, load_lm  # noqa: E402
-from plait.plugins.wip.recipe import compare_operators  # noqa: E402
+from plait.plugins.wip.wip_recover_recipe import compare_operators  # noqa: E402
 
 
 def forward_seconds(model, ids, repeats: int) -> float:

@@ -250,14 +250,14 @@ def test_run_directories_created_at_once_are_distinct(tmp_path):
 
 
 def test_ctrl_c_during_the_model_build_leaves_no_run_directory(tmp_path, fresh_host, monkeypatch, capsys):
-    from plait.plugins.basics import sft
+    from plait.plugins.basics import sft_recipe
 
     fresh_host()
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft, "build_lm", interrupted)
+    monkeypatch.setattr(sft_recipe, "build_lm", interrupted)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TINY.format(out=tmp_path / "runs"))
     assert main(["run", str(cfg)]) == 130

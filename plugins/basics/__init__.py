@@ -120,7 +120,7 @@ class SingleProcess:
 # --- hooks --------------------------------------------------------------------------------------------
 @hookimpl
 def register_recipes(register):
-    from .sft import SFTConfig, SFTRecipe
+    from .sft_recipe import SFTConfig, SFTRecipe
 
     register("sft", SFTRecipe, config=SFTConfig, doc="first-order fine-tuning (AdamW/SGD, schedule, clipping, "
              "accumulation)", requires=("model", "data"), uses=("grad_transform", "transforms"))

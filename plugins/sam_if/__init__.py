@@ -97,7 +97,7 @@ def build_breast_cancer(**kwargs):
 
 
 def build_sam_train(run, **kwargs):
-    from .recipe import SAMTrainRecipe
+    from .sam_train_recipe import SAMTrainRecipe
 
     return SAMTrainRecipe(run, **kwargs)
 

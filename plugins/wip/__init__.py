@@ -51,7 +51,7 @@ def build_wip_heldout(**kwargs):
 
 
 def build_wip_recover(run, **kwargs):
-    from .recipe import WipRecoverRecipe
+    from .wip_recover_recipe import WipRecoverRecipe
 
     return WipRecoverRecipe(run, **kwargs)
 
@@ -76,7 +76,7 @@ def register_datasets(register):
 
 @hookimpl
 def register_recipes(register):
-    from .recipe import WipRecoverConfig
+    from .wip_recover_recipe import WipRecoverConfig
 
     register("wip_recover", build_wip_recover, config=WipRecoverConfig, requires=("model", "data"), uses=(),
              doc="per operator: perplexity after swap, after closed-form calibration, after ≤100 norm/scale steps")

@@ -1,4 +1,4 @@
-"""Config schemas of the wip plugin's registry entries (the recipe's lives in recipe.py)."""
+"""Config schemas of the wip plugin's registry entries (the recipe's lives in wip_recover_recipe.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -50,7 +50,7 @@ def build_zo2(model, device, mezo, run_dir=None, **kwargs):
 
 
 def build_zo_recipe(run, **kwargs):
-    from .recipe import ZORecipe
+    from .zo_recipe import ZORecipe
 
     return ZORecipe(run, **kwargs)
 

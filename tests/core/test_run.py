@@ -279,7 +279,7 @@ def test_an_out_dir_that_cannot_be_created_is_one_line(tiny_config, fresh_host, 
 def _nan_at(monkeypatch, bad_step, seen):
     """Make the sft recipe report a NaN loss at ``bad_step`` (after its real update, as a diverging run would),
     recording the weights at the end of each step."""
-    from plait.plugins.basics.sft import SFTRecipe
+    from plait.plugins.basics.sft_recipe import SFTRecipe
 
     real = SFTRecipe.train_step
 

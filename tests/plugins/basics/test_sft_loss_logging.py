@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from plait.config import load_config
-from plait.plugins.basics import sft
+from plait.plugins.basics import sft_recipe
 from plait.plugins.flashdp.transform import FlashDP
 from plait.run import execute
 
@@ -32,14 +32,14 @@ def test_empty_poisson_batch_is_left_out_of_the_logged_loss(tmp_path, fresh_host
     assert any(sizes[s] == 0 for s in sizes) and all(any(sizes[s] for s in w) for w in windows), sizes
 
     seen = []  # each non-empty step's mean per-sample loss, in step order
-    original = sft.sample_losses
+    original = sft_recipe.sample_losses
 
     def recording(model, batch):
         losses = original(model, batch)
         seen.append(float(losses.detach().mean()))
         return losses
 
-    monkeypatch.setattr(sft, "sample_losses", recording)
+    monkeypatch.setattr(sft_recipe, "sample_losses", recording)
     fresh_host()
     (tmp_path / "c.yaml").write_text(CFG.format(out=tmp_path / "runs"))
     run = execute(load_config(tmp_path / "c.yaml"))

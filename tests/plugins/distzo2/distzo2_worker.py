@@ -52,8 +52,8 @@ def main() -> int:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
 
     from plait.cli import main as plait_main
-    from plait.plugins.zo2.recipe import ZORecipe
     from plait.plugins.zo2.store import BlockStore
+    from plait.plugins.zo2.zo_recipe import ZORecipe
 
     log: list[dict] = []
     state = {"step": 0, "run": -1}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from plait.plugins.wip.lm import heldout_blocks, load_lm
-from plait.plugins.wip.recipe import WipRecoverConfig, compare_operators
+from plait.plugins.wip.wip_recover_recipe import WipRecoverConfig, compare_operators
 
 
 @pytest.fixture(scope="module")
