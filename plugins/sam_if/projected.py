@@ -52,14 +52,30 @@ class Checkpoint:
 
 
 def select_params(model: torch.nn.Module, patterns: Sequence[str]) -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters matching any fnmatch pattern (``*`` for all); ValueError naming them when none do."""
+    """The named parameters matching any fnmatch pattern (``*`` for all); ValueError naming them when none do.
+
+    A tied weight (an LM head sharing the input embedding) is listed once by ``named_parameters`` under its first
+    name; a pattern matching any of its names (``lm_head.*``) selects it, under that first name, once. Its gradient
+    is the gradient of the shared tensor (both uses: head and embedding)."""
     patterns = list(patterns) or ["*"]
-    named = [(n, p) for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    named, seen = [], set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or not any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            continue
+        seen.add(id(p))
+        named.append((canonical.get(id(p), n), p))
     if not named:
         names = [n for n, _ in model.named_parameters()]
         sample = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
         raise ValueError(f"params: {patterns} match no parameter of the model (names look like {sample})")
     return named
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Each tied alias → the name ``named_parameters`` lists (e.g. ``lm_head.weight`` → ``….embed_tokens.weight``)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    return {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if canonical[id(p)] != n}
 
 
 class Projector:

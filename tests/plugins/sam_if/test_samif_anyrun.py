@@ -89,3 +89,35 @@ def test_refusals_are_one_line(tmp_path, fresh_host, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert main(["attribute", str(tmp_path / "nowhere")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_tied_lm_head_is_matched_through_the_shared_weight(tmp_path, fresh_host):
+    from safetensors.torch import load_file
+
+    from plait.checkpoint import Checkpointer
+    from plait.config import load_config, validate
+    from plait.manager import get_host
+    from plait.plugins.sam_if.anyrun import _rebuild
+    from plait.plugins.sam_if.projected import select_params, tied_aliases
+
+    fresh_host()
+    run_dir = _train(tmp_path)
+    host = get_host()
+    cfg = load_config(run_dir / "config.yaml")
+    recipe = _rebuild(run_dir, cfg, validate(cfg, host.registries), host)
+    model = recipe.model
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # OPT ties them
+    assert "lm_head.weight" in tied_aliases(model)
+    (name, p), = select_params(model, ["lm_head.*"])
+    assert p is model.lm_head.weight and name == "model.decoder.embed_tokens.weight"
+    assert main(["attribute", str(run_dir), "estimator=tracin", "params=[lm_head.*]"]) == 0
+    got = load_file(str(run_dir / "attribution" / "tracin" / "scores.safetensors"))["self_influence"]
+    ref = torch.zeros(12, dtype=torch.float64)
+    for path in Checkpointer(run_dir / "checkpoints").complete():
+        _, state = Checkpointer.load(path)
+        model.load_state_dict(state["task"]["model"])
+        model.eval()
+        for i in range(12):
+            (g,) = torch.autograd.grad(recipe.sample_losses([i])[0], [model.lm_head.weight])
+            ref[i] += 1e-2 / (1 - 0.9) * float((g.double() ** 2).sum())
+    assert torch.allclose(got, ref, rtol=1e-5, atol=0)  # fp32 model: sums in fp32 vs fp64
