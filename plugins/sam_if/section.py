@@ -93,9 +93,11 @@ def run_influence(run) -> dict[str, Any] | None:
     try:
         report = attribute_run(run.dir, run.cfg, run.components, run.host, "tracin", opts, top=int(kw["top"]),
                                allow_private_data=bool(kw["allow_private_data"]), out=out, on_top=images)
-    except PlaitError as exc:
-        print(f"influence: {exc}", file=sys.stderr)
-        run.summary["attribution"] = {"error": str(exc)}
+    except Exception as exc:  # whatever fails here (not only PlaitError), the run and its summary.json stay
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = what if isinstance(exc, PlaitError) else f"{type(exc).__name__}: {what}"
+        print(f"influence: {msg}", file=sys.stderr)
+        run.summary["attribution"] = {"error": msg}
         return None
     lines = ["| rank | example | self-influence | train loss | " + ("text" if report.get("lm") else "label") + " |",
              "|---|---|---|---|---|"]

@@ -190,3 +190,19 @@ def test_failure_at_end_of_run_keeps_the_trained_run(tmp_path, fresh_host, capsy
     assert summary["status"] == "completed" and "match no parameter" in summary["attribution"]["error"]
     assert not (run_dir / "attribution" / "scores.safetensors").exists()
     assert len(list((run_dir / "checkpoints").iterdir())) >= 3
+
+
+def test_any_exception_at_end_of_run_keeps_summary(tmp_path, fresh_host, monkeypatch, capsys):
+    from plait.plugins.sam_if import anyrun
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("estimator crashed\nsecond line")
+    monkeypatch.setattr(anyrun, "attribute_run", boom)
+    fresh_host()
+    cfg, out = _write(tmp_path, "influence: {name: tracin}")
+    assert main(["run", str(cfg)]) == 0
+    (run_dir,) = (out / "a").iterdir()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("influence:")]
+    assert err == ["influence: RuntimeError: estimator crashed"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["attribution"]["error"] == "RuntimeError: estimator crashed"
