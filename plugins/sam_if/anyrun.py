@@ -11,6 +11,18 @@ the default ``keep_checkpoints: 2`` only the last two are summed (the report say
 
 Writes ``RUN/attribution/tracin/``: ``scores.safetensors`` (``self_influence`` [n], ``train_loss`` [n] at the last
 checkpoint), ``report.json``, ``report.md`` (the top-k self-influential examples, with their text for LM runs).
+With ``--test SPLIT|FILE`` (`apps.test_set`): ``scores`` [n_train, n_test] (Σ_c η_c (P Γ_c g_j)·(P g_t)),
+``train_loss``, ``test_loss``, and per test example its top-k proponents and opponents in ``report.md``.
+With ``--remove K`` (`apps.edit_run`): the K most harmful (against ``--test``) or most self-influential examples
+are dropped and the run's config is trained again with every section (grad_transform, parallel), against K
+random ones: ``RUN/attribution/edit.json`` and an editing table in ``report.md``.
+
+Scoring uses the plain model and objective: the rebuild leaves out ``grad_transform:`` (DP layers clip
+per-sample gradients in their backward; SAM moves the weights) and ``parallel:``, and turns a recipe's random
+augmentation off (each example is scored as it is). Momentum μ: a gradient taken at step s moves the weights by
+lr·g·(1 + μ + μ² + …) over the following steps, so each checkpoint's interval is weighted lr·steps/(1 − μ) —
+exact for a constant lr when the buffer's tail (~1/(1 − μ) steps) ends inside the run, an approximation across a
+schedule's changes and in the last ~1/(1 − μ) steps; ``report.json`` states the rule (``weighting``).
 
 A run whose ``grad_transform:`` holds a private transform (flashdp, dp_flat) is refused unless
 ``--allow-private-data``: the model is private, but attribution reads the training examples themselves and its
@@ -45,10 +57,15 @@ def _rebuild(run_dir: Path, cfg, comps, host):
     from plait.run import Run, _NoCheckpoints, _NullLogger, resolve_device, seed_everything
 
     seed_everything(cfg.run.seed)
-    # the plain model and objective: a grad_transform (DP layers, SAM) changes how the run moved, not the loss
-    comps = {k: v for k, v in comps.items() if k != "grad_transform"}
+    # scoring reads the plain model and objective: a grad_transform (DP layers that clip per-sample gradients in
+    # their backward, SAM) changes how the run moved, not the loss, and a placement (parallel:) how it was spread;
+    # retraining (`apps.retrain`, the editing app) rebuilds the run with every section
+    comps = {k: v for k, v in comps.items() if k not in ("grad_transform", "parallel")}
     run = Run(cfg, comps, host, run_dir, resolve_device("cpu"), _NullLogger(), _NoCheckpoints(run_dir / "ck"))
     recipe = run.build("recipe", run=run)
+    rcfg = getattr(recipe, "cfg", None)
+    if getattr(rcfg, "augment", False):  # score each training example as it is, not a random augmentation of it
+        rcfg.augment = False
     step = getattr(recipe, "step", None)
     if step is None or not hasattr(recipe, "sample_losses") or not hasattr(step, "lr_at"):
         raise PlaitError(f"attribute: recipe {cfg.recipe.name!r} has no shared first-order step with per-sample "
@@ -104,11 +121,33 @@ def _label(recipe, i: int) -> str:
     return str(int(y[i])) if y is not None and i < len(y) else ""
 
 
+def _edit_md(e: dict[str, Any]) -> list[str]:
+    target = e["test"] is not None
+    what = (f"the {e['k']} most harmful for `--test {e['test']}` (lowest mean TracIn score)" if target else
+            f"the {e['k']} most self-influential")
+    keys = sorted(e["harmful"]["delta_eval"])
+    head = "| removed | " + ("target loss (Δ) | " if target else "") + " | ".join(f"Δ {k}" for k in keys) + " |"
+    lines = ["", f"## Editing: remove {what}, retrain from the run's config", "",
+             f"Base (the run's final weights): target loss {e['base']['target_loss']}, eval "
+             f"{json.dumps(e['base']['final_eval'])}", "", head, "|" + "---|" * (1 + target + len(keys))]
+    for label, r in [("most harmful" if target else "most self-influential", e["harmful"])] + [
+            (f"random #{i + 1}", r) for i, r in enumerate(e["random"])]:
+        cells = [label] + ([f"{r['target_loss']:.4g} ({r['delta_target_loss']:+.4g})"] if target else [])
+        cells += [f"{r['delta_eval'][k]:+.4g}" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, Any], *, top: int = 10,
-                  allow_private_data: bool = False, out: Path | None = None, on_top=None) -> dict[str, Any]:
+                  allow_private_data: bool = False, out: Path | None = None, on_top=None, test: str | None = None,
+                  remove: int = 0, random_draws: int = 1) -> dict[str, Any]:
+    """Self-influence (``test`` None) or train × test scores (``test``: a split or file, `apps.test_set`) by
+    projected TracIn over the run's checkpoints; ``remove`` K > 0: the editing app (`apps.edit_run`)."""
     from safetensors.torch import save_file
 
     from plait.checkpoint import Checkpointer
+
+    from .apps import edit_run, test_set
 
     chain = comps.get("grad_transform")
     chain = [c.entry.name for c in (chain if isinstance(chain, list) else [chain] if chain else [])]
@@ -117,8 +156,8 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
                          f"({cfg.recipe.name}) has no sam in grad_transform; use estimator=tracin")
     if name != "tracin":
         raise PlaitError(f"attribute: '{run_dir}' is a {cfg.recipe.name!r} run; estimator {name!r} reads sam_train "
-                         f"runs only (SAM-aware scores of a {cfg.recipe.name}+sam run are not built yet); use "
-                         f"estimator=tracin (TracIn over the run's checkpoints)")
+                         f"runs only (SAM-aware scores of a {cfg.recipe.name}+sam run are not built yet; ekfac "
+                         f"needs [n, features] inputs); use estimator=tracin (TracIn over the run's checkpoints)")
     private = private_transforms(comps)
     if private and not allow_private_data:
         raise PlaitError(f"attribute: '{run_dir}' trained with private {'+'.join(private)}; attribution scores "
@@ -129,48 +168,103 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
         raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/; tracin needs the "
                          f"run's checkpoints (run.ckpt_every > 0, run.keep_checkpoints=0 keeps them all)")
     o = _options(opts)
+    if remove < 0:
+        raise ConfigError(f"attribute --remove: K must be >= 1, got {remove}")
     est = CheckpointTracIn(params=o.get("params", ["*"]), k=o.get("k", 0), projection=o.get("projection",
                            "rademacher"), seed=o.get("seed", 0), batch_size=o.get("batch_size", 16))
     recipe = _rebuild(run_dir, cfg, comps, host)
+    n_all = int(recipe.step.dataset_size) if hasattr(recipe.step, "dataset_size") else None
+    n_all = n_all or len(getattr(recipe, "train_items", []))
+    n = min(int(o.get("n", n_all) or n_all), n_all)
+    if remove and not remove < n:
+        raise ConfigError(f"attribute --remove: K must be in 1..{n - 1} (the run has {n} scored training "
+                          f"examples), got {remove}")
+    tests = test_set(recipe, test) if test else None
     cks, prev = [], 0
     for path in paths:
         step, state = Checkpointer.load(path)
         cks.append(_checkpoint(recipe, state, step, prev))
         prev = step
-    n_all = int(recipe.step.dataset_size) if hasattr(recipe.step, "dataset_size") else None
-    n_all = n_all or len(getattr(recipe, "train_items", []))
-    n = min(int(o.get("n", n_all) or n_all), n_all)
     model = recipe.step.model
 
     def loss_of(m, i):
         return recipe.sample_losses([i])[0]
     t0 = time.perf_counter()
     try:
-        self_inf = est.self_influence(model, cks, loss_of, n).detach().double()
+        if tests is None:
+            self_inf = est.self_influence(model, cks, loss_of, n).detach().double()
+        else:
+            scores = est.scores(model, cks, loss_of, n, tests.loss_of, tests.n).detach().double()
     except ValueError as exc:
         raise PlaitError(f"attribute: estimator 'tracin': {exc}") from exc
     seconds = time.perf_counter() - t0
+    model.eval()  # the losses at the last checkpoint (loaded last)
     with torch.no_grad():
         train_loss = torch.stack([recipe.sample_losses([i])[0].detach() for i in range(n)]).double()
+        test_loss = None if tests is None else torch.stack(
+            [tests.loss_of(model, i).detach() for i in range(tests.n)]).double()
     out = Path(out) if out is not None else run_dir / "attribution" / "tracin"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous()},
-              str(out / "scores.safetensors"))
-    order = torch.argsort(self_inf, descending=True)[:top].tolist()
-    rows = [{"index": i, "self_influence": float(self_inf[i]), "train_loss": float(train_loss[i]),
-             "text": _text(recipe, i), "label": _label(recipe, i)} for i in order]
+    lm = getattr(recipe, "tokenizer", None) is not None
+    col = "text" if lm else "label"
+
+    def show(i):
+        return _text(recipe, i) if lm else _label(recipe, i)
     report = {"run_dir": str(run_dir), "recipe": cfg.recipe.name, "estimator": "tracin", "options": o,
               "checkpoints": [int(Checkpointer.load(p)[0]) for p in paths], "n_train": n, "seconds": seconds,
-              "info": est.last_info, "private": private, "top": rows, "out_dir": str(out),
-              "lm": getattr(recipe, "tokenizer", None) is not None}
+              "info": est.last_info, "private": private, "out_dir": str(out), "lm": lm,
+              "weighting": "per checkpoint: lr of the next step × steps since the previous checkpoint, / (1 − μ) "
+                           "for SGD momentum μ (the buffer's total weight at constant lr); Adam: 1/(√v̂ + eps)"}
+    head = (f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
+            + (f"; private run ({'+'.join(private)}): these scores are not private" if private else ""))
+    if tests is None:
+        save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous()},
+                  str(out / "scores.safetensors"))
+        order = torch.argsort(self_inf, descending=True, stable=True)[:top].tolist()
+        rows = [{"index": i, "self_influence": float(self_inf[i]), "train_loss": float(train_loss[i]),
+                 "text": _text(recipe, i), "label": _label(recipe, i)} for i in order]
+        report["top"] = rows
+        md = [f"# tracin self-influence: {run_dir.name} ({cfg.recipe.name})", "", head, "",
+              f"| rank | example | self-influence | train loss | {col} |", "|---|---|---|---|---|"]
+        md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
+               f"{row['text'] if lm else row['label']} |" for r, row in enumerate(rows)]
+    else:
+        save_file({"scores": scores.contiguous(), "train_loss": train_loss.contiguous(),
+                   "test_loss": test_loss.contiguous()}, str(out / "scores.safetensors"))
+        kk = min(top, n)
+        per = []
+        md = [f"# tracin train × test: {run_dir.name} ({cfg.recipe.name}) against `{tests.name}`", "",
+              head + f", {tests.n} test examples; scores [n_train, n_test] in scores.safetensors (> 0: the "
+              f"training example lowers the test example's loss)"]
+        for t in range(tests.n):
+            c = scores[:, t]
+            pro = torch.argsort(c, descending=True, stable=True)[:kk].tolist()
+            opp = torch.argsort(c, stable=True)[:kk].tolist()
+            per.append({"test_index": t, "test_loss": float(test_loss[t]), "test": tests.describe(t),
+                        "proponents": [{"index": j, "score": float(c[j])} for j in pro],
+                        "opponents": [{"index": j, "score": float(c[j])} for j in opp]})
+            md += ["", f"## test {t} (loss {float(test_loss[t]):.4g}): {tests.describe(t)}", "",
+                   f"| rank | proponent | score | {col} | opponent | score | {col} |", "|---|---|---|---|---|---|---|"]
+            md += [f"| {r + 1} | {a} | {float(c[a]):.4g} | {show(a)} | {b} | {float(c[b]):.4g} | {show(b)} |"
+                   for r, (a, b) in enumerate(zip(pro, opp))]
+        report.update(test=tests.name, n_test=tests.n, per_test=per)
+        # the top table of the section / TensorBoard: the most harmful examples over the whole test set
+        mean = scores.mean(1)
+        report["top"] = [{"index": i, "mean_score": float(mean[i]), "train_loss": float(train_loss[i]),
+                          "text": _text(recipe, i), "label": _label(recipe, i)}
+                         for i in torch.argsort(mean, stable=True)[:top].tolist()]
+        order = [r["index"] for r in report["top"]]
+    if remove:
+        priority = -scores.mean(1) if tests is not None else self_inf
+        cks.clear()
+        edit = edit_run(run_dir, cfg, comps, host, k=remove, priority=priority, base_recipe=recipe, test=test,
+                        draws=random_draws, seed=int(cfg.run.seed))
+        edit["private"] = private
+        report["editing"] = edit
+        (run_dir / "attribution").mkdir(parents=True, exist_ok=True)
+        (run_dir / "attribution" / "edit.json").write_text(json.dumps(edit, indent=2) + "\n")
+        md += _edit_md(edit)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    md = [f"# tracin self-influence: {run_dir.name} ({cfg.recipe.name})", "",
-          f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
-          + (f"; private run ({'+'.join(private)}): these scores are not private" if private else ""), "",
-          f"| rank | example | self-influence | train loss | {'text' if report['lm'] else 'label'} |",
-          "|---|---|---|---|---|"]
-    md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
-           f"{row['text'] if report['lm'] else row['label']} |" for r, row in enumerate(rows)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     if on_top is not None:  # the influence: section's TensorBoard images of the top examples (image runs)
         on_top(recipe, order)

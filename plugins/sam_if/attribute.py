@@ -36,6 +36,9 @@ def add_parser(cli) -> None:
                    help="model editing: remove the K most harmful training examples (one-step influence update and "
                         "same-schedule retraining) against K random ones")
     p.add_argument("--random-draws", type=int, default=3, help="random K-subsets retrained for --remove")
+    p.add_argument("--test", default=None, metavar="SPLIT|FILE",
+                   help="train x test scores against eval | train | a .jsonl (LM runs) or .safetensors x/y file "
+                        "(image runs); runs other than sam_train (which scores its test split)")
     p.add_argument("--allow-private-data", action="store_true",
                    help="score a DP run anyway (the scores reveal training examples and are not private)")
     p.set_defaults(func=cmd_attribute)
@@ -43,10 +46,18 @@ def add_parser(cli) -> None:
 
 def cmd_attribute(args) -> int:
     report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples, remove=args.remove,
-                       random_draws=args.random_draws, allow_private_data=args.allow_private_data)
+                       random_draws=args.random_draws, allow_private_data=args.allow_private_data, test=args.test)
     print(f"wrote {report['out_dir']}")
     e = report.get("editing")
-    if e:
+    if e and "base" in e:  # any run: retrained from its config (`apps.edit_run`)
+        h = e["harmful"]
+        if e["test"]:
+            print(f"editing (remove {e['k']}): target loss {e['base']['target_loss']:.4g}; harmful retrained "
+                  f"{h['delta_target_loss']:+.4g}; random retrained {e['random_mean_delta_target_loss']:+.4g}")
+        else:
+            print(f"editing (remove {e['k']} most self-influential): Δ eval {json.dumps(h['delta_eval'])}; random "
+                  f"{json.dumps(e['random'][0]['delta_eval'])}")
+    elif e:
         one = f", one-step update {e['harmful']['one_step']:+.4g}" if "one_step" in e["harmful"] else ""
         print(f"model editing (remove {e['k']}): test loss {e['test_loss']:.4g}; harmful retrained "
               f"{e['harmful']['retrained']:+.4g} (predicted {e['harmful']['predicted']:+.4g}{one}); random retrained "
@@ -197,8 +208,8 @@ def validate_cfg(cfg, host):
 
 
 def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, examples: int = 3,
-              host=None, remove: int = 0, random_draws: int = 3, allow_private_data: bool = False
-              ) -> dict[str, Any]:
+              host=None, remove: int = 0, random_draws: int = 3, allow_private_data: bool = False,
+              test: str | None = None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from plait.manager import get_host
@@ -212,7 +223,11 @@ def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, exampl
         from .anyrun import attribute_run
 
         return attribute_run(run_dir, other.cfg, other.comps, host, name, opts, top=top,
-                             allow_private_data=allow_private_data)
+                             allow_private_data=allow_private_data, test=test, remove=remove,
+                             random_draws=random_draws)
+    if test not in (None, "test", "eval"):
+        raise ConfigError(f"attribute --test {test!r}: a sam_train run is scored against its data's test split; "
+                          f"allowed: test (or leave --test out)")
     from .anyrun import private_transforms
 
     private = private_transforms(validate_cfg(cfg, host))

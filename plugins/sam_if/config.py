@@ -64,7 +64,7 @@ class _TrajectoryFields:
 
 # the options of TracIn over a run's saved checkpoints (`anyrun`; any first-order run), with their defaults
 CHECKPOINT_TRACIN_DEFAULTS = {"k": 0, "projection": "rademacher", "seed": 0, "batch_size": 16, "params": ["*"],
-                              "n": 0, "top": 10, "allow_private_data": False}
+                              "n": 0, "top": 10, "allow_private_data": False, "against": "self"}
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TracInConfig(_TrajectoryFields):
     n: int = 0  # score the first n training examples (0: all)
     top: int = 10  # rows of attribution/report.md and of the TensorBoard text
     allow_private_data: bool = False  # the influence: section on a DP run: the scores are not private
+    against: str = "self"  # the influence: section: self (self-influence) | eval (train x eval-set scores)
 
 
 @dataclass

@@ -6,7 +6,10 @@ the reason); when the run completes, this plugin's ``on_run_end`` (`run_influenc
 run's saved checkpoints (`anyrun.attribute_run`, the same code as ``plait attribute RUN estimator=tracin``) and
 writes ``RUN/attribution/scores.safetensors``, ``report.md`` (the top-k table), ``report.json``, plus the top
 examples in TensorBoard: text ``attribution/top`` (the example's text for LM runs, its label otherwise) and, for
-image runs, the images ``attribution/top_images`` (each min-max scaled).
+image runs, the images ``attribution/top_images`` (each min-max scaled). ``against: eval`` scores every training
+example against each example of the run's eval split instead (``scores`` [n_train, n_eval], the same as
+``plait attribute RUN --test eval``); the top table then lists the examples with the lowest mean score (the most
+harmful to the eval set). Any exception raised there is one line on stderr and ``summary.attribution.error``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from plait.errors import ConfigError, PlaitError
 
 TRACIN_RECIPES = ("sft", "classify", "sam_train")
 SECTION_OPTIONS = ("k", "projection", "seed", "batch_size", "params", "n")
+AGAINST = ("self", "eval")
 
 
 def checkpoints_kept(run_cfg) -> int:
@@ -43,6 +47,9 @@ def check_tracin_section(cfg, components: dict[str, Any]) -> None:
     for key, low in (("k", 0), ("n", 0), ("seed", 0), ("batch_size", 1), ("top", 1)):
         if getattr(o, key) < low:
             raise ConfigError(f"influence.{key}: {getattr(o, key)} must be >= {low}")
+    if o.against not in AGAINST:
+        raise ConfigError(f"influence.against: {o.against!r}; allowed: {', '.join(AGAINST)} (self-influence, or "
+                          f"scores of every training example against each example of the run's eval set)")
     if o.projection not in PROJECTIONS:
         raise ConfigError(f"influence.projection: {o.projection!r}; allowed: {', '.join(PROJECTIONS)}")
     r = cfg.run
@@ -90,21 +97,26 @@ def run_influence(run) -> dict[str, Any] | None:
         hi = x.amax((1, 2, 3), keepdim=True)
         run.logger.writer.add_images("attribution/top_images", (x - lo) / (hi - lo).clamp_min(1e-12), step)
 
+    against = str(kw.get("against", "self"))
     try:
         report = attribute_run(run.dir, run.cfg, run.components, run.host, "tracin", opts, top=int(kw["top"]),
-                               allow_private_data=bool(kw["allow_private_data"]), out=out, on_top=images)
+                               allow_private_data=bool(kw["allow_private_data"]), out=out, on_top=images,
+                               test=None if against == "self" else against)
     except Exception as exc:  # whatever fails here (not only PlaitError), the run and its summary.json stay
         what = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         msg = what if isinstance(exc, PlaitError) else f"{type(exc).__name__}: {what}"
         print(f"influence: {msg}", file=sys.stderr)
         run.summary["attribution"] = {"error": msg}
         return None
-    lines = ["| rank | example | self-influence | train loss | " + ("text" if report.get("lm") else "label") + " |",
+    value = "self-influence" if against == "self" else "mean score vs eval"
+    lines = [f"| rank | example | {value} | train loss | " + ("text" if report.get("lm") else "label") + " |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
-              f"{row['text'] if report.get('lm') else row.get('label', '')} |" for r, row in enumerate(report["top"])]
+    lines += [f"| {r + 1} | {row['index']} | {row.get('self_influence', row.get('mean_score')):.4g} | "
+              f"{row['train_loss']:.4g} | {row['text'] if report.get('lm') else row.get('label', '')} |"
+              for r, row in enumerate(report["top"])]
     run.logger.text("attribution/top", "\n".join(lines), step)
-    run.summary["attribution"] = {"out_dir": str(out), "estimator": "tracin", "checkpoints": report["checkpoints"],
+    run.summary["attribution"] = {"out_dir": str(out), "estimator": "tracin", "against": against,
+                                  "checkpoints": report["checkpoints"],
                                   "n_train": report["n_train"], "seconds": round(report["seconds"], 3),
                                   "top": [row["index"] for row in report["top"]]}
     return report
