@@ -106,6 +106,24 @@ def _options(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ekfac_options(opts: dict[str, Any]) -> dict[str, Any]:
+    from .apps_ekfac import OPTIONS as EKFAC_OPTIONS
+
+    out = {}
+    for key, value in opts.items():
+        if key not in EKFAC_OPTIONS:
+            raise ConfigError(f"attribute: ekfac on a run of any recipe has no option {key!r}; allowed: "
+                              f"{', '.join(EKFAC_OPTIONS)}")
+        if key == "params":
+            value = [value] if isinstance(value, str) else list(value or [])
+        elif EKFAC_OPTIONS[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, EKFAC_OPTIONS[key]):
+            raise ConfigError(f"attribute: {key}={value!r} must be {EKFAC_OPTIONS[key].__name__}")
+        out[key] = value
+    return out
+
+
 def _text(recipe, i: int) -> str:
     items = getattr(recipe, "train_items", None)
     tok = getattr(recipe, "tokenizer", None)
@@ -123,7 +141,7 @@ def _label(recipe, i: int) -> str:
 
 def _edit_md(e: dict[str, Any]) -> list[str]:
     target = e["test"] is not None
-    what = (f"the {e['k']} most harmful for `--test {e['test']}` (lowest mean TracIn score)" if target else
+    what = (f"the {e['k']} most harmful for `--test {e['test']}` (lowest mean score)" if target else
             f"the {e['k']} most self-influential")
     keys = sorted(e["harmful"]["delta_eval"])
     head = "| removed | " + ("target loss (Δ) | " if target else "") + " | ".join(f"Δ {k}" for k in keys) + " |"
@@ -154,10 +172,11 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
     if name in ("sam_hessian", "sam_trajectory") and "sam" not in chain:
         raise PlaitError(f"attribute: estimator {name!r} needs a run trained with SAM and '{run_dir}' "
                          f"({cfg.recipe.name}) has no sam in grad_transform; use estimator=tracin")
-    if name != "tracin":
+    if name not in ("tracin", "ekfac"):
         raise PlaitError(f"attribute: '{run_dir}' is a {cfg.recipe.name!r} run; estimator {name!r} reads sam_train "
-                         f"runs only (SAM-aware scores of a {cfg.recipe.name}+sam run are not built yet; ekfac "
-                         f"needs [n, features] inputs); use estimator=tracin (TracIn over the run's checkpoints)")
+                         f"runs only (SAM-aware scores of a {cfg.recipe.name}+sam run are not built yet); use "
+                         f"estimator=tracin (TracIn over the run's checkpoints) or estimator=ekfac (EK-FAC at its "
+                         f"final weights)")
     private = private_transforms(comps)
     if private and not allow_private_data:
         raise PlaitError(f"attribute: '{run_dir}' trained with private {'+'.join(private)}; attribution scores "
@@ -165,13 +184,22 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
                          f"--allow-private-data to compute them anyway")
     paths = Checkpointer(run_dir / "checkpoints").complete()
     if not paths:
-        raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/; tracin needs the "
+        raise PlaitError(f"attribute: '{run_dir}' has no complete checkpoint under checkpoints/; {name} needs the "
                          f"run's checkpoints (run.ckpt_every > 0, run.keep_checkpoints=0 keeps them all)")
-    o = _options(opts)
+    o = _options(opts) if name == "tracin" else _ekfac_options(opts)
     if remove < 0:
         raise ConfigError(f"attribute --remove: K must be >= 1, got {remove}")
-    est = CheckpointTracIn(params=o.get("params", ["*"]), k=o.get("k", 0), projection=o.get("projection",
-                           "rademacher"), seed=o.get("seed", 0), batch_size=o.get("batch_size", 16))
+    if name == "tracin":
+        est = CheckpointTracIn(params=o.get("params", ["*"]), k=o.get("k", 0), projection=o.get("projection",
+                               "rademacher"), seed=o.get("seed", 0), batch_size=o.get("batch_size", 16))
+    else:
+        from .apps_ekfac import AnyEKFAC
+
+        try:
+            est = AnyEKFAC(params=o.get("params", ["*"]), damping=o.get("damping", 1e-3),
+                           damping_ratio=o.get("damping_ratio", 0.0))
+        except ValueError as exc:
+            raise ConfigError(f"attribute: estimator 'ekfac': {exc}") from exc
     recipe = _rebuild(run_dir, cfg, comps, host)
     n_all = int(recipe.step.dataset_size) if hasattr(recipe.step, "dataset_size") else None
     n_all = n_all or len(getattr(recipe, "train_items", []))
@@ -181,7 +209,7 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
                           f"examples), got {remove}")
     tests = test_set(recipe, test) if test else None
     cks, prev = [], 0
-    for path in paths:
+    for path in paths if name == "tracin" else paths[-1:]:  # ekfac: the final weights
         step, state = Checkpointer.load(path)
         cks.append(_checkpoint(recipe, state, step, prev))
         prev = step
@@ -191,31 +219,40 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
         return recipe.sample_losses([i])[0]
     t0 = time.perf_counter()
     try:
-        if tests is None:
+        if name == "ekfac":
+            if tests is None:
+                self_inf = est.scores(model, loss_of, n).detach().double()
+            else:
+                scores = est.scores(model, loss_of, n, tests.loss_of, tests.n).detach().double()
+        elif tests is None:
             self_inf = est.self_influence(model, cks, loss_of, n).detach().double()
         else:
             scores = est.scores(model, cks, loss_of, n, tests.loss_of, tests.n).detach().double()
     except ValueError as exc:
-        raise PlaitError(f"attribute: estimator 'tracin': {exc}") from exc
+        raise PlaitError(f"attribute: estimator {name!r}: {exc}") from exc
     seconds = time.perf_counter() - t0
     model.eval()  # the losses at the last checkpoint (loaded last)
     with torch.no_grad():
         train_loss = torch.stack([recipe.sample_losses([i])[0].detach() for i in range(n)]).double()
         test_loss = None if tests is None else torch.stack(
             [tests.loss_of(model, i).detach() for i in range(tests.n)]).double()
-    out = Path(out) if out is not None else run_dir / "attribution" / "tracin"
+    out = Path(out) if out is not None else run_dir / "attribution" / name
     out.mkdir(parents=True, exist_ok=True)
     lm = getattr(recipe, "tokenizer", None) is not None
     col = "text" if lm else "label"
 
     def show(i):
         return _text(recipe, i) if lm else _label(recipe, i)
-    report = {"run_dir": str(run_dir), "recipe": cfg.recipe.name, "estimator": "tracin", "options": o,
-              "checkpoints": [int(Checkpointer.load(p)[0]) for p in paths], "n_train": n, "seconds": seconds,
+    report = {"run_dir": str(run_dir), "recipe": cfg.recipe.name, "estimator": name, "options": o,
+              "checkpoints": [int(Checkpointer.load(p)[0]) for p in (paths if name == "tracin" else paths[-1:])],
+              "n_train": n, "seconds": seconds,
               "info": est.last_info, "private": private, "out_dir": str(out), "lm": lm,
               "weighting": "per checkpoint: lr of the next step × steps since the previous checkpoint, / (1 − μ) "
                            "for SGD momentum μ (the buffer's total weight at constant lr); Adam: 1/(√v̂ + eps)"}
-    head = (f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
+    head = ((f"{len(cks)} checkpoints, {n} training examples, d = {est.last_info['d']}, k = {est.last_info['k']}"
+             if name == "tracin" else f"EK-FAC (empirical Fisher) at step {prev} on "
+             f"{', '.join(est.last_info['layers'])}, damping {json.dumps(est.last_info['damping'])}, {n} training "
+             f"examples")
             + (f"; private run ({'+'.join(private)}): these scores are not private" if private else ""))
     if tests is None:
         save_file({"self_influence": self_inf.contiguous(), "train_loss": train_loss.contiguous()},
@@ -224,7 +261,7 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
         rows = [{"index": i, "self_influence": float(self_inf[i]), "train_loss": float(train_loss[i]),
                  "text": _text(recipe, i), "label": _label(recipe, i)} for i in order]
         report["top"] = rows
-        md = [f"# tracin self-influence: {run_dir.name} ({cfg.recipe.name})", "", head, "",
+        md = [f"# {name} self-influence: {run_dir.name} ({cfg.recipe.name})", "", head, "",
               f"| rank | example | self-influence | train loss | {col} |", "|---|---|---|---|---|"]
         md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
                f"{row['text'] if lm else row['label']} |" for r, row in enumerate(rows)]
@@ -233,7 +270,7 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
                    "test_loss": test_loss.contiguous()}, str(out / "scores.safetensors"))
         kk = min(top, n)
         per = []
-        md = [f"# tracin train × test: {run_dir.name} ({cfg.recipe.name}) against `{tests.name}`", "",
+        md = [f"# {name} train × test: {run_dir.name} ({cfg.recipe.name}) against `{tests.name}`", "",
               head + f", {tests.n} test examples; scores [n_train, n_test] in scores.safetensors (> 0: the "
               f"training example lowers the test example's loss)"]
         for t in range(tests.n):

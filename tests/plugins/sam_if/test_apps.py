@@ -6,7 +6,8 @@ References: train × test scores — a hand loop over the checkpoint files (`Che
 gradient dot products, η_c = lr/(1 − μ) per one-step interval (constant schedule), fp64 model; retraining —
 ``plait run`` of the same config on a jsonl file without the removed rows (the final checkpoint's weights);
 editing — a constructed case where the harmful examples are known: copies of the target prompt with the wrong
-completion.
+completion; ``estimator=ekfac`` on sequence inputs — the large-damping limit λ·score → G_j·G_t of the chosen
+layer's per-example gradients (torch.autograd).
 """
 from __future__ import annotations
 
@@ -228,7 +229,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys):
     for args, match in [(["estimator=tracin", "--test", "nothing"], "names no split"),
                         (["estimator=tracin", "--test", str(tmp_path / "missing.jsonl")], "names no split"),
                         (["estimator=tracin", "--remove", "12"], "K must be in 1..11"),
-                        (["estimator=ekfac", "--remove", "3"], "estimator=tracin")]:
+                        (["estimator=if", "--remove", "3"], "reads sam_train runs only")]:
         capsys.readouterr()
         assert main(["attribute", str(run_dir), *args]) == 2, args
         err = capsys.readouterr().err.strip()
@@ -262,3 +263,39 @@ def test_private_run_is_retrained_with_its_dp_transform(tmp_path, fresh_host):
     (member,) = list(r["recipe"].step.transform)
     assert type(member).__name__ == "FlashDP" and member.n == 10 and member.sigma == 0.5  # 12 - 2 rows
     assert r["recipe"].step.sum_loss  # per-sample clipped sums + noise: the private step
+
+
+def test_sft_run_large_damping_limit_is_the_gradient_dot_product(tmp_path, fresh_host, capsys):
+    from safetensors.torch import load_file
+
+    from plait.checkpoint import Checkpointer
+    from plait.plugins.basics.data import collate
+    from plait.plugins.basics.sft import sample_losses
+
+    fresh_host()
+    run_dir = _run(tmp_path, "k")
+    lam = 1e8
+    layer = "model.decoder.layers.1.fc2"
+    assert main(["attribute", str(run_dir), "estimator=ekfac", f"params=[{layer}]", f"damping={lam}",
+                 "--test", "eval"]) == 0
+    got = load_file(str(run_dir / "attribution" / "ekfac" / "scores.safetensors"))["scores"]
+    recipe, *_ = _rebuilt(run_dir)
+    model = recipe.model
+    _, state = Checkpointer.load(Checkpointer(run_dir / "checkpoints").latest())
+    model.load_state_dict(state["task"]["model"])
+    model.eval()
+    fc2 = model.get_submodule(layer)
+
+    def g(loss):
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, [fc2.weight, fc2.bias])])
+    gtr = torch.stack([g(recipe.sample_losses([j])[0]) for j in range(12)])
+    gte = torch.stack([g(sample_losses(model, collate([recipe.eval_items[t]], recipe.tokenizer.pad_token_id))[0])
+                       for t in range(3)])
+    ref = gtr @ gte.T
+    assert got.shape == (12, 3)
+    assert torch.allclose(lam * got, ref, rtol=1e-5, atol=1e-9 * float(ref.abs().max()))
+    capsys.readouterr()
+    for opts, match in [(["params=[nothing]"], "match no Linear module"), (["k=4"], "no option 'k'")]:
+        assert main(["attribute", str(run_dir), "estimator=ekfac", *opts]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
