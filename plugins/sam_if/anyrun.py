@@ -158,14 +158,14 @@ def _edit_md(e: dict[str, Any]) -> list[str]:
 
 def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, Any], *, top: int = 10,
                   allow_private_data: bool = False, out: Path | None = None, on_top=None, test: str | None = None,
-                  remove: int = 0, random_draws: int = 1) -> dict[str, Any]:
+                  remove: int = 0, random_draws: int = 1, mislabeled: str | None = None) -> dict[str, Any]:
     """Self-influence (``test`` None) or train × test scores (``test``: a split or file, `apps.test_set`) by
     projected TracIn over the run's checkpoints; ``remove`` K > 0: the editing app (`apps.edit_run`)."""
     from safetensors.torch import save_file
 
     from plait.checkpoint import Checkpointer
 
-    from .apps import edit_run, test_set
+    from .apps import edit_run, mislabel_mask, mislabel_report, test_set
 
     chain = comps.get("grad_transform")
     chain = [c.entry.name for c in (chain if isinstance(chain, list) else [chain] if chain else [])]
@@ -208,6 +208,9 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
         raise ConfigError(f"attribute --remove: K must be in 1..{n - 1} (the run has {n} scored training "
                           f"examples), got {remove}")
     tests = test_set(recipe, test) if test else None
+    known = mislabel_mask(recipe, n, mislabeled)
+    if mislabeled and tests is not None:
+        raise ConfigError("attribute --mislabeled: ranks self-influence; leave out --test")
     cks, prev = [], 0
     for path in paths if name == "tracin" else paths[-1:]:  # ekfac: the final weights
         step, state = Checkpointer.load(path)
@@ -265,6 +268,12 @@ def attribute_run(run_dir: Path, cfg, comps, host, name: str, opts: dict[str, An
               f"| rank | example | self-influence | train loss | {col} |", "|---|---|---|---|---|"]
         md += [f"| {r + 1} | {row['index']} | {row['self_influence']:.4g} | {row['train_loss']:.4g} | "
                f"{row['text'] if lm else row['label']} |" for r, row in enumerate(rows)]
+        if known is not None and bool(known.any()) and not bool(known.all()):
+            m = report["mislabel"] = mislabel_report(self_inf, train_loss, known)
+            md += ["", f"## Mislabel detection ({m['n_mislabeled']} of {n} known mislabelled)", "",
+                   "| ranking | ROC-AUC | recall @ 10 % |", "|---|---|---|",
+                   f"| self-influence ({name}) | {m['auc']:.3f} | {m['recall_at_10pct']:.3f} |",
+                   f"| training loss | {m['baseline_auc']:.3f} | {m['baseline_recall_at_10pct']:.3f} |"]
     else:
         save_file({"scores": scores.contiguous(), "train_loss": train_loss.contiguous(),
                    "test_loss": test_loss.contiguous()}, str(out / "scores.safetensors"))

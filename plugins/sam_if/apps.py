@@ -12,6 +12,9 @@ scores against a named test set, and data editing by retraining from the run's o
   ``parallel:``), its ``data:`` split with the ``remove`` training indices dropped (the later examples move up,
   as if the data had never held them), trained in-process with nothing written; returns the final weights and
   evaluation. The same as ``plait run`` on a dataset file without those examples (tested).
+* `mislabel_mask` / `mislabel_report` — mislabel detection: with the mislabelled rows known (``--mislabeled
+  FILE`` or the dataset's ``flip_mask``), the ROC-AUC and recall at 10 % of the self-influence ranking against
+  the training-loss ranking.
 * `edit_run` — remove the K most harmful training examples (with ``--test``: the lowest mean TracIn score over
   the test examples, i.e. the largest predicted drop of the test loss; without: the K most self-influential,
   likely mislabelled, examples) against K random ones, retrain each, and report the change of the run's eval
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +257,53 @@ def edit_run(run_dir: Path, cfg, comps, host, *, k: int, priority: torch.Tensor,
     if test:
         report["random_mean_delta_target_loss"] = sum(r["delta_target_loss"] for r in rand) / len(rand)
     return report
+
+
+# --- mislabel detection ------------------------------------------------------------------------------------
+def mislabel_mask(recipe, n: int, path: str | None) -> torch.Tensor | None:
+    """Which of the first ``n`` training examples are known to be mislabelled: ``path`` (a JSON list of indices,
+    or one index per line), else the dataset's own ``flip_mask`` (datasets with a label-flip option); None when
+    neither says."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"attribute --mislabeled {path!r}: no such file; give a JSON list of training indices "
+                              f"or one index per line")
+        text = p.read_text().strip()
+        try:
+            idx = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]
+            idx = [int(i) for i in idx]
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"attribute --mislabeled {path!r}: not a list of integers ({exc})") from exc
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"attribute --mislabeled {path!r}: indices {bad[:5]} outside 0..{n - 1}")
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.as_tensor(idx, dtype=torch.long)] = True
+        return mask
+    flip = getattr(getattr(recipe, "data", None), "flip_mask", None)
+    if flip is None:
+        return None
+    return torch.as_tensor(flip, dtype=torch.bool)[:n]
+
+
+def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """ROC-AUC of ranking ``positive`` first by ``score``: P(score_pos > score_neg) + ½ P(tie)."""
+    pos, neg = score[positive].double(), score[~positive].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def recall_at(score: torch.Tensor, positive: torch.Tensor, fraction: float = 0.1) -> float:
+    k = max(1, int(round(fraction * len(score))))
+    top = torch.argsort(score, descending=True, stable=True)[:k]
+    return float(positive[top].sum()) / max(1, int(positive.sum()))
+
+
+def mislabel_report(self_inf: torch.Tensor, train_loss: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Self-influence vs training-loss ranking of the known mislabelled rows: ROC-AUC and recall at 10 %."""
+    return {"n_mislabeled": int(mask.sum()), "auc": auc(self_inf, mask), "recall_at_10pct": recall_at(self_inf, mask),
+            "baseline": "training loss at the last checkpoint", "baseline_auc": auc(train_loss, mask),
+            "baseline_recall_at_10pct": recall_at(train_loss, mask)}

@@ -39,6 +39,9 @@ def add_parser(cli) -> None:
     p.add_argument("--test", default=None, metavar="SPLIT|FILE",
                    help="train x test scores against eval | train | a .jsonl (LM runs) or .safetensors x/y file "
                         "(image runs); runs other than sam_train (which scores its test split)")
+    p.add_argument("--mislabeled", default=None, metavar="FILE",
+                   help="known mislabelled training indices (JSON list or one per line): mislabel-detection AUC "
+                        "of the self-influence ranking vs the training loss (runs other than sam_train)")
     p.add_argument("--allow-private-data", action="store_true",
                    help="score a DP run anyway (the scores reveal training examples and are not private)")
     p.set_defaults(func=cmd_attribute)
@@ -46,7 +49,8 @@ def add_parser(cli) -> None:
 
 def cmd_attribute(args) -> int:
     report = attribute(args.run_dir, args.options, top=args.top, examples=args.examples, remove=args.remove,
-                       random_draws=args.random_draws, allow_private_data=args.allow_private_data, test=args.test)
+                       random_draws=args.random_draws, allow_private_data=args.allow_private_data, test=args.test,
+                       mislabeled=args.mislabeled)
     print(f"wrote {report['out_dir']}")
     e = report.get("editing")
     if e and "base" in e:  # any run: retrained from its config (`apps.edit_run`)
@@ -64,7 +68,7 @@ def cmd_attribute(args) -> int:
               f"{e['random']['retrained_mean']:+.4g}")
     m = report.get("mislabel")
     if m:
-        print(f"mislabel detection ({m['n_flipped']} flipped): ROC-AUC {m['auc']:.3f} "
+        print(f"mislabel detection ({m.get('n_flipped', m.get('n_mislabeled'))} known): ROC-AUC {m['auc']:.3f} "
               f"(training loss {m['baseline_auc']:.3f}), recall@10% {m['recall_at_10pct']:.3f} "
               f"(training loss {m['baseline_recall_at_10pct']:.3f})")
     return 0
@@ -209,7 +213,7 @@ def validate_cfg(cfg, host):
 
 def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, examples: int = 3,
               host=None, remove: int = 0, random_draws: int = 3, allow_private_data: bool = False,
-              test: str | None = None) -> dict[str, Any]:
+              test: str | None = None, mislabeled: str | None = None) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from plait.manager import get_host
@@ -224,7 +228,9 @@ def attribute(run_dir: str | Path, options: list[str] = (), top: int = 5, exampl
 
         return attribute_run(run_dir, other.cfg, other.comps, host, name, opts, top=top,
                              allow_private_data=allow_private_data, test=test, remove=remove,
-                             random_draws=random_draws)
+                             random_draws=random_draws, mislabeled=mislabeled)
+    if mislabeled:
+        raise ConfigError("attribute --mislabeled: a sam_train run reads its dataset's own flips (data.flip_fraction)")
     if test not in (None, "test", "eval"):
         raise ConfigError(f"attribute --test {test!r}: a sam_train run is scored against its data's test split; "
                           f"allowed: test (or leave --test out)")

@@ -299,3 +299,35 @@ def test_sft_run_large_damping_limit_is_the_gradient_dot_product(tmp_path, fresh
         assert main(["attribute", str(run_dir), "estimator=ekfac", *opts]) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and len(err.splitlines()) == 1, err
+
+
+def test_mislabel_detection_on_an_lm_run_matches_sklearn(tmp_path, fresh_host, capsys):
+    from safetensors.torch import load_file
+    from sklearn.metrics import roc_auc_score
+
+    fresh_host()
+    words = ["red", "blue", "green", "cold", "warm", "dark", "soft", "loud", "calm", "fast", "slow", "wide",
+             "thin", "pale", "deep", "tall"]
+    wrong = [2, 7, 11, 14]
+    rows = [(f"the {w} one is", " bad" if i in wrong else " good") for i, w in enumerate(words)]
+    train = _jsonl(tmp_path / "train.jsonl", rows)
+    ev = _jsonl(tmp_path / "eval.jsonl", rows[:2])
+    run_dir = _run(tmp_path, "m", data=f"{{name: jsonl, path: {train}, eval_path: {ev}}}", steps=12, lr=0.05,
+                   momentum=0.0, ckpt=4)
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    assert main(["attribute", str(run_dir), "estimator=tracin", "--mislabeled", str(tmp_path / "wrong.json")]) == 0
+    att = run_dir / "attribution" / "tracin"
+    t = load_file(str(att / "scores.safetensors"))
+    m = json.loads((att / "report.json").read_text())["mislabel"]
+    mask = [i in wrong for i in range(16)]
+    assert m["n_mislabeled"] == 4
+    assert m["auc"] == pytest.approx(roc_auc_score(mask, t["self_influence"].numpy()), abs=1e-12)
+    assert m["baseline_auc"] == pytest.approx(roc_auc_score(mask, t["train_loss"].numpy()), abs=1e-12)
+    top2 = torch.argsort(t["self_influence"], descending=True)[:2].tolist()  # 10 % of 16 rounds to 2
+    assert m["recall_at_10pct"] == sum(i in wrong for i in top2) / 4
+    assert "## Mislabel detection" in (att / "report.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("[3, 99]")
+    assert main(["attribute", str(run_dir), "estimator=tracin", "--mislabeled", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "outside 0..15" in err and len(err.splitlines()) == 1
