@@ -146,35 +146,41 @@ class _TextSubset:
         return [rows[i] for i in self._keep] if split == "train" else rows
 
 
-def subset_data(data, keep: list[int]):
-    """``data`` with only the ``keep`` rows of its train split (text datasets: ``examples("train")``; image /
-    tabular: ``data.train.x`` / ``.y``); PlaitError naming the dataset when it has neither."""
+def _train_rows(data) -> int | None:
+    if hasattr(data, "examples"):
+        return len(data.examples("train"))
+    y = getattr(getattr(data, "train", None), "y", None)
+    return None if y is None else len(y)
+
+
+def subset_data(data, remove) -> Any:
+    """``data`` without the ``remove`` rows of its train split (text datasets: ``examples("train")``; image /
+    tabular: ``data.train.x`` / ``.y``); PlaitError naming the dataset when it has neither, ConfigError for an
+    index outside the split."""
+    n = _train_rows(data)
+    if n is None:
+        raise PlaitError(f"attribute --remove: the run's data {type(data).__name__} has neither examples('train') "
+                         f"nor train.x / train.y; its training examples cannot be dropped for retraining")
+    drop = {int(i) for i in remove}
+    if drop and not (min(drop) >= 0 and max(drop) < n):
+        raise ConfigError(f"attribute --remove: indices must be in 0..{n - 1}, got {min(drop)}..{max(drop)}")
+    keep = [i for i in range(n) if i not in drop]
     if hasattr(data, "examples"):
         return _TextSubset(data, keep)
-    train = getattr(data, "train", None)
-    if train is not None and hasattr(train, "x") and hasattr(train, "y"):
-        idx = torch.as_tensor(keep, dtype=torch.long)
-        new = copy.copy(train)
-        new.x, new.y = train.x[idx], train.y[idx]
-        out = copy.copy(data)
-        out.train = new
-        return out
-    raise PlaitError(f"attribute --remove: the run's data {type(data).__name__} has neither examples('train') nor "
-                     f"train.x / train.y; its training examples cannot be dropped for retraining")
+    train = data.train
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    new = copy.copy(train)
+    new.x, new.y = train.x[idx], train.y[idx]
+    out = copy.copy(data)
+    out.train = new
+    return out
 
 
-def _train_size(run_dir: Path, cfg, comps, host) -> int:
-    from .anyrun import _rebuild
-
-    recipe = _rebuild(run_dir, cfg, comps, host)
-    return int(recipe.step.dataset_size)
-
-
-def retrain(run_dir: Path, cfg, comps, host, remove, n_train: int | None = None) -> dict[str, Any]:
+def retrain(run_dir: Path, cfg, comps, host, remove) -> dict[str, Any]:
     """Train the run's config again with the ``remove`` training indices dropped (see the module docstring).
 
-    Returns ``{"state": final model state_dict, "final_eval": …, "recipe": the trained recipe}``; nothing is
-    written (no logger, no checkpoints)."""
+    Returns ``{"state": final model state_dict, "final_eval": …, "recipe": the trained recipe, "n_kept": …}``;
+    nothing is written (no logger, no checkpoints)."""
     from plait.run import (
         Run,
         _NoCheckpoints,
@@ -185,16 +191,16 @@ def retrain(run_dir: Path, cfg, comps, host, remove, n_train: int | None = None)
         seed_everything,
     )
 
-    remove = sorted({int(i) for i in remove})
-    n = n_train if n_train is not None else _train_size(run_dir, cfg, comps, host)
-    if remove and not (0 <= remove[0] and remove[-1] < n):
-        raise ConfigError(f"attribute --remove: indices must be in 0..{n - 1}, got {remove[0]}..{remove[-1]}")
-    keep = [i for i in range(n) if i not in set(remove)]
+    kept: list[int] = []
 
     class _SubsetRun(Run):
         def build(self, section, **runtime):
             built = super().build(section, **runtime)
-            return subset_data(built, keep) if section == "data" else built
+            if section != "data":
+                return built
+            sub = subset_data(built, remove)
+            kept.append(_train_rows(sub))
+            return sub
 
     _quiet_library_progress()
     parallel = _start_parallel(cfg, comps)
@@ -210,7 +216,7 @@ def retrain(run_dir: Path, cfg, comps, host, remove, n_train: int | None = None)
             close()
     model = recipe.step.model if hasattr(recipe, "step") else recipe.model
     return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "final_eval": dict(result.get("final_eval") or {}), "recipe": recipe, "n_kept": len(keep)}
+            "final_eval": dict(result.get("final_eval") or {}), "recipe": recipe, "n_kept": kept[-1] if kept else None}
 
 
 def _target(recipe, spec: str | None) -> float | None:
@@ -234,13 +240,12 @@ def edit_run(run_dir: Path, cfg, comps, host, *, k: int, priority: torch.Tensor,
                           f"examples), got {k}")
     order = torch.argsort(priority, descending=True, stable=True)
     chosen = [int(j) for j in order[:k]]
-    n_all = int(base_recipe.step.dataset_size)
     base = {"final_eval": {k2: float(v) for k2, v in (base_recipe.evaluate() or {}).items()
                            if isinstance(v, (int, float))},
             "target_loss": _target(base_recipe, test)}
 
     def one(rows):
-        r = retrain(run_dir, cfg, comps, host, rows, n_train=n_all)
+        r = retrain(run_dir, cfg, comps, host, rows)
         ev = {k2: float(v) for k2, v in r["final_eval"].items() if isinstance(v, (int, float))}
         out = {"removed": [int(j) for j in rows], "final_eval": ev, "target_loss": _target(r["recipe"], test)}
         out["delta_eval"] = {k2: ev[k2] - base["final_eval"][k2] for k2 in ev if k2 in base["final_eval"]}
