@@ -331,3 +331,21 @@ def test_mislabel_detection_on_an_lm_run_matches_sklearn(tmp_path, fresh_host, c
     assert main(["attribute", str(run_dir), "estimator=tracin", "--mislabeled", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "outside 0..15" in err and len(err.splitlines()) == 1
+
+
+def test_sam_train_run_refuses_the_any_run_options(tmp_path, fresh_host, capsys):
+    fresh_host()
+    cfg = tmp_path / "st.yaml"
+    cfg.write_text(f"run: {{name: s, seed: 0, steps: 5, out_dir: {tmp_path / 'runs'}, progress: false, device: cpu}}\n"
+                   "recipe: {name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2}\n"
+                   "model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: []}\n"
+                   "data: {name: digits, n_train: 60, n_test: 20, seed: 0}\n")
+    assert main(["run", str(cfg)]) == 0
+    (run_dir,) = (tmp_path / "runs" / "s").iterdir()
+    (tmp_path / "w.json").write_text("[1]")
+    for args, match in [(["--test", "train"], "allowed: test"),
+                        (["--mislabeled", str(tmp_path / "w.json")], "flip_fraction")]:
+        capsys.readouterr()
+        assert main(["attribute", str(run_dir), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert match in err and len(err.splitlines()) == 1, err
