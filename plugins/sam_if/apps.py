@@ -95,6 +95,7 @@ def test_set(recipe, spec: str) -> TestSet:
         else:
             split = getattr(data, "train" if spec == "train" else "test", None)
             x, y = getattr(split, "x", None), getattr(split, "y", None)
+            x = getattr(split, "X", None) if x is None else x  # tabular splits (sam_train) name it X
             if x is None or y is None:
                 raise ConfigError(f"attribute --test {spec}: the run's data {type(data).__name__} has no "
                                   f"{'train' if spec == 'train' else 'test'} split with x / y tensors")
