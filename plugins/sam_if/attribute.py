@@ -6,6 +6,10 @@ Writes ``RUN_DIR/attribution/<estimator>/``: ``scores.safetensors`` (``scores`` 
 ``report.md`` (top-K proponents / opponents of the first test examples, the most self-influential training
 examples, and with flipped labels the mislabel-detection ROC-AUC and recall at 10 % against the training-loss
 ranking).
+
+Runs of other first-order recipes (sft, classify, …) go to `anyrun.attribute_run`: ``estimator=tracin|ekfac``,
+``--test SPLIT|FILE`` (train × test scores), ``--remove K`` (editing by retraining the run's config, `apps`),
+``--mislabeled FILE`` (mislabel-detection AUC).
 """
 from __future__ import annotations
 
@@ -33,8 +37,9 @@ def add_parser(cli) -> None:
     p.add_argument("--top", type=int, default=5, help="proponents / opponents / self-influential rows listed")
     p.add_argument("--examples", type=int, default=3, help="test examples whose proponents are listed")
     p.add_argument("--remove", type=int, default=0, metavar="K",
-                   help="model editing: remove the K most harmful training examples (one-step influence update and "
-                        "same-schedule retraining) against K random ones")
+                   help="model editing: remove the K most harmful training examples (sam_train: one-step influence "
+                        "update and same-schedule retraining; any other run: the most harmful for --test, else the "
+                        "most self-influential, retrained from the run's config) against K random ones")
     p.add_argument("--random-draws", type=int, default=3, help="random K-subsets retrained for --remove")
     p.add_argument("--test", default=None, metavar="SPLIT|FILE",
                    help="train x test scores against eval | train | a .jsonl (LM runs) or .safetensors x/y file "
