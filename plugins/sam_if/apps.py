@@ -5,7 +5,7 @@ scores against a named test set, and data editing by retraining from the run's o
   run's eval split: an LM run's tokenized eval examples, an image / tabular run's ``data.test``), ``train`` (the
   training split itself), or a file: ``*.jsonl`` for LM runs (the ``jsonl`` dataset's rows, tokenized with the
   run's tokenizer) and ``*.safetensors`` for image / tabular runs (tensors ``x`` [n, …] and ``y`` [n]). A test
-  example's loss is the recipe's own per-example loss (LM: the mean completion-token loss of `basics.sft`;
+  example's loss is the recipe's own per-example loss (LM: the mean completion-token loss of `basics.sft_recipe`;
   classify: ``recipe.losses`` on the standardised image, class weight included, no augmentation).
 * `retrain(run_dir, cfg, comps, host, remove)` — the run's config rebuilt *with* every section (the same seed,
   steps, ``grad_transform:`` chain — a DP run's replay draws its own noise and stays private — and
@@ -51,7 +51,7 @@ def _is_lm(recipe) -> bool:
 
 def _lm_set(recipe, name: str, items: list) -> TestSet:
     from plait.plugins.basics.data import collate
-    from plait.plugins.basics.sft import sample_losses
+    from plait.plugins.basics.sft_recipe import sample_losses
 
     device = getattr(recipe, "device", torch.device("cpu"))
     tok = recipe.tokenizer

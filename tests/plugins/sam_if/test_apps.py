@@ -23,11 +23,11 @@ RUN = """
 run: {{name: a, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, keep_checkpoints: 0,
       out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sft, optimizer: sgd, momentum: {momentum}, lr: {lr}, batch_size: 4, eval_batch_size: 8, max_grad_norm: 0}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny, dtype: float64}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny, dtype: float64}}
 data: {data}
 {extra}
 """
-SENTIMENT = "{name: synthetic-sentiment, n_train: 12, n_eval: 3}"
+SENTIMENT = "{name: synthetic_sentiment, n_train: 12, n_eval: 3}"
 
 
 def _run(tmp_path: Path, name: str, data: str = SENTIMENT, extra: str = "", steps: int = 3, lr: float = 1e-2,
@@ -78,7 +78,7 @@ def _hand_scores(run_dir: Path, eta: float, test_losses, n_test: int) -> torch.T
 
 def _lm_eval_loss(recipe, model, t):
     from plait.plugins.basics.data import collate
-    from plait.plugins.basics.sft import sample_losses
+    from plait.plugins.basics.sft_recipe import sample_losses
 
     return sample_losses(model, collate([recipe.eval_items[t]], recipe.tokenizer.pad_token_id))[0]
 
@@ -270,7 +270,7 @@ def test_sft_run_large_damping_limit_is_the_gradient_dot_product(tmp_path, fresh
 
     from plait.checkpoint import Checkpointer
     from plait.plugins.basics.data import collate
-    from plait.plugins.basics.sft import sample_losses
+    from plait.plugins.basics.sft_recipe import sample_losses
 
     fresh_host()
     run_dir = _run(tmp_path, "k")
@@ -338,7 +338,7 @@ def test_sam_train_run_refuses_the_any_run_options(tmp_path, fresh_host, capsys)
     cfg = tmp_path / "st.yaml"
     cfg.write_text(f"run: {{name: s, seed: 0, steps: 5, out_dir: {tmp_path / 'runs'}, progress: false, device: cpu}}\n"
                    "recipe: {name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2}\n"
-                   "model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: []}\n"
+                   "model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: []}\n"
                    "data: {name: digits, n_train: 60, n_test: 20, seed: 0}\n")
     assert main(["run", str(cfg)]) == 0
     (run_dir,) = (tmp_path / "runs" / "s").iterdir()
@@ -362,7 +362,7 @@ def test_tabular_mlp_section_against_eval_equals_hand_loop(tmp_path, fresh_host)
     cfg.write_text(f"run: {{name: s, seed: 0, steps: 6, ckpt_every: 2, keep_checkpoints: 0, out_dir: "
                    f"{tmp_path / 'runs'}, progress: false, device: cpu}}\n"
                    "recipe: {name: sam_train, rho: 0.05, lr: 0.5, l2: 1.0e-2}\n"
-                   "model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}\n"
+                   "model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}\n"
                    "data: {name: digits, n_train: 30, n_test: 6, seed: 0}\n"
                    "influence: {name: tracin, against: eval, top: 3}\n")
     assert main(["run", str(cfg)]) == 0
