@@ -530,6 +530,13 @@ def validate(cfg: DictConfig, registries: Registries) -> dict[str, Any]:
             raise ConfigError(str(exc)) from None
     if "parallel" in components:
         _check_parallel(recipe, components["parallel"], registries)
+        # a strategy's checks across sections (a family or transform it cannot place): ``check_components=fn``
+        check_placement = components["parallel"].entry.extra.get("check_components")
+        if check_placement is not None:
+            try:
+                check_placement(components)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     return components
 
 

@@ -244,6 +244,8 @@ class FirstOrderStep:
                                   f"transform (flashdp, dp_flat) alone")
             if hasattr(par, "broadcast_parameters"):
                 par.broadcast_parameters(model)
+            if hasattr(par, "place_model"):  # a sharding placement (fsdp) wraps the model before the optimizer
+                model = self.model = par.place_model(model, run)
             if private:
                 transform.members[0].set_parallel(par)
         self.sum_loss = transform is not None and transform.loss_reduction == "sum"
