@@ -74,6 +74,8 @@ FSDP_FAMILIES = ("hf-causal-lm",)
 FSDP_REFUSES = {
     "grpo": "each rank would sample its own rollouts and normalise rewards over its slice only (as under ddp), "
             "and generation under sharded parameters is not wired",
+    "wip_recover": "it trains each swapped copy of the model in its own loop, not the shared first-order step, so "
+                   "nothing would be sharded and every rank would run the whole study",
 }
 
 

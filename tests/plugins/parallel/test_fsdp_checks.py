@@ -56,6 +56,12 @@ def test_grpo_refused_with_the_reason(capsys):
     assert "'fsdp'" in err and "'grpo'" in err and "rollouts" in err
 
 
+def test_wip_recover_refused_even_on_hf_causal_lm(capsys):
+    err = _refused(capsys, [str(ROOT / "configs" / "wip" / "recover.yaml"), "parallel.name=fsdp",
+                            "model={name: hf-causal-lm, arch: llama, size: tiny}"])
+    assert "'fsdp'" in err and "'wip_recover'" in err and "own loop" in err
+
+
 def test_zeroth_order_recipe_refused(tmp_path, capsys):
     cfg = SFT.replace("recipe: {{name: sft, batch_size: 4}}", "recipe: {{name: zo, batch_size: 4}}\n"
                       "perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}")
