@@ -111,10 +111,8 @@ class FSDP(DDP):
         accum = int(getattr(getattr(run.cfg, "recipe", {}), "grad_accum", 1) or 1)
         self.gather_bytes = total * accum
 
-    # --- what FirstOrderStep asks of a data-parallel placement --------------------------------------------
-    def broadcast_parameters(self, model: torch.nn.Module) -> None:
-        super().broadcast_parameters(model)  # every rank shards the same full weights (rank 0's)
-
+    # --- what FirstOrderStep asks of a data-parallel placement (broadcast_parameters, inherited, runs first:
+    # every rank shards rank 0's full weights) -------------------------------------------------------------
     def reduce_gradients(self, params, extra=()) -> list[float]:
         """The gradients were reduce-scattered (summed) by FSDP in the backward: only the scalars travel."""
         return self.all_reduce_sum(list(extra)) if len(extra) else []

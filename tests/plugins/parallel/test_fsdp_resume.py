@@ -1,7 +1,8 @@
 """A 2-rank ``fsdp`` run stopped after 4 steps and resumed on 2 ranks from its sharded checkpoint equals the
 uninterrupted 8-step 2-rank run bit for bit (logged losses and the final full parameters and AdamW moments, read
 back from the shards with torch's `dcp_to_torch_save`); resuming on 1 process is refused in one line naming both
-world sizes (exit 2); a corrupted shard is refused before torch.distributed.checkpoint reads it."""
+world sizes (exit 2); a corrupted shard is refused before torch.distributed.checkpoint reads it; with
+run.keep_checkpoints=1 only the newest step folder and its shard folder remain."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_fsdp_equivalence import losses, run_fsdp
 
 ADAM = ["recipe.optimizer=adamw", "recipe.lr=0.01", "recipe.max_grad_norm=1.0", "run.steps=8"]
@@ -55,9 +55,12 @@ def test_fsdp_resume_is_exact_and_keeps_the_world_size(tmp_path):
 
 @pytest.mark.slow
 def test_a_corrupted_shard_is_refused(tmp_path):
-    part = run_fsdp(tmp_path / "run", "run.steps=2")
+    part = run_fsdp(tmp_path / "run", "run.steps=2", "run.ckpt_every=1", "run.keep_checkpoints=1")
     assert part.returncode == 0, part.stderr[-3000:]
     (run_dir,) = list((tmp_path / "run" / "runs" / "r").iterdir())
+    ckpts = run_dir / "checkpoints"  # pruning removes a shard folder with its step folder
+    assert sorted(p.name for p in ckpts.iterdir()) == ["shards", "step_00000002"]
+    assert [p.name for p in (ckpts / "shards").iterdir()] == ["step_00000002"]
     shard = run_dir / "checkpoints" / "shards" / "step_00000002" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
