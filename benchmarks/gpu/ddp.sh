@@ -12,7 +12,7 @@
 #
 # Model: OPT with the 350M shape (hidden 1024, 24 layers, ffn 4096; random init, fp32, AdamW) unless SHAPE=tiny
 # (the bundled tiny preset) or MODEL_CONFIG='{json}' (HF OPTConfig fields). Global batch BATCH (32) of the bundled
-# synthetic-sentiment task. steps/s is the mean of the logged perf/steps_per_sec after the first window (start-up
+# synthetic_sentiment task. steps/s is the mean of the logged perf/steps_per_sec after the first window (start-up
 # and the first steps excluded). BUDGET_S (default 600): no new run starts after it (the JSON keeps what finished).
 # Extra arguments go to every `plait run` (e.g. parallel.mixed_precision.param_dtype=bf16 for fsdp only runs).
 set -euo pipefail
@@ -48,8 +48,8 @@ trap 'rm -rf "$WORK"' EXIT
 cat > "$WORK/cfg.yaml" <<EOF
 run: {name: b, seed: 0, steps: $STEPS, log_every: 5, eval_every: 0, ckpt_every: 0, progress: false, device: $DEVICE}
 recipe: {name: sft, optimizer: adamw, lr: 1.0e-4, batch_size: $BATCH, eval_examples: 8, max_grad_norm: 1.0}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: $MODEL_CONFIG}
-data: {name: synthetic-sentiment, n_train: 2048, n_eval: 8}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: $MODEL_CONFIG}
+data: {name: synthetic_sentiment, n_train: 2048, n_eval: 8}
 EOF
 # the peak memory of rank 0, written next to its run directory when the run ends (a plugin-free wrapper)
 cat > "$WORK/peak.py" <<'EOF'

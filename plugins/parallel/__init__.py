@@ -1,5 +1,5 @@
 """Placement of first-order training: ``parallel: {name: ddp}`` (data parallelism on torch.distributed) and
-``parallel: {name: fsdp}`` (FSDP2 sharding of the hf-causal-lm family; `fsdp.FSDP`, docs/parallel.md).
+``parallel: {name: fsdp}`` (FSDP2 sharding of the hf_causal_lm family; `fsdp.FSDP`, docs/parallel.md).
 
     plait run --nproc 2 configs/basics/sft_quickstart.yaml parallel.name=ddp
 
@@ -40,7 +40,7 @@ def register_parallel_strategies(register):
     }
     register("fsdp", build_fsdp, config=FSDPConfig, updates=("first_order",), refuses=FSDP_REFUSES,
              check_components=check_fsdp,
-             doc="FSDP2 for hf-causal-lm: parameters, gradients and optimizer state sharded per block")
+             doc="FSDP2 for hf_causal_lm: parameters, gradients and optimizer state sharded per block")
     register("ddp", build_ddp, config=DDPConfig, updates=("first_order",), refuses=refuses,
              doc="data parallelism: each rank its slice of the global batch, gradients all-reduced once per step")
 
@@ -56,7 +56,7 @@ class MixedPrecisionConfig:
 
 @dataclass
 class FSDPConfig:
-    """FSDP2 (fully_shard per transformer block, then the root) for the hf-causal-lm family."""
+    """FSDP2 (fully_shard per transformer block, then the root) for the hf_causal_lm family."""
 
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     timeout_s: float = 300.0  # a collective (or the start-up rendezvous) waiting longer than this fails the run
@@ -70,7 +70,7 @@ def build_fsdp(**kwargs):
     return FSDP(**kwargs)
 
 
-FSDP_FAMILIES = ("hf-causal-lm",)
+FSDP_FAMILIES = ("hf_causal_lm",)
 FSDP_REFUSES = {
     "grpo": "each rank would sample its own rollouts and normalise rewards over its slice only (as under ddp), "
             "and generation under sharded parameters is not wired",
@@ -80,7 +80,7 @@ FSDP_REFUSES = {
 
 
 def check_fsdp(components) -> None:
-    """fsdp at validate: the hf-causal-lm family only, no grad_transform, no model transform, valid dtypes."""
+    """fsdp at validate: the hf_causal_lm family only, no grad_transform, no model transform, valid dtypes."""
     from .fsdp import parse_dtype
 
     recipe = components["recipe"].entry.name

@@ -1,4 +1,4 @@
-"""The ``fsdp`` strategy: FSDP2 (`torch.distributed.fsdp.fully_shard`) for the ``hf-causal-lm`` family.
+"""The ``fsdp`` strategy: FSDP2 (`torch.distributed.fsdp.fully_shard`) for the ``hf_causal_lm`` family.
 
 Placement: every transformer block (the HF model's ``_no_split_modules`` classes, e.g. ``OPTDecoderLayer``) is one
 FSDP unit, then the root (embeddings, final norm, tied head). Each rank keeps 1/world of every parameter, of its
@@ -79,7 +79,7 @@ class FSDP(DDP):
         blocks = transformer_blocks(model)
         if not blocks:
             raise ConfigError(f"parallel 'fsdp': model {type(model).__name__} names no transformer block class "
-                              f"(_no_split_modules); fsdp shards the hf-causal-lm family per block")
+                              f"(_no_split_modules); fsdp shards the hf_causal_lm family per block")
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         for block in blocks:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)

@@ -1,4 +1,4 @@
-"""``parallel: {name: fsdp}`` at validate: sft on hf-causal-lm validates; other families, the grpo and zo recipes,
+"""``parallel: {name: fsdp}`` at validate: sft on hf_causal_lm validates; other families, the grpo and zo recipes,
 every grad_transform (DP and SAM), model transforms and unknown mixed-precision dtypes are refused in one line
 naming what and why (exit 2). Plus the block discovery against the HF model's own layer count, and fsdp at world
 size 1 in this process against the plain run (the one-GPU benchmark's case): losses within 1e-6 relative."""
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[3]
 SFT = """
 run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false, device: cpu}}
 recipe: {{name: sft, batch_size: 4}}
-model: {{name: hf-causal-lm, arch: opt, size: tiny}}
-data: {{name: synthetic-sentiment, n_train: 8, n_eval: 4}}
+model: {{name: hf_causal_lm, arch: opt, size: tiny}}
+data: {{name: synthetic_sentiment, n_train: 8, n_eval: 4}}
 """
 
 
@@ -45,10 +45,10 @@ def test_sft_on_hf_causal_lm_validates(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config,family", [("capsule/classify_pit.yaml", "pit"),
-                                           ("sam_if/digits.yaml", "tabular-mlp")])
+                                           ("sam_if/digits.yaml", "tabular_mlp")])
 def test_other_families_refused(capsys, config, family):
     err = _refused(capsys, [str(ROOT / "configs" / config), "parallel.name=fsdp"])
-    assert "'fsdp'" in err and repr(family) in err and "hf-causal-lm" in err and "ddp" in err
+    assert "'fsdp'" in err and repr(family) in err and "hf_causal_lm" in err and "ddp" in err
 
 
 def test_grpo_refused_with_the_reason(capsys):
@@ -58,7 +58,7 @@ def test_grpo_refused_with_the_reason(capsys):
 
 def test_wip_recover_refused_even_on_hf_causal_lm(capsys):
     err = _refused(capsys, [str(ROOT / "configs" / "wip" / "recover.yaml"), "parallel.name=fsdp",
-                            "model={name: hf-causal-lm, arch: llama, size: tiny}"])
+                            "model={name: hf_causal_lm, arch: llama, size: tiny}"])
     assert "'fsdp'" in err and "'wip_recover'" in err and "own loop" in err
 
 
@@ -71,7 +71,7 @@ def test_zeroth_order_recipe_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("transform,words", [
     ("{name: flashdp, noise_multiplier: 1.0}", ("'flashdp'", "per-sample clipping", "private ddp")),
-    ("{name: dp-flat, noise_multiplier: 1.0}", ("'dp-flat'", "global norm across shards")),
+    ("{name: dp_flat, noise_multiplier: 1.0}", ("'dp_flat'", "global norm across shards")),
     ("{name: sam, rho: 0.05}", ("'sam'", "ascent")),
 ])
 def test_grad_transforms_refused(tmp_path, capsys, transform, words):

@@ -25,8 +25,8 @@ from plait.run import execute
 
 STEPS = 10
 CFG = """recipe: {name: sft, batch_size: 4, grad_accum: 2, optimizer: sgd, momentum: 0.9, lr: 0.05, max_grad_norm: 0.0}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic-sentiment, n_train: 32, n_eval: 4}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
+data: {name: synthetic_sentiment, n_train: 32, n_eval: 4}
 """
 RUN = ["run.name=r", "run.seed=1", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0", "run.ckpt_every=0",
        "run.progress=false", "run.device=cpu"]
