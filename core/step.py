@@ -233,21 +233,23 @@ class FirstOrderStep:
         par = getattr(run, "parallel", None)
         self.dist = par if hasattr(par, "reduce_gradients") and hasattr(par, "split_batch") else None
         if self.dist is not None:
-            self_sampled = [] if transform is None else [n for m, n in zip(transform, transform.names)
+            self_sampled = [] if transform is None else [m for m in transform
                                                          if getattr(m, "loss_reduction", "mean") == "sum"
                                                          or hasattr(m, "batch_indices")]
-            # private DDP: a lone DP transform that defers its noise to after the all-reduce (``set_parallel``)
-            private = bool(self_sampled) and len(transform) == 1 and hasattr(transform.members[0], "set_parallel")
+            # private DDP: one DP transform that defers its noise to after the all-reduce (``set_parallel``),
+            # alone or after members that read no batch of their own (DP-SAT's ascent: the previous step's
+            # noisy global gradient, the same on every rank once the noise is added after the all-reduce)
+            private = len(self_sampled) == 1 and hasattr(self_sampled[0], "set_parallel")
             if self_sampled and not private:
                 raise ConfigError(f"grad_transform: {', '.join(map(repr, transform.names))} under parallel "
                                   f"{getattr(par, 'name', '?')!r} is not supported yet; private ddp takes one DP "
-                                  f"transform (flashdp, dp_flat) alone")
+                                  f"transform (flashdp, dp_flat), alone or after sam (DP-SAT)")
             if hasattr(par, "broadcast_parameters"):
                 par.broadcast_parameters(model)
             if hasattr(par, "place_model"):  # a sharding placement (fsdp) wraps the model before the optimizer
                 model = self.model = par.place_model(model, run)
             if private:
-                transform.members[0].set_parallel(par)
+                self_sampled[0].set_parallel(par)
         self.sum_loss = transform is not None and transform.loss_reduction == "sum"
         self.clip = self.max_grad_norm > 0 and not (transform is not None and transform.replaces_clipping)
         groups = list(param_groups(model)) if param_groups else [p for p in model.parameters() if p.requires_grad]

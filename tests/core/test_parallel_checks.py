@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from plait.cli import main
 from plait.manager import get_host
@@ -81,15 +82,68 @@ def test_torchrun_without_parallel_refused_on_every_rank(tmp_path):
     assert err.startswith("error: WORLD_SIZE=2:") and "no 'parallel:' section" in err
 
 
-def test_private_chain_under_ddp_refused_not_duplicated(tmp_path, capsys):
-    """Private DDP takes one DP transform alone; a chain around it (DP-SAT: sam before flashdp) is refused with
-    one line instead of drawing noise on every rank (a group of one here: the check does not depend on the
-    world size)."""
-    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp",
+def test_dp_sat_chain_under_ddp_runs(tmp_path, capsys):
+    """DP-SAT (sam before flashdp) under ddp runs as private DDP with SAM's ascent along the previous noisy
+    gradient (the 2-rank equivalence is in tests/plugins/parallel/test_ddp_sam.py; a group of one here)."""
+    code = main(["run", _cfg(tmp_path, SFT), "parallel.name=ddp", "run.steps=2",
                  "grad_transform=[{name: sam, rho: 0.05}, {name: flashdp, noise_multiplier: 1.0}]"])
-    err = _one_line(capsys.readouterr().err)
-    assert code == 2
-    assert "under parallel 'ddp' is not supported" in err and "'sam'" in err and "flashdp" in err
+    assert code == 0, capsys.readouterr().err
+    (run_dir,) = list((tmp_path / "runs" / "p").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sam/mode"] == "dp-sat" and summary["sam/ascent_steps"] == 1  # step 1 has no ĝ_0
+    assert summary["privacy/sample_rate"] == 4 / 8 and summary["privacy/steps"] == 2
+
+
+class _Placement:
+    """A data-parallel placement as `FirstOrderStep` sees one (split_batch / reduce_gradients), one rank."""
+
+    name = "ddp"
+
+    def split_batch(self, indices):
+        return indices
+
+    def reduce_gradients(self, params, extra=()):
+        return list(extra)
+
+
+class _SelfSampling:
+    """A third-party per-sample transform that cannot defer its noise to after an all-reduce (no set_parallel)."""
+
+    loss_reduction = "sum"
+
+
+class _Objective:
+    def batch_indices(self, step, micro):
+        return [0, 1]
+
+    def sample_losses(self, indices):
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("with_sam", [False, True])
+def test_chain_that_cannot_run_privately_under_ddp_refused(with_sam):
+    """A self-sampling member runs under a placement only if it defers its noise to after the all-reduce
+    (``set_parallel``); one that cannot (its noise would be drawn on every rank) is refused with one line naming
+    the chain, alone or after DP-SAT's sam."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from plait.errors import ConfigError
+    from plait.plugins.sam_if.sam import SAMTransform
+    from plait.step import FirstOrderStep, TransformChain
+
+    members, names = [_SelfSampling()], ["custom"]
+    if with_sam:
+        sam = SAMTransform(rho=0.1)
+        sam.compose_before_private()
+        members, names = [sam, *members], ["sam", *names]
+    run = SimpleNamespace(parallel=_Placement(), cfg=OmegaConf.create({"run": {"steps": 1, "seed": 0}}))
+    with pytest.raises(ConfigError, match="under parallel 'ddp' is not supported") as exc:
+        FirstOrderStep(run, torch.nn.Linear(2, 1), _Objective(), lr=0.1, batch_size=2, dataset_size=4,
+                       transform=TransformChain(members, names))
+    _one_line(str(exc.value))
+    assert all(repr(n) in str(exc.value) for n in names)
 
 
 def test_lone_private_transform_under_ddp_runs(tmp_path, capsys):
