@@ -99,7 +99,7 @@ class SFTRecipe:
         return evaluate_lm(lambda ids, mask: self.model(input_ids=ids, attention_mask=mask).logits,
                            self.tokenizer, self.eval_items, self.eval_examples,
                            getattr(self.data, "label_words", None), self.cfg.max_length,
-                           self.cfg.eval_batch_size, self.device)
+                           self.cfg.eval_batch_size, self.device, run=self.run)
 
     def log_metrics(self, step: int) -> dict[str, float]:
         """The grad transforms' values at a logged step (e.g. DP's ε so far), not window-averaged."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.errors import ConfigError
-from plait.run import Run, train_loop
+from plait.run import Run, eval_gather, eval_share, train_loop
 from plait.step import FirstOrderStep
 
 from .config import ClassifyRecipeConfig
@@ -201,7 +201,12 @@ class ClassifyRecipe:
 
     def evaluate(self) -> dict[str, float]:
         te, k = self.data.test, self.data.num_classes
-        pred, y = self.predict(te.x), te.y.numpy()
+        # under a data-parallel placement each rank predicts its share and the predictions are gathered (in
+        # order): MCC / balanced accuracy are not sums over examples
+        mine = eval_share(self.run, len(te.x))
+        part = te.x[mine.start:mine.stop]
+        local = torch.from_numpy(self.predict(part)) if len(part) else torch.zeros(0, dtype=torch.long)
+        pred, y = eval_gather(self.run, local).numpy(), te.y.numpy()
         metrics = {f"eval/{n}": v for n, v in classification_metrics(y, pred, k).items()}
         majority = int(torch.bincount(self.data.train.y).argmax())
         metrics["eval/majority_accuracy"] = float((y == majority).mean())

@@ -5,7 +5,10 @@ the two things `plait.step.FirstOrderStep` asks of a data-parallel placement:
   ``share_sampled(indices, n)`` — under a DP transform, the examples of the global Poisson draw in its slice;
 * ``all_reduce_sum(values)`` / ``reduce_gradients(params, extra)`` — sums over ranks: the per-micro-batch loss
   weights before the backward, then every gradient (and the step's loss) in one flat all-reduce after the
-  last micro-batch (accumulation is local, as under DistributedDataParallel's ``no_sync``).
+  last micro-batch (accumulation is local, as under DistributedDataParallel's ``no_sync``);
+
+and what a recipe's evaluation asks through `plait.run.eval_share` / `eval_sum` / `eval_gather`: this rank's
+contiguous share of the eval set, sums over ranks, per-item values gathered in rank order.
 
 Gradients travel as one flat buffer per step, in parameter order; every rank ends the step with identical sums
 and so applies the identical optimizer step (parameters never travel after start-up, where rank 0's are
@@ -78,6 +81,35 @@ class DDP(DistZO):
         """Rank 0's parameters and buffers on every rank (what DistributedDataParallel does when it wraps)."""
         for t in [*model.parameters(), *model.buffers()]:
             self._collective("the start-up parameter broadcast", lambda t=t: dist.broadcast(t.data, src=0))
+
+    # --- evaluation split across ranks (`plait.run.eval_share` / `eval_sum` / `eval_gather`) ---------------
+    def eval_share(self, n: int, align: int = 1) -> range:
+        """Rank r evaluates the r-th contiguous share of the ``ceil(n / align)`` blocks of ``align`` items (the
+        last block may be short; a share may be empty when there are fewer blocks than ranks)."""
+        blocks = -(-n // align)
+        lo = self.rank * blocks // self.world_size * align
+        hi = (self.rank + 1) * blocks // self.world_size * align
+        return range(min(lo, n), min(hi, n))
+
+    def eval_sum(self, values: Sequence[float]) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        self._collective("the evaluation all-reduce", lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+        return t.tolist()
+
+    def eval_gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` (any length along dim 0, same trailing shape and dtype) in rank order."""
+        local = values.detach().to(self.device)
+        size = torch.tensor([local.shape[0]], dtype=torch.long, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        self._collective("the evaluation size all-gather", lambda: dist.all_gather(sizes, size))
+        sizes = [int(s) for s in sizes]
+        if max(sizes) == 0:
+            return values
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        self._collective("the evaluation all-gather", lambda: dist.all_gather(parts, padded))
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(values.device)
 
     def take_step_bytes(self) -> float:
         out, self.step_bytes = self.step_bytes, 0
