@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from plait.errors import ConfigError
-from plait.run import Run, train_loop
+from plait.run import Run, eval_share, eval_sum, train_loop
 from plait.step import FirstOrderStep, TransformChain
 
 from .config import SAMTrainConfig, check_sam_train_components
@@ -93,6 +93,13 @@ class SAMTrainRecipe:
         batch = c.batch_size if 0 < c.batch_size < self.n else self.n
         self.msharp = c.m is not None and c.m < batch  # m-sharpness: the direct sam_gradient step
         self.record = c.record_trajectory
+        if hasattr(run.parallel, "split_batch") and (self.msharp or self.record):  # a data-parallel placement
+            name = getattr(run.parallel, "name", "?")
+            raise ConfigError(
+                f"recipe.m: m-sharpness steps outside the shared step and would run the whole batch on every rank "
+                f"under parallel {name!r}; set recipe.m=null or run it in one process" if self.msharp else
+                f"recipe.record_trajectory: under parallel {name!r} each rank reads only its slice of the batch, "
+                f"so the trajectory would record rank 0's slice; run it in one process")
         self.sam = SAMTransform(rho=c.rho, adaptive=c.adaptive, eta=c.eta, eps=c.eps, replay_forward=False)
         self.sam.keep_perturbation = self.record  # the trajectory records the e each gradient was taken at
         members, names = [self.sam], ["sam"]
@@ -232,9 +239,11 @@ class SAMTrainRecipe:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        logits = self.model(self.Xt)
-        return {"eval/loss": float(torch.nn.functional.cross_entropy(logits, self.yt)),
-                "eval/accuracy": float((logits.argmax(1) == self.yt).double().mean())}
+        mine = eval_share(self.run, len(self.yt))  # this rank's share under ddp (all of it in one process)
+        logits, y = self.model(self.Xt[mine.start:mine.stop]), self.yt[mine.start:mine.stop]
+        loss, correct, n = eval_sum(self.run, [float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")),
+                                               int((logits.argmax(1) == y).sum()), len(y)])
+        return {"eval/loss": loss / n, "eval/accuracy": correct / n}
 
     def log_metrics(self, step: int) -> dict[str, float]:
         """The grad transforms' values at a logged step (DP's ε so far), not window-averaged."""

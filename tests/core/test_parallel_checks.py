@@ -170,3 +170,22 @@ def test_ddp_refuses_recipes_it_does_not_run_exactly(tmp_path, capsys):
     err = _one_line(capsys.readouterr().err)
     assert code == 2 and "'ddp'" in err and "'depth'" in err and "BatchNorm" in err
     assert main(["validate", _cfg(tmp_path, SFT), "parallel.name=ddp"]) == 0
+
+
+SAM_TRAIN = """
+run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
+recipe: {{name: sam_train, rho: 0.1, lr: 0.5, batch_size: 8}}
+model: {{name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}}
+data: {{name: digits, n_train: 64, n_test: 31, seed: 0}}
+"""
+
+
+@pytest.mark.parametrize("option,key", [("recipe.m=2", "recipe.m"),
+                                        ("recipe.record_trajectory=true", "recipe.record_trajectory")])
+def test_sam_train_parts_outside_the_split_refused_under_ddp(tmp_path, capsys, option, key):
+    """sam_train's m-sharpness (its own step, the whole batch per rank) and its trajectory (rank 0 would record
+    only its slice of each batch) are refused under ddp in one line, not run per rank; both run in one process."""
+    code = main(["run", _cfg(tmp_path, SAM_TRAIN), "parallel.name=ddp", option])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and err.startswith(f"error: {key}:") and "'ddp'" in err
+    assert main(["run", _cfg(tmp_path, SAM_TRAIN), option]) == 0
