@@ -3,7 +3,8 @@ batch (the reference: the plain single-process run of the same config, no ``para
 
 * ``sam`` alone (sft): the ascent direction is the all-reduced gradient at w, the gradient at w + e is
   all-reduced again — every rank perturbs by the same e, as one process at the global batch does.
-* DP-SAT (sft ``[sam, flashdp]`` / ``[sam, dp-flat]``, sam_train's own SAM before ``flashdp``): the ascent uses
+* DP-SAT (sft ``[sam, flashdp]`` / ``[sam, dp-flat]``, classify ``[sam, flashdp]`` on PiT, sam_train's own SAM
+  before ``flashdp``): the ascent uses
   the previous step's noisy global gradient (identical on every rank: the noise is added once, after the
   all-reduce); the step at w + e is private DDP (each rank clips its share of the global Poisson draw).
   With ``reproducible_noise`` the losses and final parameters match one process within 1e-6, ε is the same.
@@ -38,15 +39,23 @@ CASES = {  # id: (config, grad_transform override, private, ascents expected: st
     "sft-dpsat-dp-flat": (SFT, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: dp-flat, {DP}}}]", True,
                           STEPS - 1),
     "sam_train-dpsat": (SAM_TRAIN, f"grad_transform={{name: flashdp, {DP}}}", True, STEPS - 1),
+    "classify-dpsat": (None, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: flashdp, {DP}}}]", True,
+                       STEPS - 1),
 }
+CLASSIFY = ["data.num_images=124", "data.min_per_class=3", "recipe.batch_size=8", "model.base_dims=[8,8,8]",
+            "model.heads=[1,1,2]", "recipe.augment=false"]  # augmentation draws per example: per rank
 RUN = ["run.name=r", "run.seed=3", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0",
        "run.ckpt_every=0", "run.progress=false", "run.device=cpu"]
 
 
-def _launch(root: Path, cfg: str, transform: str, nproc: int) -> Path:
+def _launch(root: Path, cfg: str | None, transform: str, nproc: int) -> Path:
     root.mkdir(parents=True)
-    (root / "cfg.yaml").write_text(cfg)
-    argv = [str(root), str(root / "cfg.yaml"), *RUN, f"run.out_dir={root / 'runs'}", transform]
+    if cfg is None:
+        path, extra = Path(__file__).resolve().parents[3] / "configs" / "capsule" / "classify_pit.yaml", CLASSIFY
+    else:
+        path, extra = root / "cfg.yaml", []
+        path.write_text(cfg)
+    argv = [str(root), str(path), *extra, *RUN, f"run.out_dir={root / 'runs'}", transform]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(HELPER), *argv, "parallel.name=ddp", "parallel.timeout_s=120"]
