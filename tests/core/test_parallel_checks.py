@@ -175,7 +175,7 @@ def test_ddp_refuses_recipes_it_does_not_run_exactly(tmp_path, capsys):
 SAM_TRAIN = """
 run: {{name: p, seed: 0, steps: 1, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false}}
 recipe: {{name: sam_train, rho: 0.1, lr: 0.5, batch_size: 8}}
-model: {{name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}}
+model: {{name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}}
 data: {{name: digits, n_train: 64, n_test: 31, seed: 0}}
 """
 

@@ -28,8 +28,8 @@ RUN = ["run.name=r", "run.seed=1", "run.steps=3", "run.log_every=1", "run.eval_e
        "run.progress=false", "run.device=cpu"]
 CONFIGS = {
     "sft": ("""recipe: {name: sft, batch_size: 4, optimizer: sgd, lr: 0.5, eval_batch_size: 2}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic-sentiment, n_train: 16, n_eval: 7}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
+data: {name: synthetic_sentiment, n_train: 16, n_eval: 7}
 """, []),
     # 3 steps of plain CE without warm-up: the tiny PiT predicts a mix of classes (at init, and with the default
     # inverse-frequency weights, it predicts one class, which would make MCC / balanced accuracy trivial)
@@ -37,7 +37,7 @@ data: {name: synthetic-sentiment, n_train: 16, n_eval: 7}
                         "model.base_dims=[8,8,8]", "model.heads=[1,1,2]", "recipe.augment=false", "recipe.loss=ce",
                         "recipe.warmup_steps=0", "recipe.lr=3.0e-3"]),
     "sam_train": ("""recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
-model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}
+model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 31, seed: 0}
 """, []),
 }

@@ -3,7 +3,7 @@ batch (the reference: the plain single-process run of the same config, no ``para
 
 * ``sam`` alone (sft): the ascent direction is the all-reduced gradient at w, the gradient at w + e is
   all-reduced again — every rank perturbs by the same e, as one process at the global batch does.
-* DP-SAT (sft ``[sam, flashdp]`` / ``[sam, dp-flat]``, classify ``[sam, flashdp]`` on PiT, sam_train's own SAM
+* DP-SAT (sft ``[sam, flashdp]`` / ``[sam, dp_flat]``, classify ``[sam, flashdp]`` on PiT, sam_train's own SAM
   before ``flashdp``): the ascent uses
   the previous step's noisy global gradient (identical on every rank: the noise is added once, after the
   all-reduce); the step at w + e is private DDP (each rank clips its share of the global Poisson draw).
@@ -24,11 +24,11 @@ import torch
 STEPS = 10
 HELPER = Path(__file__).with_name("_capture_rank.py")
 SFT = """recipe: {name: sft, batch_size: 6, optimizer: sgd, lr: 0.5}
-model: {name: hf-causal-lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic-sentiment, n_train: 24, n_eval: 4}
+model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
+data: {name: synthetic_sentiment, n_train: 24, n_eval: 4}
 """
 SAM_TRAIN = """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 16}
-model: {name: tabular-mlp, n_features: 64, n_classes: 10, hidden: [8]}
+model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 30, seed: 0}
 """
 DP = "noise_multiplier: 0.8, max_grad_norm: 0.5, reproducible_noise: true"
@@ -36,7 +36,7 @@ CASES = {  # id: (config, grad_transform override, private, ascents expected: st
     "sft-sam": (SFT, "grad_transform={name: sam, rho: 0.2}", False, STEPS),
     "sft-dpsat-flashdp": (SFT, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: flashdp, {DP}}}]", True,
                           STEPS - 1),  # step 1 has no previous private gradient: a plain DP-SGD step
-    "sft-dpsat-dp-flat": (SFT, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: dp-flat, {DP}}}]", True,
+    "sft-dpsat-dp_flat": (SFT, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: dp_flat, {DP}}}]", True,
                           STEPS - 1),
     "sam_train-dpsat": (SAM_TRAIN, f"grad_transform={{name: flashdp, {DP}}}", True, STEPS - 1),
     "classify-dpsat": (None, f"grad_transform=[{{name: sam, rho: 0.2}}, {{name: flashdp, {DP}}}]", True,
