@@ -17,7 +17,7 @@ Two details the function handles for every model:
   bilinear (min(|q|/√d, |k|) ≠ min(|q|, |k|)/√d) and the scale is applied to their output instead.
 
 With ``exact`` and no calibration the path is HF's eager attention op for op, so logits are identical
-(tests/plugins/wip/test_wip_transform.py).
+(tests/plugins/wip/test_attention.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distzo2_launch import launch
+
+from tests.plugins.distzo2.distzo2_launch import launch
 
 STEPS = 10
 HUNG_TIMEOUT_S = 4  # parallel.timeout_s of the run whose peer is stopped

@@ -270,7 +270,7 @@ def test_noise_level_matches_sigma_times_total_threshold():
 
 
 def test_skip_and_unsupported_layers_are_frozen_or_refused():
-    # PReLU has no per-sample rule (a training-mode BatchNorm is refused instead: test_flashdp_layer_kinds.py)
+    # PReLU has no per-sample rule (a training-mode BatchNorm is refused instead: test_layer_kinds.py)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.PReLU(), torch.nn.Linear(4, 2))
     t = dp(unsupported="freeze", skip=["2"])
     t.prepare(model, dataset_size=100, batch_size=4, steps=1, seed=0)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from flashdp_reference import check_against_reference, dp_step, make_dp
+
+from tests.plugins.flashdp.flashdp_reference import check_against_reference, dp_step, make_dp
 
 
 def _x(*shape, seed=0):

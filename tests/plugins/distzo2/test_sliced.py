@@ -17,8 +17,9 @@ import copy
 
 import pytest
 import torch
-from conftest import FOUR_RUNS, PAIR_RUNS, STEPS
-from test_distzo2_equivalence import (
+
+from tests.plugins.distzo2.conftest import FOUR_RUNS, PAIR_RUNS, STEPS
+from tests.plugins.distzo2.test_equivalence import (
     assert_equals_single,
     assert_params_equal,
     final,
@@ -182,9 +183,8 @@ def test_distzo2_sliced_fill_any_rank_equals_plain_upload(k, rank, storage):
 
 
 def test_distzo2_sliced_upload_misuse_is_one_line(tmp_path, fresh_host, capsys):
-    from test_distzo2_errors import _cfg
-
     from plait.cli import main
+    from tests.plugins.distzo2.test_errors import _cfg
 
     fresh_host()
     cfg = str(_cfg(tmp_path))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FOUR_RUNS, HUNG_TIMEOUT_S, PAIR_RUNS
+
+from tests.plugins.distzo2.conftest import FOUR_RUNS, HUNG_TIMEOUT_S, PAIR_RUNS
 
 CFG = """
 run: {{name: e, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},

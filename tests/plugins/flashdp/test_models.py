@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from flashdp_reference import check_against_reference, dp_step, make_dp
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.opt.modeling_opt import OPTLearnedPositionalEmbedding
 
@@ -17,6 +16,7 @@ from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.capsule.depthnet import build_v2_sfmlearner
 from plait.plugins.capsule.pit import build_pit, build_vit
 from plait.plugins.sam_if.data import build_tabular_mlp
+from tests.plugins.flashdp.flashdp_reference import check_against_reference, dp_step, make_dp
 
 VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FOUR_RUNS, PAIR_RUNS, STEPS
 from safetensors.torch import load_file
+
+from tests.plugins.distzo2.conftest import FOUR_RUNS, PAIR_RUNS, STEPS
 
 TRAIN_KEYS = ("train/loss", "train/projected_grad", "train/lr", "train/skipped_steps")
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distzo2_launch import launch
 from safetensors.torch import load_file
+
+from tests.plugins.distzo2.distzo2_launch import launch
 
 STEPS = 8
 CFG = """
