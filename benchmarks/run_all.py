@@ -1,6 +1,6 @@
-"""Run every CPU benchmark script in ``benchmarks/`` and write one JSON summary (``make bench``).
+"""Run every CPU benchmark script in ``benchmarks/<method>/`` and write one JSON summary (``make bench``).
 
-Each script runs as its own subprocess (``sys.executable benchmarks/<stem>.py ARGS``, cwd = the repository root),
+Each script runs as its own subprocess (``sys.executable benchmarks/<method>/<stem>.py ARGS``, cwd = the repository root),
 by default in a *quick mode*: the small flags in ``QUICK_ARGS`` below, chosen from each script's own argparse
 flags so that the whole set finishes in a few minutes on 2 CPU cores. The figures of a quick run are a smoke
 test of the scripts, not measurements: the sizes are too small for the goals in benchmarks/README.md to mean
@@ -17,7 +17,7 @@ the end; one progress line per script goes to stderr. Exit status 0 if every scr
     .venv/bin/python benchmarks/run_all.py --only zo_speed,dp_speed --out /tmp/bench.json
     .venv/bin/python benchmarks/run_all.py --full --timeout 3600     # every script with its defaults
 
-Not run: ``zo_larger_than_ram.py``, ``capsule_imu_observability.py`` and ``gpu/`` (see ``SKIPPED``).
+Not run: ``zo_larger_than_ram.py`` and the GPU scripts (see ``SKIPPED``).
 """
 from __future__ import annotations
 
@@ -84,9 +84,8 @@ QUICK_ARGS: dict[str, list[str]] = {
 SKIPPED: dict[str, str] = {
     "zo_larger_than_ram": "writes ~25 GB of fp16 shards to disk and runs for about an hour; run it by hand "
                           "(see its docstring; --layers 4 --steps 2 for a quick look)",
-    "capsule_imu_observability": "an analysis of the simulated IMU (no network, no baseline comparison), not a "
-                                 "benchmark; run it by hand (~35 s)",
-    "gpu/": "needs a CUDA GPU; run `OUT=<dir> bash benchmarks/gpu/run_all.sh` on a GPU machine",
+    "gpu/": "the GPU scripts (benchmarks/<method>/*_gpu.py, benchmarks/gpu/) need a CUDA GPU; run "
+            "`OUT=<dir> bash benchmarks/gpu/run_all.sh` on a GPU machine",
 }
 
 STDERR_TAIL_CHARS = 4000
@@ -167,8 +166,16 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             break
 
 
+def script_path(stem: str) -> Path:
+    """``benchmarks/<method>/<stem>.py``: the one script of that name (stems are unique across the folders)."""
+    found = sorted(HERE.glob(f"*/{stem}.py"))
+    if len(found) != 1:
+        raise SystemExit(f"run_all: {len(found)} scripts named {stem}.py in {HERE}/*/ (want exactly one)")
+    return found[0]
+
+
 def run_script(stem: str, args: list[str], timeout: float) -> dict:
-    rel = f"benchmarks/{stem}.py"
+    rel = str(script_path(stem).relative_to(REPO))
     cmd = [sys.executable, rel, *args]
     entry: dict = {"cmd": cmd, "cmd_line": shlex.join(cmd)}
     # The script's temp files (shard dirs, run dirs) go to a private TMPDIR removed afterwards, so a script killed

@@ -1,7 +1,7 @@
 """The two small-model methods on one GPU: capsule inference frames/s and the WiP min-product kernel.
 
 * ``capsule`` (runs first: it is quick): V2-SfMLearner depth + pose + vibration inference (the same call as
-  ``benchmarks/capsule.py``'s CPU figure), frames/s at 64×80 (the configs' width-16 nets) and 256×320 (width 16
+  ``benchmarks/capsule/capsule.py``'s CPU figure), frames/s at 64×80 (the configs' width-16 nets) and 256×320 (width 16
   and ResNet-18 widths), batch 1 and 8, fp32 and bf16 autocast. CUDA-synchronised wall clock over 30 calls after
   a warm-up.
 * ``wip``: the attention similarity of one layer (B·H = 32 heads, head dim 128, T = 1024 / 2048 / 4096):

@@ -69,8 +69,9 @@ fi
 'available', torch.cuda.is_available(), 'transformers', transformers.__version__)" 2>&1 | tee "$OUT/versions.txt" >&2
 
 # part -> script, time share, and the seconds its last item may still need after the script's --budget-s
-declare -A SCRIPT=([zo2]=zo2_gpu.py [dp]=dp_gpu.py [sampling]=sampling_gpu.py [small]=capsule_wip_gpu.py
-                   [dist]=ddp.sh)
+# (paths under benchmarks/: each method's GPU script sits beside its CPU scripts; capsule_wip_gpu.py serves two)
+declare -A SCRIPT=([zo2]=zo2/zo2_gpu.py [dp]=flashdp/dp_gpu.py [sampling]=infinite_sampling/sampling_gpu.py
+                   [small]=gpu/capsule_wip_gpu.py [dist]=parallel/ddp.sh)
 declare -A SHARE=([zo2]=$ZO2_S [dp]=$DP_S [sampling]=$SAMPLING_S [small]=$SMALL_S [dist]=$DIST_S)
 # zo2: one 6.7b variant (ZO2 engine build ~12 s + 13 steps); dp: a first flashdp step that compiles (30 s);
 # sampling: one variant after the first (<= 850 decode steps); small: the T=4096 WiP timings (calls capped);
@@ -97,18 +98,17 @@ for i in "${!ORDER[@]}"; do
     fi
     log "running ${SCRIPT[$part]} (timeout ${left}s, budget ${budget}s)"
     rc=0
-    name=${SCRIPT[$part]%.py}
+    name=$(basename "${SCRIPT[$part]}" .py)
     if [ "$part" = dist ]; then                   # a shell script: its JSON is $OUT/dist_fo_gpu.json
         name=dist_fo_gpu
         # shellcheck disable=SC2086
         NAME=$name STRATEGIES="fsdp ddp" BUDGET_S=$budget PYTHON="$PY" OUT="$OUT" timeout -k 10 "$left" \
-            bash "benchmarks/gpu/${SCRIPT[$part]}" ${EXTRA[$part]} > "$OUT/${name}_summary.json" \
+            bash "benchmarks/${SCRIPT[$part]}" ${EXTRA[$part]} > "$OUT/${name}_summary.json" \
             2> >(tee "$OUT/$name.log" >&2) || rc=$?
     else
         # shellcheck disable=SC2086
-        timeout -k 10 "$left" "$PY" "benchmarks/gpu/${SCRIPT[$part]}" --out "$OUT/$name.json" \
-            --budget-s "$budget" ${EXTRA[$part]} > "$OUT/${name}_summary.json" 2> >(tee "$OUT/$name.log" >&2) \
-            || rc=$?
+        timeout -k 10 "$left" "$PY" "benchmarks/${SCRIPT[$part]}" --out "$OUT/$name.json" --budget-s "$budget" \
+            ${EXTRA[$part]} > "$OUT/${name}_summary.json" 2> >(tee "$OUT/$name.log" >&2) || rc=$?
     fi
     log "${SCRIPT[$part]} exit status $rc (124: timed out; the JSON holds what finished)"
     cat "$OUT/${name}_summary.json" 2>/dev/null || true

@@ -37,7 +37,7 @@ sticks out past the other lanes, with nothing left to steal. Longest-first leave
 where stealing balances the lanes (LPT's rule). On a long-tailed length distribution (lognormal, G = 32, g = 8,
 1 prompt) with multiplicative lognormal prediction noise sigma = 1, simulated decode steps are 0.60 x naive micro
 groups with SJF lanes and 0.50 x with longest-first lanes (0.44 for both with exact predictions); see
-``benchmarks/sampling.py``.
+``benchmarks/infinite_sampling/sampling.py``.
 """
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def compare_operators(model: torch.nn.Module, calib: torch.Tensor, evals: torch.
                       mixer: str = "exact", key_bias: bool = False, dim_scales: bool = False, distill: bool = True,
                       finetune_steps: int = 100, lr: float = 3e-3, batch_size: int = 16, precision: str = "fp32",
                       seed: int = 0, progress: bool = False, on_result=None, on_phase=None) -> dict[str, Any]:
-    """The study behind the recipe and benchmarks/wip.py; ``model`` (eager attention) is not modified.
+    """The study behind the recipe and benchmarks/wip/wip.py; ``model`` (eager attention) is not modified.
 
     ``on_phase(text)``, when given, is called as each phase starts (the recipe prints them: perplexity and
     calibration passes run for tens of seconds with no bar of their own).

@@ -1,4 +1,4 @@
-"""The issue's accuracy goal on the bundled trained LM, measured as the benchmark does (benchmarks/wip.py).
+"""The issue's accuracy goal on the bundled trained LM, measured as the benchmark does (benchmarks/wip/wip.py).
 
 Reference: the original model's perplexity on the same eval blocks. "Gap recovered" = (ppl_swap − ppl) /
 (ppl_swap − ppl_original). Settings are the recipe's defaults (configs/wip/recover.yaml): 192 calibration

@@ -18,8 +18,8 @@ child that fails is reported with its error; nothing is asserted.
 
 Run (from the repository root; 2-5 minutes on 2 cores, mostly child start-up):
 
-    .venv/bin/python benchmarks/dp_memory.py
-    .venv/bin/python benchmarks/dp_memory.py --layers 4 --batch 16 --variants baseline,non_dp,flashdp,opacus_flat
+    .venv/bin/python benchmarks/flashdp/dp_memory.py
+    .venv/bin/python benchmarks/flashdp/dp_memory.py --layers 4 --batch 16 --variants baseline,non_dp,flashdp,opacus_flat
 
 One JSON object is printed on stdout; progress goes to stderr.
 """
@@ -35,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: _common.py, _stable.py
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 

@@ -38,9 +38,9 @@ variant that fails is reported with its error string; nothing is asserted.
 
 Run (from the repository root; the defaults take 1-3 minutes on 2 cores):
 
-    .venv/bin/python benchmarks/dp_speed.py
-    .venv/bin/python benchmarks/dp_speed.py --layers 4 --steps 20
-    .venv/bin/python benchmarks/dp_speed.py --variants non_dp,flashdp,opacus_per_layer --train all
+    .venv/bin/python benchmarks/flashdp/dp_speed.py
+    .venv/bin/python benchmarks/flashdp/dp_speed.py --layers 4 --steps 20
+    .venv/bin/python benchmarks/flashdp/dp_speed.py --variants non_dp,flashdp,opacus_per_layer --train all
 
 One JSON object is printed on stdout; progress goes to stderr.
 """
@@ -56,7 +56,7 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: _common.py, _stable.py
 sys.path.insert(0, str(HERE))
 
 VARIANTS = ("non_dp", "flashdp", "dp_flat", "opacus_flat", "opacus_per_layer", "opacus_ghost")

@@ -20,9 +20,9 @@ Children run one thread each (``OMP_NUM_THREADS=1``), one at a time; on a shared
 compare within one JSON. ``--quick`` (what benchmarks/run_all.py runs) shrinks every run to a few steps: its
 headline metrics are a smoke test, not results (the presets' measured figures are in docs/composition.md).
 
-    .venv/bin/python benchmarks/compose.py --quick
-    .venv/bin/python benchmarks/compose.py --part shared_step --rounds 4 --steps 30
-    .venv/bin/python benchmarks/compose.py --part presets
+    .venv/bin/python benchmarks/composition/compose.py --quick
+    .venv/bin/python benchmarks/composition/compose.py --part shared_step --rounds 4 --steps 30
+    .venv/bin/python benchmarks/composition/compose.py --part presets
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parents[1]
 OLD_REV = "03ef209"
 
 # Plain recipes for the shared-step goal: (config under configs/, overrides). Same file in both trees (unchanged

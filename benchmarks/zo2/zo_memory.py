@@ -20,9 +20,9 @@ both raw and above baseline. Timings are printed for information only; nothing i
 
 Run (from the repository root; the defaults take 4-7 minutes on 2 cores, mostly the 100m steps):
 
-    .venv/bin/python benchmarks/zo_memory.py                      # 100m, batch 8, seq 128, 2 steps
-    .venv/bin/python benchmarks/zo_memory.py --size small --steps 2  # quick check
-    .venv/bin/python benchmarks/zo_memory.py --variants baseline,mezo,zo2_disk
+    .venv/bin/python benchmarks/zo2/zo_memory.py                      # 100m, batch 8, seq 128, 2 steps
+    .venv/bin/python benchmarks/zo2/zo_memory.py --size small --steps 2  # quick check
+    .venv/bin/python benchmarks/zo2/zo_memory.py --variants baseline,mezo,zo2_disk
 
 One JSON object is printed on stdout; progress goes to stderr.
 
@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: _common.py, _stable.py
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 

@@ -17,12 +17,12 @@ JSON file is rewritten after every result. ``--budget-s`` skips what would start
 
 Run on the GPU machine (normally through ``bash benchmarks/gpu/run_all.sh``):
 
-    python benchmarks/gpu/zo2_gpu.py --out $OUT/zo2_gpu.json
-    python benchmarks/gpu/zo2_gpu.py --sizes 1.3b --steps 5 --out /tmp/x.json
+    python benchmarks/zo2/zo2_gpu.py --out $OUT/zo2_gpu.json
+    python benchmarks/zo2/zo2_gpu.py --sizes 1.3b --steps 5 --out /tmp/x.json
 
 Check the code paths on CPU with a tiny model (no GPU needed):
 
-    python benchmarks/gpu/zo2_gpu.py --device cpu --tiny --out /tmp/zo2_gpu_cpu.json
+    python benchmarks/zo2/zo2_gpu.py --device cpu --tiny --out /tmp/zo2_gpu_cpu.json
 
 Works without plait being installed (imports the engine modules from this checkout). Timings are reported,
 never asserted. The JSON is also printed on stdout at the end; progress goes to stderr.
@@ -41,7 +41,9 @@ import time
 import traceback
 
 import torch
-from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
+from _results import Results, import_from_checkout  # noqa: E402  (benchmarks/gpu/_results.py)
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}

@@ -18,9 +18,9 @@ MeZO's exactly (they should: the engines agree bit for bit). Nothing is asserted
 
 Run (from the repository root; the defaults take 1-2 minutes on 2 cores):
 
-    .venv/bin/python benchmarks/zo_speed.py                       # OPT "small", batch 8, seq 128, 2+15 rounds
-    .venv/bin/python benchmarks/zo_speed.py --size 100m --steps 3  # larger model (~20 s per step per variant)
-    .venv/bin/python benchmarks/zo_speed.py --variants mezo,zo2
+    .venv/bin/python benchmarks/zo2/zo_speed.py                       # OPT "small", batch 8, seq 128, 2+15 rounds
+    .venv/bin/python benchmarks/zo2/zo_speed.py --size 100m --steps 3  # larger model (~20 s per step per variant)
+    .venv/bin/python benchmarks/zo2/zo_speed.py --variants mezo,zo2
 
 One JSON object is printed on stdout; progress goes to stderr.
 """
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: _common.py, _stable.py
 sys.path.insert(0, str(HERE))
 
 VARIANTS = ("mezo", "zo2", "zo2_no_overlap", "zo2_no_bucket", "zo2_fp16", "zo2_disk")

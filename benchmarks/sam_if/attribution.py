@@ -20,8 +20,8 @@ Prints one JSON object (progress on stderr). Per model (``lr``: logistic regress
   per 1,000 training examples, measured side by side in this process (the Hessian estimators' cost is mostly
   the fixed p×p setup, amortised over n_train × n_test pairs).
 
-    .venv/bin/python benchmarks/attribution.py                       # ~10-20 min on 2 shared cores
-    .venv/bin/python benchmarks/attribution.py --n-train 200 --n-test 50 --loo 20 --steps 100 --models lr
+    .venv/bin/python benchmarks/sam_if/attribution.py                       # ~10-20 min on 2 shared cores
+    .venv/bin/python benchmarks/sam_if/attribution.py --n-train 200 --n-test 50 --loo 20 --steps 100 --models lr
 """
 from __future__ import annotations
 

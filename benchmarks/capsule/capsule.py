@@ -8,7 +8,7 @@
 * ``classify_lesions``: PiT vs plain ViT (class-weighted CE, the shipped configs), per seed.
 * ``fps_depth_pose_vibration``: depth + pose + vibration inference, batch 1, at 64×80 and 256×320.
 
-    python benchmarks/capsule.py [--seeds 3] [--depth-steps 300] [--cls-steps 300] [--jobs 3] [--part all] [--quick]
+    python benchmarks/capsule/capsule.py [--seeds 3] [--depth-steps 300] [--cls-steps 300] [--jobs 3] [--part all] [--quick]
 
 Runs are independent processes (``--jobs`` at a time, one thread each); fps is measured alone at the end.
 On a shared machine absolute figures drift; compare within one JSON.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPTH_SMALL = ["data.height=32", "data.width=48", "data.vibration=high", "recipe.log_images=false"]
 KEYS_D = ["eval/abs_rel", "eval/abs_rel_best_constant", "eval/ate", "eval/ate_imu_shuffled",
           "eval/ate_zero_motion", "eval/ate_constant_velocity", "eval/rpe_rot_deg", "eval/rpe_rot_deg_imu_shuffled",

@@ -6,9 +6,9 @@
 # With one GPU the strategy still runs, at world size 1 (torchrun --nproc-per-node 1), and the JSON says so
 # ("world_size": 1, a "note"): it then measures the strategy's overhead, not scaling.
 #
-#   OUT=/some/dir bash benchmarks/gpu/ddp.sh                    # from the repository root, on the GPU machine
-#   STRATEGIES="ddp fsdp" STEPS=30 OUT=/some/dir bash benchmarks/gpu/ddp.sh
-#   DEVICE=cpu BACKEND=gloo NGPU=2 SHAPE=tiny STEPS=6 OUT=/tmp/x bash benchmarks/gpu/ddp.sh   # plumbing check on CPU
+#   OUT=/some/dir bash benchmarks/parallel/ddp.sh                    # from the repository root, on the GPU machine
+#   STRATEGIES="ddp fsdp" STEPS=30 OUT=/some/dir bash benchmarks/parallel/ddp.sh
+#   DEVICE=cpu BACKEND=gloo NGPU=2 SHAPE=tiny STEPS=6 OUT=/tmp/x bash benchmarks/parallel/ddp.sh   # plumbing check on CPU
 #
 # Model: OPT with the 350M shape (hidden 1024, 24 layers, ffn 4096; random init, fp32, AdamW) unless SHAPE=tiny
 # (the bundled tiny preset) or MODEL_CONFIG='{json}' (HF OPTConfig fields). Global batch BATCH (32) of the bundled

@@ -9,7 +9,7 @@ first-order steps (forward, backward, DP work, SGD update) of:
     flashdp           ``FlashDP("per_layer")``: the layers' backward runs ``plait.kernels.dp_clip``'s Triton kernels
                       (per-sample norm, clip, batch sum and Philox noise fused; CUDA tensors only)
     opacus_per_layer  Opacus hooks (``GradSampleModule``) + ``DPPerLayerOptimizer``, same thresholds C/sqrt(K)
-                      (only if opacus imports; HF Conv1D gets the Linear rule, as in benchmarks/dp_speed.py)
+                      (only if opacus imports; HF Conv1D gets the Linear rule, as in benchmarks/flashdp/dp_speed.py)
     flashdp_varying   ``flashdp`` with the batch size and length changing every step, as Poisson sampling and
                       padding to the longest example make them in training (the kernels must not re-tune)
     dp_flat           ``FlashDP("flat")`` (not run by default: ``--variants`` adds it)
@@ -29,12 +29,12 @@ Each (model, dtype, variant) is guarded, so an OOM or error is recorded and the 
 (``--out``) is rewritten after every result; nothing new starts after ``--budget-s``. Timings are reported,
 never asserted. Run on the GPU machine (normally through ``bash benchmarks/gpu/run_all.sh``):
 
-    python benchmarks/gpu/dp_gpu.py --out $OUT/dp_gpu.json
-    python benchmarks/gpu/dp_gpu.py --models gpt2-medium --dtypes bf16p --steps 3 --out /tmp/x.json
+    python benchmarks/flashdp/dp_gpu.py --out $OUT/dp_gpu.json
+    python benchmarks/flashdp/dp_gpu.py --models gpt2-medium --dtypes bf16p --steps 3 --out /tmp/x.json
 
 Check the logic on CPU with tiny models (the PyTorch path; the Triton kernels only run on CUDA tensors):
 
-    python benchmarks/gpu/dp_gpu.py --device cpu --tiny --out /tmp/dp_gpu_cpu.json
+    python benchmarks/flashdp/dp_gpu.py --device cpu --tiny --out /tmp/dp_gpu_cpu.json
 
 Works without plait being installed (imports the flashdp modules from this checkout).
 """
@@ -53,7 +53,9 @@ import time
 import traceback
 
 import torch
-from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
+from _results import Results, import_from_checkout  # noqa: E402  (benchmarks/gpu/_results.py)
 
 T_START = time.perf_counter()
 

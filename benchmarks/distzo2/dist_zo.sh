@@ -3,11 +3,11 @@
 # one GPU at the same global batch, in-GPU MeZO and with ZO2 streaming (fp16 host copies), on OPT-1.3B and
 # OPT-2.7B shapes (random init). With ZO2 also the sliced block upload (pertp_sliced, zo_ddp_sliced[, 2d_sliced]:
 # each GPU uploads 1/k of a block over PCIe, an NCCL all-gather over NVLink completes it). Each configuration
-# writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object from benchmarks/dist_zo.py). Needs at least 2
+# writes $OUT/dist_zo_<shape>_<offload>.json (one JSON object from benchmarks/distzo2/dist_zo.py). Needs at least 2
 # GPUs; zo_2d needs 4. Not runnable on a single-GPU machine.
 #
-#   OUT=/some/dir bash benchmarks/gpu/dist_zo.sh            # from the repository root, on the multi-GPU machine
-#   NGPU=8 STEPS=30 OUT=/some/dir bash benchmarks/gpu/dist_zo.sh
+#   OUT=/some/dir bash benchmarks/distzo2/dist_zo.sh            # from the repository root, on the multi-GPU machine
+#   NGPU=8 STEPS=30 OUT=/some/dir bash benchmarks/distzo2/dist_zo.sh
 set -euo pipefail
 
 OUT=${OUT:-$PWD/benchmarks-out}
@@ -41,7 +41,7 @@ for shape in opt1.3b opt2.7b; do
       done
     fi
     log "$shape offload=$offload variants=$variants nproc=$NGPU"
-    "$PY" benchmarks/dist_zo.py --device cuda --backend nccl --nproc "$NGPU" --variants "$variants" \
+    "$PY" benchmarks/distzo2/dist_zo.py --device cuda --backend nccl --nproc "$NGPU" --variants "$variants" \
         --offload "$offload" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --size small \
         --model-config "${SHAPES[$shape]}" > "$OUT/dist_zo_${shape}_${offload}.json" || { status=$?; log "failed"; }
   done

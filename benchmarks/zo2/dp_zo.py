@@ -26,8 +26,8 @@ Two parts settle what the tiny model cannot:
 * ``memory_at_size``: peak RSS of ZO, DP-ZO (ε 8) and DP-SGD (flashdp, ε 8) runs of ``--memory-steps`` steps
   at OPT ``--memory-size`` (random init, same task), where the model, not the imports, is most of the process.
 
-    .venv/bin/python benchmarks/dp_zo.py                 # 300 steps per variant (~10 min on 2 busy cores)
-    .venv/bin/python benchmarks/dp_zo.py --quick         # 20 steps, a smoke test of the script (~2 min)
+    .venv/bin/python benchmarks/zo2/dp_zo.py                 # 300 steps per variant (~10 min on 2 busy cores)
+    .venv/bin/python benchmarks/zo2/dp_zo.py --quick         # 20 steps, a smoke test of the script (~2 min)
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common.py, _stable.py
 from _common import emit, log  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("zo", "dpzo_eps2", "dpzo_eps8", "dpsgd_eps2", "dpsgd_eps8")
 BASE = "model.path=bundled:tiny-opt-base"
 

@@ -26,7 +26,7 @@ would find at best), and the 5-frame snippet ATE of "ground-truth rotation + the
 gain·estimate" against the same without the estimate (``ate_no_vibration``: the floor a perfect vision-only
 model that ignores vibration reaches) and with the true vibration (0: exact). Prints one JSON object.
 
-    python benchmarks/capsule_imu_observability.py [--sequences 12] [--seed 10000]
+    python scripts/capsule_imu_observability.py [--sequences 12] [--seed 10000]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 step, and the ratio to the ideal (2 x the single-process samples/s at one thread per rank), for sft (OPT) and
 classify (PiT). Prints one JSON object.
 
-    .venv/bin/python benchmarks/ddp.py [--steps 30] [--size tiny]
+    .venv/bin/python benchmarks/parallel/ddp.py [--steps 30] [--size tiny]
 
 Each run is a `plait run` subprocess with OMP_NUM_THREADS=1 (one thread per rank); steps/s is the mean of the
 logged perf/steps_per_sec after the first window (start-up excluded). `sft_dp` and `classify_dp` add flashdp
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cases(size: str, steps: int) -> dict[str, tuple[list[str], int]]:

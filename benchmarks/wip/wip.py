@@ -6,9 +6,9 @@ of the perplexity gap recovered; the multiplications removed from attention and 
 the estimated energy ratio (Horowitz 45 nm table, fp32) of attention and of the whole forward; and the
 wall-clock of one eval forward relative to exact (PyTorch emulation on CPU: *not* the efficiency claim).
 
-    .venv/bin/python benchmarks/wip.py                                   # full eval split, 100 steps
-    .venv/bin/python benchmarks/wip.py --eval-blocks 64 --steps 30       # quicker
-    .venv/bin/python benchmarks/wip.py --no-dim-scales --lm-loss --calib-blocks 32 --lr 3e-3   # the first recovery
+    .venv/bin/python benchmarks/wip/wip.py                                   # full eval split, 100 steps
+    .venv/bin/python benchmarks/wip/wip.py --eval-blocks 64 --steps 30       # quicker
+    .venv/bin/python benchmarks/wip/wip.py --no-dim-scales --lm-loss --calib-blocks 32 --lr 3e-3   # the first recovery
 
 One JSON object is printed on stdout; progress goes to stderr.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common.py, _stable.py
 from _common import emit, log  # noqa: E402
 
 from plait.plugins.wip.attention import swap_attention  # noqa: E402

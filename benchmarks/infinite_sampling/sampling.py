@@ -27,8 +27,8 @@ on a synthetic token-conditioned task (see `predictor_task`): plans from a const
 on the prompt only (k = 0), an MLP on the prompt + first k generated tokens (partial decode, ``prefix_tokens``)
 and the oracle, all after the same online training steps; steps include the probe rounds of the partial decode.
 
-    .venv/bin/python benchmarks/sampling.py                  # ~2-4 minutes on 2 shared cores
-    .venv/bin/python benchmarks/sampling.py --size tiny --max-new 64 --repeats 1   # quick look
+    .venv/bin/python benchmarks/infinite_sampling/sampling.py                  # ~2-4 minutes on 2 shared cores
+    .venv/bin/python benchmarks/infinite_sampling/sampling.py --size tiny --max-new 64 --repeats 1   # quick look
 
 One JSON object on stdout; progress on stderr. Nothing is asserted.
 """
@@ -68,7 +68,7 @@ from plait.plugins.infinite_sampling.schedule import (
     simulate_slots,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common.py, _stable.py
 from _common import emit  # noqa: E402  (benchmarks/ is not a package)
 
 T0 = time.perf_counter()

@@ -13,12 +13,12 @@ true``: each rank uploads 1/k of a block, an all-gather completes it. It also re
 (host bytes rank 0 read per step) and whether its losses equal the unsliced variant's. On CPU/gloo "upload" is a
 host memcpy and the gather goes through loopback TCP, so expect no gain there; the point is GPUs with NVLink.
 
-    .venv/bin/python benchmarks/dist_zo.py                         # OPT "small", batch 16, 25 steps
-    .venv/bin/python benchmarks/dist_zo.py --size tiny --steps 15
-    .venv/bin/python benchmarks/dist_zo.py --size tiny --offload zo2 --variants single,pertp,pertp_sliced
-    python benchmarks/dist_zo.py --device cuda --backend nccl --nproc 4 --variants single,pertp,zo_ddp,zo_2d \
+    .venv/bin/python benchmarks/distzo2/dist_zo.py                         # OPT "small", batch 16, 25 steps
+    .venv/bin/python benchmarks/distzo2/dist_zo.py --size tiny --steps 15
+    .venv/bin/python benchmarks/distzo2/dist_zo.py --size tiny --offload zo2 --variants single,pertp,pertp_sliced
+    python benchmarks/distzo2/dist_zo.py --device cuda --backend nccl --nproc 4 --variants single,pertp,zo_ddp,zo_2d \
         --model-config '{"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192}'
-                                                    # several GPUs (benchmarks/gpu/dist_zo.sh); pertp uses 2
+                                                    # several GPUs (benchmarks/distzo2/dist_zo.sh); pertp uses 2
 
 One JSON object on stdout; progress on stderr.
 """
@@ -33,9 +33,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import emit, log
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common.py
+from _common import emit, log  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CFG = """
 run: {{name: {name}, seed: 0, steps: {steps}, log_every: {window}, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false, keep_checkpoints: 1, device: {device}}}

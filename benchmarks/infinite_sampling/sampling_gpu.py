@@ -23,9 +23,9 @@ micro/full memory (paper: 10.64 / 21.55 GB = 0.49 with HF's dynamic cache), leng
 (paper: >= 1.25) and decode steps (paper: 1770 / 3250 = 0.545). Every scheduler must emit the same tokens
 (checked). The JSON (``--out``) is rewritten after every variant; nothing new starts after ``--budget-s``.
 
-    python benchmarks/gpu/sampling_gpu.py --out $OUT/sampling_gpu.json
-    python benchmarks/gpu/sampling_gpu.py --device cpu --tiny --out /tmp/sampling_gpu.json   # CPU logic check
-    python benchmarks/gpu/sampling_gpu.py --device cpu --tiny --dtype bfloat16 --G 32 --g 8   # closer to the GPU run
+    python benchmarks/infinite_sampling/sampling_gpu.py --out $OUT/sampling_gpu.json
+    python benchmarks/infinite_sampling/sampling_gpu.py --device cpu --tiny --out /tmp/sampling_gpu.json   # CPU logic check
+    python benchmarks/infinite_sampling/sampling_gpu.py --device cpu --tiny --dtype bfloat16 --G 32 --g 8   # closer to the GPU run
 
 A failed variant is recorded with its full traceback (``runs.<variant>.trace``) and the next one starts. The
 first GPU run (2026-12-04, transformers 5.17.0) failed every variant in ``kv_cache.prefill``: the slot cache was
@@ -41,6 +41,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -48,7 +49,9 @@ import traceback
 
 import torch
 import transformers
-from _results import Results, import_from_checkout  # benchmarks/gpu/_results.py (the script's folder is on sys.path)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
+from _results import Results, import_from_checkout  # noqa: E402  (benchmarks/gpu/_results.py)
 
 T_START = time.perf_counter()
 # Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B)

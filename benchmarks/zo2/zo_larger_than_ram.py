@@ -5,9 +5,9 @@ machine, peak RSS kept under a third of the model's bytes. Step 1 writes the sha
 (scripts/make_shards.py logic; skipped if the directory already holds them); step 2 runs ZO2 steps in a child
 process streaming every block from the memory-mapped shards, and reports seconds per step and peak RSS.
 
-    python benchmarks/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b            # OPT-13B shape
-    python benchmarks/zo_larger_than_ram.py --dir /tmp/x --layers 4 --steps 2       # a quick look
-    nice -n 19 python benchmarks/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b --steps 1 --dp   # DP-ZO
+    python benchmarks/zo2/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b            # OPT-13B shape
+    python benchmarks/zo2/zo_larger_than_ram.py --dir /tmp/x --layers 4 --steps 2       # a quick look
+    nice -n 19 python benchmarks/zo2/zo_larger_than_ram.py --dir /var/tmp/plait-opt13b --steps 1 --dp   # DP-ZO
 
 ``--dp``: private zeroth-order steps (``dp_zo``, plugins/flashdp/dp_zo.py) through the same disk tier. The data
 is ``--dp-n`` random token sequences of ``--seq`` tokens (the second half as completion); each step's batch is
