@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fsdp_equivalence import losses, run_fsdp
+
+from tests.plugins.parallel.test_fsdp_equivalence import losses, run_fsdp
 
 ADAM = ["recipe.optimizer=adamw", "recipe.lr=0.01", "recipe.max_grad_norm=1.0", "run.steps=8"]
 
