@@ -13,7 +13,10 @@ proponent). The expectations over the model's predictive distribution are taken 
 labels: for cross-entropy E_y[r rᵀ] = diag(p) − p pᵀ for the logits gradient r, for ``mse`` (ℓ = ½‖z − y‖²) the
 identity, and each class direction is back-propagated to every chosen layer (one backward per logit);
 ``fisher: empirical`` uses the true labels' gradients instead (kronfluence's ``use_empirical_fisher``). Block
-diagonal across layers, as kronfluence. Inputs must be [n, features] (one position per example).
+diagonal across layers, as kronfluence. The logits must be [n, outputs] (one prediction per example); a chosen
+layer may see [n, features] or [n, positions, features] (a transformer block's tokens): then an example's
+gradient is the sum over its positions G = Σ_t s_t a_tᵀ, A and S sum a aᵀ and s sᵀ over positions (they give
+the eigenbases only) and Λ is taken from the per-example G, as kronfluence does for sequences.
 
 ``damping`` λ is absolute; ``damping_ratio`` (kronfluence's heuristic: 0.1 × mean(Λ) per layer) adds to it.
 """
@@ -60,7 +63,7 @@ class EKFACEstimator:
             def hook(m, args, out, name=name):
                 a = args[0].detach()
                 if m.bias is not None:
-                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                    a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype)], -1)
                 ins[name], outs[name] = a, out
             handles.append(mod.register_forward_hook(hook))
         try:
@@ -68,8 +71,13 @@ class EKFACEstimator:
         finally:
             for h in handles:
                 h.remove()
-        if logits.dim() != 2 or any(a.dim() != 2 for a in ins.values()):
-            raise ValueError("ekfac: needs [n, features] inputs and [n, outputs] logits (one position per example)")
+        missing = [name for name, _ in layers if name not in ins]
+        if missing:
+            raise ValueError(f"params: module(s) {', '.join(missing)} are not called as modules in the forward "
+                             f"(e.g. MultiheadAttention's out_proj); choose other Linear modules")
+        if logits.dim() != 2 or any(a.dim() not in (2, 3) for a in ins.values()):
+            raise ValueError("ekfac: needs [n, outputs] logits (one prediction per example) and layer inputs of "
+                             "[n, features] or [n, positions, features]")
         return ins, outs, logits
 
     def _pseudo(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,9 +116,10 @@ class EKFACEstimator:
         for ins, c, gs in self._output_grads(model, layers, X, y):
             for (nm, _), s in zip(layers, gs):
                 st = stats.setdefault(nm, {"A": 0.0, "S": 0.0})
-                st["S"] = st["S"] + s.T @ s / n
+                s2, a2 = s.reshape(-1, s.shape[-1]), ins[nm].reshape(-1, ins[nm].shape[-1])  # positions as rows
+                st["S"] = st["S"] + s2.T @ s2 / n
                 if c == 0:
-                    st["A"] = st["A"] + ins[nm].T @ ins[nm] / n
+                    st["A"] = st["A"] + a2.T @ a2 / n
         for st in stats.values():
             st["eA"], st["QA"] = torch.linalg.eigh(st["A"])
             st["eS"], st["QS"] = torch.linalg.eigh(st["S"])
@@ -119,16 +128,21 @@ class EKFACEstimator:
         for ins, _, gs in self._output_grads(model, layers, X, y):
             for (nm, _), s in zip(layers, gs):
                 st = stats[nm]
-                st["L"] = st["L"] + ((s @ st["QS"]) ** 2).T @ ((ins[nm] @ st["QA"]) ** 2) / n
+                if s.dim() == 2:  # one position: (Q_Sᵀ s aᵀ Q_A)² factorises
+                    st["L"] = st["L"] + ((s @ st["QS"]) ** 2).T @ ((ins[nm] @ st["QA"]) ** 2) / n
+                else:  # per-example G = Σ_t s_t a_tᵀ, rotated: Σ_t (Q_Sᵀ s_t)(Q_Aᵀ a_t)ᵀ
+                    rot = torch.einsum("nto,nti->noi", s @ st["QS"], ins[nm] @ st["QA"])
+                    st["L"] = st["L"] + (rot ** 2).sum(0) / n
         return stats
 
     def _grads(self, model, X, y) -> dict[str, torch.Tensor]:
-        """Per-example gradients of each chosen layer [n, out, in+1] (weight | bias columns)."""
+        """Per-example gradients of each chosen layer [n, out, in+1] (weight | bias columns; summed over positions)."""
         layers = self._layers(model)
         ins, outs, logits = self._capture(model, layers, X)
         r = self._real(logits, y)
         gs = torch.autograd.grad(logits, [outs[nm] for nm, _ in layers], grad_outputs=r)
-        return {nm: s.unsqueeze(2) * ins[nm].unsqueeze(1) for (nm, _), s in zip(layers, gs)}
+        return {nm: s.unsqueeze(2) * ins[nm].unsqueeze(1) if s.dim() == 2 else torch.einsum("nto,nti->noi", s, ins[nm])
+                for (nm, _), s in zip(layers, gs)}
 
     def _precondition(self, stats, G: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
