@@ -42,6 +42,7 @@ class LesionConfig:
     min_per_class: int = 10
     test_fraction: float = 0.3  # stratified; strictly between 0 and 1
     difficulty: float = 0.5  # 0: large high-contrast lesions … 1: small faint ones
+    flip_fraction: float = 0.0  # share of training labels replaced by another class (seeded); [0, 1)
     seed: int = 0
 
 
@@ -53,6 +54,7 @@ class RedLesionConfig:
     image_size: int = 32
     test_fraction: float = 0.3  # stratified; strictly between 0 and 1
     difficulty: float = 0.5
+    flip_fraction: float = 0.0  # share of training labels replaced by another class (seeded); [0, 1)
     seed: int = 0
 
 

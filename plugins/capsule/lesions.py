@@ -4,7 +4,9 @@ Each image is procedural mucosa (sinusoid texture in a random orientation and il
 the circular capsule field of view, plus a class-specific drawing (colour, shape, size and count differ per
 class; ``difficulty`` shrinks lesions and lowers their contrast). Class frequencies follow Kvasir-Capsule's
 labelled-frame counts with a floor, so "normal clean mucosa" is ~73% and majority-class accuracy is high
-while balanced accuracy is 1/14. Everything is numpy, vectorised per image, seeded.
+while balanced accuracy is 1/14. Everything is numpy, vectorised per image, seeded. ``flip_fraction`` replaces
+that share of the *training* labels by another class (seeded, `flip_labels`); ``ImageData.flipped`` holds their
+indices for scoring mislabel detection (the option's name follows the sam_if tabular datasets).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class ImageData:
     test: ImageSplit
     classes: list[str]
     name: str
+    flipped: torch.Tensor | None = None  # training indices whose label was flipped (``flip_fraction``), sorted
+    clean_y: torch.Tensor | None = None  # the training labels before flipping
 
     @property
     def num_classes(self) -> int:
@@ -148,24 +152,47 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Ge
     return t(tr), t(te)
 
 
+def check_flip_fraction(flip_fraction: float) -> None:
+    if not 0 <= flip_fraction < 1:
+        raise ValueError(f"flip_fraction must be in [0, 1) (the share of training labels replaced by another "
+                         f"class), got {flip_fraction}")
+
+
+def flip_labels(data: ImageData, flip_fraction: float, seed: int) -> ImageData:
+    """Replace round(``flip_fraction`` · n_train) training labels by a different class drawn uniformly (seeded by
+    ``seed`` with its own generator, so the images and the split are those of the unflipped set); records the
+    flipped indices (``data.flipped``, the ground truth of mislabel detection) and the clean labels. The test
+    split keeps its true labels."""
+    y = data.train.y
+    data.clean_y, n, k = y.clone(), len(y), int(round(flip_fraction * len(y)))
+    g = torch.Generator().manual_seed(int(seed) * 7919 + 104729)  # independent of the image generator
+    data.flipped = torch.randperm(n, generator=g)[:k].sort().values
+    if k:
+        shift = torch.randint(1, data.num_classes, (k,), generator=g)
+        y[data.flipped] = (y[data.flipped] + shift) % data.num_classes  # always a different class
+    return data
+
+
 def make_lesions(*, num_images: int = 1400, image_size: int = 32, min_per_class: int = 10, test_fraction: float = 0.3,
-                 difficulty: float = 0.5, seed: int = 0) -> ImageData:
+                 difficulty: float = 0.5, flip_fraction: float = 0.0, seed: int = 0) -> ImageData:
     check_test_fraction(test_fraction)
+    check_flip_fraction(flip_fraction)
     counts = class_counts(num_images, min_per_class)
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(len(CLASSES)), counts)
     x = np.stack([draw(CLASSES[c], rng, image_size, difficulty) for c in y])
     train, test = _split(x, y, test_fraction, rng)
-    return ImageData(train, test, list(CLASSES), "capsule_lesions")
+    return flip_labels(ImageData(train, test, list(CLASSES), "capsule_lesions"), flip_fraction, seed)
 
 
 def make_red_lesions(*, num_images: int = 600, image_size: int = 32, test_fraction: float = 0.3,
-                     difficulty: float = 0.5, seed: int = 0) -> ImageData:
+                     difficulty: float = 0.5, flip_fraction: float = 0.0, seed: int = 0) -> ImageData:
     """Binary: 0 normal, 1 red lesion (angiectasia-like spots or fresh blood), lesion:normal ≈ 1:2."""
     check_test_fraction(test_fraction)
+    check_flip_fraction(flip_fraction)
     rng = np.random.default_rng(seed)
     y = (np.arange(num_images) % 3 == 0).astype(int)
     x = np.stack([draw("normal_clean_mucosa" if c == 0 else ("angiectasia" if rng.random() < 0.6 else "blood_fresh"),
                        rng, image_size, difficulty) for c in y])
     train, test = _split(x, y, test_fraction, rng)
-    return ImageData(train, test, ["normal", "red_lesion"], "capsule_red_lesions")
+    return flip_labels(ImageData(train, test, ["normal", "red_lesion"], "capsule_red_lesions"), flip_fraction, seed)
