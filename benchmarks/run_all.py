@@ -41,10 +41,12 @@ REPO = HERE.parent
 # shrink and the wall time of two quick runs on a shared 2-core machine (2026-12-04, torch 2.13 CPU; the second
 # with another job's test suite running, load average 2-4). All nine in one run: 308 s (~200 s when quieter).
 QUICK_ARGS: dict[str, list[str]] = {
-    # SAM influence on digits: logistic regression only, 200 train / 50 test points, 20 LOO points, 100 SGD
-    # steps, one cross-check point re-solved by 300 SAM iterations (defaults: lr+mlp, 600/200, 120 LOO). 9-10 s.
-    "attribution": ["--models", "lr", "--n-train", "200", "--n-test", "50", "--loo", "20", "--steps", "100",
-                    "--check", "1", "--check-steps", "300"],
+    # Attribution, `--quick` (benchmarks/attribution.py QUICK): SAM influence on digits (logistic regression only,
+    # 200 train / 50 test, 20 LOO points, 100 SGD steps, one cross-check point; defaults: lr+mlp, 600/200, 120
+    # LOO), the tiny-OPT LM case at 24 examples / 8 steps and the PiT image case at 60 images / 20 steps with 4
+    # retrained subsets (defaults: 200 / 200 and 400 / 150 with 40 subsets). 18 s of CPU; 99 s wall
+    # at load average 12-14 (2026-12-05), 9-10 s before the two new cases.
+    "attribution": ["--quick"],
     # Capsule: one seed, 10 training steps per depth/classify run, 2 worker processes, then the fps part
     # (always at its fixed sizes; defaults: 3 seeds, 300 steps, 3 jobs). 11-14 s.
     "capsule": ["--seeds", "1", "--depth-steps", "10", "--cls-steps", "10", "--jobs", "2"],
