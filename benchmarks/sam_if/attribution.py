@@ -355,9 +355,13 @@ def image_case(args) -> dict:
                 "peak_rss_mb": mem.peak_mb, "rss_increase_mb": mem.increase_mb,
                 "rss_increase_mb_per_1000_pairs": round(1000 * mem.increase_mb / pairs, 2), **(extra or {})}
     train_loss = None
-    for label, k in (("tracin_exact", 0), (f"tracin_k{args.img_k}", args.img_k)):
+    block = _last_block(build_pit(**pit))
+    # the whole model (exact, projected) and EK-FAC's subset (the head and the last block's MLP), exact
+    for label, k, params in (("tracin_exact", 0, []), (f"tracin_k{args.img_k}", args.img_k, []),
+                             ("tracin_head_block", 0, [f"params=[head.*,{block}]"])):
         with contextlib.redirect_stdout(sys.stderr), PeakRSS() as mem:
-            if plait_main(["attribute", str(run_dir), "estimator=tracin", f"k={k}", f"seed={args.seed}"]) != 0:
+            if plait_main(["attribute", str(run_dir), "estimator=tracin", f"k={k}", f"seed={args.seed}",
+                           *params]) != 0:
                 raise RuntimeError(f"plait attribute ({label}) failed")
         att = run_dir / "attribution" / "tracin"
         report = json.loads((att / "report.json").read_text())
@@ -516,8 +520,8 @@ def main() -> None:
     ap.add_argument("--lm-k", type=int, default=1024)
     ap.add_argument("--img-n", type=int, default=400, help="red-lesion images (train + test, 30 %% test)")
     ap.add_argument("--img-size", type=int, default=16)
-    ap.add_argument("--img-difficulty", type=float, default=0.5, help="capsule_red_lesions difficulty (0: easy)")
-    ap.add_argument("--img-steps", type=int, default=150)
+    ap.add_argument("--img-difficulty", type=float, default=0.0, help="capsule_red_lesions difficulty (0: easy)")
+    ap.add_argument("--img-steps", type=int, default=300)
     ap.add_argument("--img-ckpts", type=int, default=5, help="checkpoints over the run (all kept)")
     ap.add_argument("--img-lr", type=float, default=3e-3)
     ap.add_argument("--img-k", type=int, default=512)
