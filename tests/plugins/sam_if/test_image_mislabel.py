@@ -23,7 +23,8 @@ run: {{name: img, seed: {seed}, steps: 60, log_every: 60, eval_every: 0, ckpt_ev
 recipe: {{name: classify, lr: 3.0e-3, batch_size: 32, loss: ce, warmup_steps: 5, weight_decay: 0.0, augment: false}}
 model: {{name: pit, image_size: 16, num_classes: 2, patch: 4, stride: 2, base_dims: [8, 8, 8], depth: [1, 1, 1],
         heads: [1, 2, 2], seed: {seed}}}
-data: {{name: capsule_red_lesions, num_images: 120, image_size: 16, difficulty: 0.0, flip_fraction: {flip}, seed: {seed}}}
+data: {{name: capsule_red_lesions, num_images: 120, image_size: 16, difficulty: 0.0, flip_fraction: {flip},
+       seed: {seed}}}
 """
 
 
@@ -100,7 +101,8 @@ def test_pit_self_influence_ranks_flipped_labels_above_chance(tmp_path, fresh_ho
     assert report["checkpoints"] == [15, 30, 45, 60] and report["info"]["k"] == 256
     scores = load_file(str(att / "scores.safetensors"))
 
-    data = make_red_lesions(num_images=120, image_size=16, difficulty=0.0, flip_fraction=0.1, seed=seed)  # the run's data
+    # the run's data, rebuilt: the flipped indices are the ground truth
+    data = make_red_lesions(num_images=120, image_size=16, difficulty=0.0, flip_fraction=0.1, seed=seed)
     flipped = torch.zeros(len(data.train.y), dtype=torch.bool)
     flipped[data.flipped] = True
     assert len(scores["self_influence"]) == len(flipped) and int(flipped.sum()) == 8
