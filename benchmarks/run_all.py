@@ -41,7 +41,7 @@ REPO = HERE.parent
 # shrink and the wall time of two quick runs on a shared 2-core machine (2026-12-04, torch 2.13 CPU; the second
 # with another job's test suite running, load average 2-4). All nine in one run: 308 s (~200 s when quieter).
 QUICK_ARGS: dict[str, list[str]] = {
-    # Attribution, `--quick` (benchmarks/attribution.py QUICK): SAM influence on digits (logistic regression only,
+    # Attribution, `--quick` (benchmarks/sam_if/attribution.py QUICK): SAM influence on digits (logistic regression only,
     # 200 train / 50 test, 20 LOO points, 100 SGD steps, one cross-check point; defaults: lr+mlp, 600/200, 120
     # LOO), the tiny-OPT LM case at 24 examples / 8 steps and the PiT image case at 60 images / 20 steps with 4
     # retrained subsets (defaults: 200 / 200 and 400 / 150 with 40 subsets). 18 s of CPU; 99 s wall

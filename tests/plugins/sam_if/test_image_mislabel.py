@@ -4,7 +4,7 @@ with 10 % of the training labels flipped (``flip_fraction``), scored by ``plait 
 
 References: the flips against the unflipped dataset built with the same seed; the rank AUC against a brute-force
 count over every (flipped, clean) pair (ties count half) and recall@10 % against a sort by hand; chance (AUC 0.5)
-for the estimators. The size of the gap to chance is measured in benchmarks/attribution.py (docs/sam_if.md): with
+for the estimators. The size of the gap to chance is measured in benchmarks/sam_if/attribution.py (docs/sam_if.md): with
 8 flipped images only "clearly above chance" holds across seeds (tracin 0.69-0.86, EK-FAC 0.64-0.84 over seeds
 0-7 at this size, 2026-12-05), so that is all that is asserted.
 """
