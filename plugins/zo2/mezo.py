@@ -2,7 +2,7 @@
 
 z for parameter ``i`` (its index among the model's unique trainable parameters) at step seed ``s`` and
 sample ``j`` is drawn from a generator seeded with ``param_seed(s, i, j)``. z is never stored: every phase
-(+εz, -2εz, +εz, update) draws it again. Because the seed depends on the parameter and not on the order in
+draws it again (+εz, -2εz, then the restore +εz and the update in one pass with one draw, in place). Because the seed depends on the parameter and not on the order in
 which parameters are visited, any schedule (in-place, fused per block, streamed, sliced across ranks) draws
 the same z for the same parameter.
 
@@ -17,7 +17,9 @@ included)::
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,9 @@ import torch
 from plait.step import lr_factor
 
 MASK64 = (1 << 64) - 1
+MAX_DRAW_WORKERS = 4  # threads drawing z side by side on a CPU (a CPU generator draws on one core)
+_DRAWS_LOCK = threading.Lock()
+SCRATCH_MAX = 1 << 20  # elements: z of a parameter up to this size is drawn into a reused buffer (4 MiB fp32)
 
 
 def _splitmix64(x: int) -> int:
@@ -83,19 +88,34 @@ class MeZO:
         self.distribution, self.q, self.one_sided = distribution, q, one_sided
         self.no_decay, self.schedule, self.warmup_steps = list(no_decay), schedule, warmup_steps
         self.draws = 0  # elements drawn (a counter for tests and logs)
+        self._buffers: dict[tuple, torch.Tensor] = {}  # scratch for z per (thread, slot, dtype, device)
 
     # --- schedule ---------------------------------------------------------------------------------------
     def lr_at(self, step: int, total: int) -> float:
         return self.lr * lr_factor(step, total, self.schedule, self.warmup_steps)
 
     # --- z ------------------------------------------------------------------------------------------------
-    def z(self, p: torch.Tensor, index: int, seed: int, sample: int) -> torch.Tensor:
+    def z(self, p: torch.Tensor, index: int, seed: int, sample: int, slot: int | None = None) -> torch.Tensor:
+        """z_j of parameter ``index`` (shape and dtype of ``p``). With ``slot`` (0 or 1) a Gaussian z is drawn into
+        this thread's scratch buffer of that slot when it is small enough (`SCRATCH_MAX`): the same numbers as a
+        fresh tensor (``randn`` is ``empty().normal_()``) without a new allocation — whose page faults cost as much
+        as the draw itself on a CPU. The buffer is overwritten by the next draw into the same slot."""
         g = torch.Generator(device=p.device)
         g.manual_seed(param_seed(seed, index, sample))
-        self.draws += p.numel()
+        with _DRAWS_LOCK:  # z is drawn from worker threads too
+            self.draws += p.numel()
         if self.distribution == "gaussian":
+            if slot is not None and p.numel() <= SCRATCH_MAX:
+                return self._scratch(slot, p).normal_(generator=g)
             return torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
         return torch.randint(0, 2, p.shape, generator=g, device=p.device).to(p.dtype).mul_(2).sub_(1)
+
+    def _scratch(self, slot: int, p: torch.Tensor) -> torch.Tensor:
+        key = (threading.get_ident(), slot, p.dtype, p.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < p.numel():
+            buf = self._buffers[key] = torch.empty(max(p.numel(), 1 << 12), dtype=p.dtype, device=p.device)
+        return buf[:p.numel()].view(p.shape)
 
     # --- the chunks of one step -----------------------------------------------------------------------------
     @property
@@ -124,19 +144,32 @@ class MeZO:
             return 1 + sample if shift_index == 0 else None
         return 2 * sample + shift_index if shift_index < 2 else None
 
-    def update(self, p: Param, seed: int, grads: list[float], lr: float) -> None:
-        """p -= lr * (Σ_j (g_j/q) z_j + wd p), drawing each z_j again. Skipped if any g_j is not finite."""
-        if not all(math.isfinite(g) for g in grads):
-            return
+    def update(self, p: Param, seed: int, grads: list[float], lr: float,
+               restore: tuple[int, float] | None = None) -> None:
+        """p -= lr * (Σ_j (g_j/q) z_j + wd p), drawing each z_j again. Skipped if any g_j is not finite.
+
+        ``restore=(j, α)`` first applies sample j's last shift p += α z_j with the same draw of z_j (the in-place
+        engine folds its restore into the update: one draw of z per parameter instead of two). The arithmetic
+        is unchanged element by element — the restore is rounded before the update reads p, as when the two
+        ran as separate passes — so the result is bitwise that of restore-then-update.
+        """
         t = p.tensor.data
+        finite = all(math.isfinite(g) for g in grads)
+        if not finite:
+            if restore is not None:
+                t.add_(self.z(t, p.index, seed, restore[0], slot=0), alpha=restore[1])
+            return
         acc = None
         for j, g in enumerate(grads):
-            term = self.z(t, p.index, seed, j) * (g / self.q)
+            z = self.z(t, p.index, seed, j, slot=0 if acc is None else 1)
+            if restore is not None and j == restore[0]:
+                t.add_(z, alpha=restore[1])
+            term = z.mul_(g / self.q)  # in place: the same rounding as z * (g / q), one temporary fewer
             acc = term if acc is None else acc.add_(term)
         if p.decay and self.weight_decay:
-            t.sub_(lr * (acc + self.weight_decay * t))
+            t.sub_(acc.add_(torch.mul(t, self.weight_decay)).mul_(lr))  # = lr * (acc + wd * t), element by element
         else:
-            t.sub_(lr * acc)
+            t.sub_(acc.mul_(lr))  # = lr * acc
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -168,16 +201,39 @@ class InPlaceMeZO:
     engine must match bit for bit.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, mezo: MeZO):
+    def __init__(self, model: torch.nn.Module, device: torch.device, mezo: MeZO, *, fold_restore: bool = True):
         self.model = model.to(device)
         self.device, self.mezo = device, mezo
+        # the last restore (+εz) and the update in one pass, one draw of z: bitwise the same parameters as the two
+        # passes (`MeZO.update`'s ``restore``); False keeps them apart (a reference that must act in between)
+        self.fold_restore = fold_restore
         self.params = param_table(self.model, mezo.no_decay)
         self.stats = {"forwards": 0}
+        workers = min(torch.get_num_threads(), len(self.params), MAX_DRAW_WORKERS) if device.type == "cpu" else 1
+        self.groups = _balanced(self.params, workers)
+        self.pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="plait-mezo") if workers > 1 else None
 
     def _shift(self, seed: int, sample: int, alpha: float) -> None:
-        for p in self.params:
+        def shift(p: Param) -> None:
             t = p.tensor.data
-            t.add_(self.mezo.z(t, p.index, seed, sample), alpha=alpha)
+            t.add_(self.mezo.z(t, p.index, seed, sample, slot=0), alpha=alpha)
+
+        self._each(shift)
+
+    def _each(self, fn) -> None:
+        """``fn(p)`` for every parameter. On a multi-core CPU the parameters are split into ``workers`` groups of
+        about equal size, run side by side in threads: a CPU generator draws serially (one core), z is drawn per
+        parameter from its own seed, and the parameters are independent, so the result is the same bit for bit
+        in any split or order."""
+        if self.pool is None:
+            for p in self.params:
+                fn(p)
+            return
+        futures = [self.pool.submit(lambda ps=ps: [fn(p) for p in ps]) for ps in self.groups[1:]]
+        for p in self.groups[0]:
+            fn(p)
+        for f in futures:
+            f.result()
 
     @torch.no_grad()
     def step(self, batch: dict[str, torch.Tensor], seed: int, lr: float) -> tuple[list[float], list[float]]:
@@ -196,23 +252,28 @@ class InPlaceMeZO:
 
         if m.one_sided:
             forward(0)
+        restore = None
         for j, shifts in m.shifts():
             for k, s in enumerate(shifts):
+                if self.fold_restore and j == m.q - 1 and k == len(shifts) - 1:
+                    restore = (j, s * eps)  # the last restore is folded into the update (one draw fewer)
+                    break
                 self._shift(seed, j, s * eps)
                 chunk = m.chunk_of(j, k)
                 if chunk is not None:
                     forward(chunk)
         grads = m.estimate(losses, samples) if want else m.estimate(losses)
-        for p in self.params:
-            m.update(p, seed, grads, lr)
+        if restore is None:
+            self._each(lambda p: m.update(p, seed, grads, lr))
+        else:
+            self._each(lambda p: m.update(p, seed, grads, lr, restore=restore))
         return losses, grads
 
     @torch.no_grad()
     def apply_update(self, seed: int, grads: list[float], lr: float) -> None:
         """The update of projected gradients ``grads`` along this step's z with no forward (a private step's
         noise-only update for an empty Poisson batch)."""
-        for p in self.params:
-            self.mezo.update(p, seed, grads, lr)
+        self._each(lambda p: self.mezo.update(p, seed, grads, lr))
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -228,4 +289,18 @@ class InPlaceMeZO:
         self.model.load_state_dict(state)
 
     def close(self) -> None:
-        pass
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+            self.groups = [self.params]
+
+
+def _balanced(params: list[Param], n: int) -> list[list[Param]]:
+    """``params`` in ``n`` groups of about equal element count (largest first onto the lightest group)."""
+    groups: list[list[Param]] = [[] for _ in range(max(1, n))]
+    sizes = [0] * len(groups)
+    for p in sorted(params, key=lambda p: -p.tensor.numel()):
+        i = sizes.index(min(sizes))
+        groups[i].append(p)
+        sizes[i] += p.tensor.numel()
+    return [g for g in groups if g] or [[]]
