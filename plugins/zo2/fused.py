@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .mezo import MeZO, Param, lm_loss, param_table, sample_lm_losses
+from .mezo import DrawPool, MeZO, Param, lm_loss, param_table, sample_lm_losses
 from .store import STORAGE_DTYPES, BlockStore
 
 
@@ -150,6 +150,7 @@ class ZO2Engine:
         self.shared_z: dict[tuple[int, int], torch.Tensor] = {}  # and their z of sample j, drawn once per step
         self.seed = 0
         self.stats = self.store.stats
+        self.draw_pool = DrawPool(device)  # a unit's z drawn in threads (CPU; same bits, see DrawPool)
         if self.order:
             self.store.upload(self.order[0])
 
@@ -250,7 +251,8 @@ class ZO2Engine:
         if m.one_sided:
             run(0)
         for j, shifts in m.shifts():
-            zs = [m.z(p.tensor.data, p.index, self.seed, j) for p in u.own]
+            drawn = self.draw_pool.run(u.name, u.own, lambda p, j=j: m.z(p.tensor.data, p.index, self.seed, j))
+            zs = [drawn.pop(p.index) for p in u.own]
             for p in shared:
                 if (p.index, j) not in self.shared_z:
                     self.shared_z[p.index, j] = m.z(p.tensor.data, p.index, self.seed, j)
@@ -269,8 +271,7 @@ class ZO2Engine:
         pend = self.pending
         if pend is not None:
             with torch.no_grad():
-                for p in u.own:
-                    self.mezo.update(p, pend.seed, pend.grads, pend.lr)
+                self.draw_pool.run(u.name, u.own, lambda p: self.mezo.update(p, pend.seed, pend.grads, pend.lr))
                 if u.block in self.streamed:
                     self.store.round_to_storage(u.block)
                 for p, _, _ in u.shared:
@@ -394,6 +395,7 @@ class ZO2Engine:
 
     def close(self) -> None:
         self._settle()
+        self.draw_pool.close()
         self.store.close()
         for u in self.units:
             u.module.__class__ = type(u.module)._plait_base

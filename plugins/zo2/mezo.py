@@ -209,9 +209,8 @@ class InPlaceMeZO:
         self.fold_restore = fold_restore
         self.params = param_table(self.model, mezo.no_decay)
         self.stats = {"forwards": 0}
-        workers = min(torch.get_num_threads(), len(self.params), MAX_DRAW_WORKERS) if device.type == "cpu" else 1
-        self.groups = _balanced(self.params, workers)
-        self.pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="plait-mezo") if workers > 1 else None
+        self.draw_pool = DrawPool(device)
+        self.groups = self.draw_pool.groups("all", self.params)
 
     def _shift(self, seed: int, sample: int, alpha: float) -> None:
         def shift(p: Param) -> None:
@@ -221,19 +220,7 @@ class InPlaceMeZO:
         self._each(shift)
 
     def _each(self, fn) -> None:
-        """``fn(p)`` for every parameter. On a multi-core CPU the parameters are split into ``workers`` groups of
-        about equal size, run side by side in threads: a CPU generator draws serially (one core), z is drawn per
-        parameter from its own seed, and the parameters are independent, so the result is the same bit for bit
-        in any split or order."""
-        if self.pool is None:
-            for p in self.params:
-                fn(p)
-            return
-        futures = [self.pool.submit(lambda ps=ps: [fn(p) for p in ps]) for ps in self.groups[1:]]
-        for p in self.groups[0]:
-            fn(p)
-        for f in futures:
-            f.result()
+        self.draw_pool.run("all", self.params, fn)
 
     @torch.no_grad()
     def step(self, batch: dict[str, torch.Tensor], seed: int, lr: float) -> tuple[list[float], list[float]]:
@@ -289,10 +276,45 @@ class InPlaceMeZO:
         self.model.load_state_dict(state)
 
     def close(self) -> None:
+        self.draw_pool.close()
+        self.groups = [self.params]
+
+
+class DrawPool:
+    """Runs ``fn(p)`` over parameters split into groups of about equal size, side by side in worker threads.
+
+    On a CPU a generator draws serially (one core), so a ZO step's z draws leave the other cores idle. z is drawn
+    per parameter from its own seed and the parameters are independent, so the result is the same bit for bit in
+    any split or order. One group per intra-op thread (at most `MAX_DRAW_WORKERS`); on other devices, or after
+    ``close``, everything runs on the calling thread.
+    """
+
+    def __init__(self, device: torch.device):
+        self.workers = min(torch.get_num_threads(), MAX_DRAW_WORKERS) if device.type == "cpu" else 1
+        self.pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="plait-z") if self.workers > 1 else None
+        self._groups: dict = {}
+
+    def groups(self, key, params: list[Param]) -> list[list[Param]]:
+        if key not in self._groups:
+            self._groups[key] = _balanced(params, self.workers if self.pool is not None else 1)
+        return self._groups[key]
+
+    def run(self, key, params: list[Param], fn) -> dict[int, object]:
+        """``{p.index: fn(p)}`` for every parameter; ``key`` names the (fixed) list, whose split is cached."""
+        groups = self.groups(key, params)
+        if self.pool is None or len(groups) < 2:
+            return {p.index: fn(p) for p in params}
+        futures = [self.pool.submit(lambda ps=ps: {p.index: fn(p) for p in ps}) for ps in groups[1:]]
+        out = {p.index: fn(p) for p in groups[0]}
+        for f in futures:
+            out.update(f.result())
+        return out
+
+    def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
-            self.groups = [self.params]
+            self._groups.clear()
 
 
 def _balanced(params: list[Param], n: int) -> list[list[Param]]:
