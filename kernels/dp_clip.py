@@ -203,6 +203,14 @@ def per_sample_norms(a: torch.Tensor, g: torch.Tensor, method: str = "auto") -> 
     raise ValueError(f"method must be 'auto', 'ghost' or 'instantiate', got {method!r}")
 
 
+def _noise_or_zeros(shape, dtype, device, noise_std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The buffer a clipped sum accumulates into: N(0, noise_std²) drawn in place (or zeros). Drawing the noise
+    first saves the zero fill, a fresh noise tensor (its page faults cost as much as the draw on a CPU) and the
+    pass that adds it."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.normal_(0.0, noise_std, generator=generator) if noise_std > 0 else out.zero_()
+
+
 def _add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator | None) -> torch.Tensor:
     if noise_std > 0:
         x.add_(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device), alpha=noise_std)
@@ -241,20 +249,20 @@ def clip_sum_reference(
     if factors is None and norm_method == "ghost":
         norms = ghost_norms(a, g)
         factors = clip_factors(norms, C)
+    grad = _noise_or_zeros((d_out, d_in), acc, a.device, noise_std, generator)  # the sum accumulates onto it
     if factors is not None:  # book-keeping: one GEMM over the B·T rows
         gf = g.to(acc) * factors.to(device=g.device, dtype=acc)[:, None, None]
-        grad = gf.reshape(B * T, d_out).t() @ a.to(acc).reshape(B * T, d_in)
-        return _add_noise(grad.contiguous(), noise_std, generator), norms
+        return grad.addmm_(gf.reshape(B * T, d_out).t(), a.to(acc).reshape(B * T, d_in)), norms
 
     blk = _block(B, d_in, d_out, block_size)
-    grad = torch.zeros(d_out, d_in, dtype=acc, device=a.device)
     norms = torch.empty(B, dtype=acc, device=a.device)
+    flat = grad.view(-1)
     for s in range(0, B, blk):
         G = torch.bmm(g[s:s + blk].to(acc).transpose(1, 2), a[s:s + blk].to(acc))  # (nb, d_out, d_in)
         n = torch.linalg.vector_norm(G, dim=(1, 2))
         norms[s:s + blk] = n
-        grad.add_((clip_factors(n, C) @ G.reshape(G.shape[0], -1)).view(d_out, d_in))
-    return _add_noise(grad, noise_std, generator), norms
+        flat.addmv_(G.reshape(G.shape[0], -1).t(), clip_factors(n, C))  # += Σ_b f_b G_b, no temporary
+    return grad, norms
 
 
 def bias_clip_sum_reference(

@@ -184,6 +184,21 @@ def test_reference_noise_statistics():
     assert torch.equal(noisy, again)
 
 
+@pytest.mark.parametrize("path", ["instantiate", "ghost", "factors"])
+def test_noise_drawn_into_the_sum_buffer_on_every_path(path):
+    """The clipped sum accumulates onto noise drawn in place: each path's noisy result minus its σ = 0 result is
+    N(0, std²) (within rounding of the sum), and equals the generator's own draw scaled by std."""
+    a, g = make(4, 6, 128, 64, dtype=torch.float32)
+    C, std = 0.7, 0.3
+    kw = {"factors": torch.rand(4, generator=torch.Generator().manual_seed(5))} if path == "factors" else \
+        {"norm_method": path}
+    clean, _ = clip_sum_reference(a, g, C, **kw)
+    noisy, _ = clip_sum_reference(a, g, C, std, generator=torch.Generator().manual_seed(99), **kw)
+    assert _noise_stats(noisy - clean, std) == {"mean_ok": True, "std_ok": True, "shape_ok": True}
+    z = torch.randn(clean.shape, generator=torch.Generator().manual_seed(99))
+    torch.testing.assert_close(noisy - clean, z * std, rtol=0, atol=1e-5 * float(clean.abs().max()) + 1e-6)
+
+
 def test_dispatcher_cpu_uses_reference_seeded_generator():
     a, g = make(3, 5, 6, 4, dtype=torch.float32)
     grad, norms = clip_sum(a, g, 0.5, noise_std=0.2, seed=7)
