@@ -8,7 +8,9 @@ seq 2048, ``--warmup`` untimed + ``--steps`` timed steps each of:
     zo2_no_overlap  the same with overlap off
 
 It reports tokens/s (batch*seq / median step time), ``torch.cuda.max_memory_allocated`` during the steps
-(peak reset after the engine is built) and the ratios zo2/mezo tokens/s (goal >= 0.95) and memory. Before the
+(peak reset after the engine is built) and the ratios zo2/mezo tokens/s (goal >= 0.95) and memory, and each
+variant's compute-floor ratio: its median step time / the median of two no-grad forwards of the same batch on
+the same model, all on the GPU (``floor``, timed first; goal <= 1.05). Before the
 sizes it runs a correctness check: ZO2 vs InPlaceMeZO on a small fp32 OPT on the GPU, 5 steps, losses and
 projected gradients compared exactly (and their max abs difference, plus the parameters after flush).
 
@@ -156,6 +158,25 @@ def time_steps(eng, device, args, label: str) -> dict:
             "peak_mem_gib": gib(mem_peak(device)), "losses": [[round(x, 5) for x in ls] for ls in losses]}
 
 
+def time_floor(model, device, args) -> dict:
+    """The compute floor of a central-difference ZO step: two no-grad forwards of the step's batch on the same
+    model (all on the device), warm-up + timed steps as `time_steps`."""
+    times = []
+    with torch.no_grad():
+        for t in range(args.warmup + args.steps):
+            batch = make_batch(t, args.batch, args.seq, device)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    timed = times[args.warmup:]
+    med = statistics.median(timed)
+    return {"median_step_s": round(med, 4), "min_step_s": round(min(timed), 4),
+            "tokens_per_s": round(args.batch * args.seq / med, 1), "step_s": [round(x, 4) for x in times]}
+
+
 # --- correctness ------------------------------------------------------------------------------------------------
 def correctness(args, device) -> dict:
     """ZO2 vs InPlaceMeZO on a small fp32 OPT on ``device``: 5 steps, exact equality and max abs differences."""
@@ -196,6 +217,15 @@ def bench_size(name: str, shape, args, device, res: Results) -> None:
     out["model_gib"] = gib(sum(p.numel() * p.element_size() for p in model.parameters()))
     out["build_s"] = round(time.perf_counter() - t0, 1)
     log(f"{name}: built {out['n_params'] / 1e9:.2f}B params in {out['build_s']}s")
+    res.save()
+
+    # the compute floor: two no-grad forwards of the same batch (every parameter on the device)
+    try:
+        out["floor"] = time_floor(model, device, args)
+        log(f"{name} floor (two no-grad forwards): {out['floor']['median_step_s']:.4f}s")
+    except Exception as exc:  # noqa: BLE001
+        out["floor"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        log(f"{name} floor failed: {exc}")
     res.save()
 
     # in-GPU MeZO (every parameter on the device)
@@ -245,6 +275,12 @@ def bench_size(name: str, shape, args, device, res: Results) -> None:
                     ratios[f"{label}/mezo_peak_mem"] = round(out[label]["peak_mem_gib"] / mezo["peak_mem_gib"], 3)
     if "tokens_per_s" in z and "tokens_per_s" in out.get("zo2_no_overlap", {}):
         ratios["zo2_overlap_on/off_tokens_per_s"] = round(z["tokens_per_s"] / out["zo2_no_overlap"]["tokens_per_s"], 3)
+    floor = out.get("floor", {})
+    if "median_step_s" in floor:  # the compute-floor ratio: ZO step time / two no-grad forwards (goal <= 1.05)
+        for label in ("mezo", "zo2", "zo2_no_overlap"):
+            if "median_step_s" in out.get(label, {}):
+                ratios[f"{label}/floor_step_s"] = round(out[label]["median_step_s"] / floor["median_step_s"], 3)
+        ratios["floor_goal"] = "mezo/floor_step_s and zo2/floor_step_s <= 1.05"
     ratios["goal"] = "zo2/mezo_tokens_per_s >= 0.95"
     out["ratios"] = ratios
     res.save()
