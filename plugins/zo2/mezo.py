@@ -242,7 +242,7 @@ class InPlaceMeZO:
         restore = None
         for j, shifts in m.shifts():
             for k, s in enumerate(shifts):
-                if self.fold_restore and j == m.q - 1 and k == len(shifts) - 1:
+                if self.fold_restore and j == m.q - 1 and k == len(shifts) - 1 and m.chunk_of(j, k) is None:
                     restore = (j, s * eps)  # the last restore is folded into the update (one draw fewer)
                     break
                 self._shift(seed, j, s * eps)
