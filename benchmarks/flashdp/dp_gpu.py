@@ -20,7 +20,7 @@ the tied LM head are frozen) in every variant; the loss is the sum over samples 
 next-token loss (what FlashDP requires); σ = 1, C = 1. It reports tokens/s (batch*seq / median step time),
 ``torch.cuda.max_memory_allocated`` over the steps (peak reset after the build) and, per model and dtype, the
 ratios flashdp/non_dp tokens/s (goal >= 0.9), flashdp/non_dp step time (the floor ratio, goal <= 1.10, as
-benchmarks/dp_speed.py reports on CPU), flashdp/non_dp peak memory and flashdp/opacus peak memory.
+benchmarks/flashdp/dp_speed.py reports on CPU), flashdp/non_dp peak memory and flashdp/opacus peak memory.
 
 Before the sizes, a correctness check: FlashDP per-layer with σ = 0 on a small fp32 GPT-2 on the device (Triton
 path) vs the same model in float64 on the CPU (PyTorch path): max abs gradient difference relative to the
@@ -348,7 +348,7 @@ def bench(name: str, spec, dtype: str, args, device, res: Results) -> None:
         ratios["flashdp/opacus_per_layer_tokens_per_s"] = round(get("flashdp", "tokens_per_s") /
                                                                 get("opacus_per_layer", "tokens_per_s"), 3)
     if get("flashdp", "median_step_s") and get("non_dp", "median_step_s"):
-        # the floor ratio of issue 23 (as benchmarks/dp_speed.py on CPU): FlashDP step / non-DP step, goal <= 1.10
+        # the floor ratio of issue 23 (as benchmarks/flashdp/dp_speed.py on CPU): FlashDP step / non-DP step, goal <= 1.10
         ratios["flashdp/non_dp_step_s"] = round(get("flashdp", "median_step_s") / get("non_dp", "median_step_s"), 3)
         ratios["floor_goal"] = "flashdp/non_dp_step_s <= 1.10"
         ratios["floor_goal_met"] = ratios["flashdp/non_dp_step_s"] <= 1.10

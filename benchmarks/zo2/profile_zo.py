@@ -1,8 +1,8 @@
 """Where a ZO step's time goes: torch.profiler tables of the in-place MeZO step and the ZO2 host-tier step at
-`benchmarks/zo_speed.py`'s default shape (OPT "small", batch 8, seq 128, 2 threads), plus the compute floor
+`benchmarks/zo2/zo_speed.py`'s default shape (OPT "small", batch 8, seq 128, 2 threads), plus the compute floor
 (two no-grad forwards of the same batch) for scale.
 
-    .venv/bin/python benchmarks/profiles/profile_zo.py --out benchmarks/profiles/zo_after.txt
+    .venv/bin/python benchmarks/zo2/profile_zo.py --out benchmarks/zo2/profile_zo_after.txt
 
 Writes one text file: per variant, the wall time of each profiled step and the top operators by self CPU
 time. A profile, not a benchmark: the ratios with their intervals come from zo_speed.py.

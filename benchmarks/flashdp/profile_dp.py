@@ -1,7 +1,7 @@
 """Where a FlashDP step's time goes on CPU: torch.profiler tables of the non-DP and the FlashDP per-layer step at
-`benchmarks/dp_speed.py`'s default shape (GPT-2 d 256, 2 layers, B 8, T 128, only Linear/Conv1D train).
+`benchmarks/flashdp/dp_speed.py`'s default shape (GPT-2 d 256, 2 layers, B 8, T 128, only Linear/Conv1D train).
 
-    .venv/bin/python benchmarks/profiles/profile_dp.py --out benchmarks/profiles/dp_after.txt
+    .venv/bin/python benchmarks/flashdp/profile_dp.py --out benchmarks/flashdp/profile_dp_after.txt
 
 Writes one text file: per variant, the wall time of each profiled step and the top operators by self CPU time.
 A profile, not a benchmark: the ratio with its interval comes from dp_speed.py.
