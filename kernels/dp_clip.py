@@ -59,6 +59,8 @@ same noise, so callers must derive a distinct seed per (step, layer).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ._triton import HAVE_TRITON, INTERPRET, on_device, tl, triton  # the guarded import, shared by the kernels
@@ -211,6 +213,25 @@ def _noise_or_zeros(shape, dtype, device, noise_std: float, generator: torch.Gen
     return out.normal_(0.0, noise_std, generator=generator) if noise_std > 0 else out.zero_()
 
 
+_SCRATCH = threading.local()  # per thread: {(device, dtype): flat buffer of the per-sample gradients of a block}
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused flat buffer of at least ``n`` elements for a block's G_b. On a CPU a fresh tensor of that size
+    is page-faulted in on every call (glibc maps large allocations anew), which costs about as much as the
+    bmm that fills it and makes step times swing; the buffer is capped by ``_BLOCK_ELEMS`` per (device, dtype)
+    and thread. On CUDA the caching allocator already reuses memory, so a fresh tensor is taken there."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get((device, dtype))
+    if buf is None or buf.numel() < n:
+        buf = bufs[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
 def _add_noise(x: torch.Tensor, noise_std: float, generator: torch.Generator | None) -> torch.Tensor:
     if noise_std > 0:
         x.add_(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device), alpha=noise_std)
@@ -257,8 +278,11 @@ def clip_sum_reference(
     blk = _block(B, d_in, d_out, block_size)
     norms = torch.empty(B, dtype=acc, device=a.device)
     flat = grad.view(-1)
+    buf = _scratch(min(blk, B) * d_out * d_in, acc, a.device)
     for s in range(0, B, blk):
-        G = torch.bmm(g[s:s + blk].to(acc).transpose(1, 2), a[s:s + blk].to(acc))  # (nb, d_out, d_in)
+        nb = min(blk, B - s)
+        G = torch.bmm(g[s:s + nb].to(acc).transpose(1, 2), a[s:s + nb].to(acc),
+                      out=buf[:nb * d_out * d_in].view(nb, d_out, d_in))  # (nb, d_out, d_in)
         n = torch.linalg.vector_norm(G, dim=(1, 2))
         norms[s:s + blk] = n
         flat.addmv_(G.reshape(G.shape[0], -1).t(), clip_factors(n, C))  # += Σ_b f_b G_b, no temporary
