@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .mezo import DrawPool, MeZO, Param, lm_loss, param_table, sample_lm_losses
+from .mezo import DrawPool, MeZO, Param, chunk_losses, param_table
 from .store import STORAGE_DTYPES, BlockStore
 
 
@@ -314,10 +314,10 @@ class ZO2Engine:
                 self.store.upload(self.order[0])
             out = self.model(input_ids=batch["input_ids"].repeat(n, 1),
                              attention_mask=batch["attention_mask"].repeat(n, 1), use_cache=False).logits
-            losses = [float(lm_loss(out[c * b:(c + 1) * b], batch["labels"])) for c in range(n)]
             want = getattr(m, "wants_sample_losses", False)  # dp_zo: per-example losses of the same logits
-            samples = [sample_lm_losses(out[c * b:(c + 1) * b], batch["labels"]).detach().cpu() for c in range(n)] \
-                if want else None
+            pairs = [chunk_losses(out[c * b:(c + 1) * b], batch["labels"], want) for c in range(n)]
+            losses = [loss for loss, _ in pairs]
+            samples = [per for _, per in pairs] if want else None
             for u in self.units:  # a unit the forward skipped still owes its update
                 if not u.updated:
                     self._apply_pending(u)

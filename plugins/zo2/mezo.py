@@ -181,9 +181,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100)
 
 
-def sample_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each example's mean next-token cross-entropy over its labelled positions, shape [B] (fp32 at least): what
-    a private step clips (`lm_loss` is the token mean over the whole batch)."""
+def chunk_losses(logits: torch.Tensor, labels: torch.Tensor, per_sample: bool) -> tuple[float, torch.Tensor | None]:
+    """A forward's batch loss and, when ``per_sample``, each example's mean token loss over its labelled
+    positions (on the CPU: what a private step clips), from one cross-entropy pass over the logits. Without
+    ``per_sample`` the loss is `lm_loss` exactly (the estimate uses it); with it, the token mean comes from the
+    same per-token losses (it is only logged then: a private estimate reads the per-example losses), which saves
+    a second pass over the vocabulary."""
+    if not per_sample:
+        return float(lm_loss(logits, labels)), None
     v = logits.shape[-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -191,7 +196,8 @@ def sample_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), y.reshape(-1), ignore_index=-100,
                                             reduction="none").view(y.shape)
     mask = (y != -100).to(nll.dtype)
-    return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    total, count = (nll * mask).sum(1), mask.sum(1)
+    return float(total.sum() / count.sum()), (total / count.clamp_min(1.0)).detach().cpu()
 
 
 class InPlaceMeZO:
@@ -233,9 +239,9 @@ class InPlaceMeZO:
         def forward(chunk: int) -> None:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             self.stats["forwards"] += 1
-            losses[chunk] = float(lm_loss(logits, batch["labels"]))
-            if want:
-                samples[chunk] = sample_lm_losses(logits, batch["labels"]).detach().cpu()
+            losses[chunk], per = chunk_losses(logits, batch["labels"], want)
+            if per is not None:
+                samples[chunk] = per
 
         if m.one_sided:
             forward(0)
