@@ -10,7 +10,7 @@
 #        -> $OUT/sampling_gpu.json
 #   small  capsule V2-SfMLearner inference frames/s (64x80, 256x320; fp32/bf16; first, it is quick) and the WiP
 #        min-product Triton kernel vs exact matmul and the cdist path, with a parity check -> $OUT/capsule_wip_gpu.json
-#   dist  first-order data parallelism (benchmarks/gpu/ddp.sh, STRATEGIES="fsdp ddp"): sft on an OPT-350M shape,
+#   dist  first-order data parallelism (benchmarks/parallel/ddp.sh, STRATEGIES="fsdp ddp"): sft on an OPT-350M shape,
 #        each strategy on all visible GPUs vs 1 GPU at the same global batch (samples/s, speedup, ratio to ideal,
 #        rank 0's peak memory); with one GPU at world size 1, said so in the JSON -> $OUT/dist_fo_gpu.json
 # Each JSON is rewritten after every result, so a timeout still leaves the finished parts.
