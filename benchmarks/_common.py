@@ -49,12 +49,21 @@ def make_mezo():
     return MeZO(**MEZO_ARGS)
 
 
-def build_model(arch: str, size: str, dtype: str = "float32", seed: int = 0):
-    """A freshly initialised model (same weights for the same seed), in eval mode (ZO steps run without dropout)."""
+# Published model shapes on top of a size preset (the bundled tokenizer keeps its own small vocabulary, so the
+# embedding is smaller than the original's; the transformer blocks are the published ones).
+SHAPES: dict[str, dict] = {
+    "opt-1.3b": {"hidden_size": 2048, "word_embed_proj_dim": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
+                 "num_attention_heads": 32, "max_position_embeddings": 2048},
+}
+
+
+def build_model(arch: str, size: str, dtype: str = "float32", seed: int = 0, shape: str | None = None):
+    """A freshly initialised model (same weights for the same seed), in eval mode (ZO steps run without dropout);
+    ``shape`` (a `SHAPES` key) overrides the preset's block dimensions."""
     from plait.plugins.basics.models import build_causal_lm
 
     torch.manual_seed(seed)
-    model, tok = build_causal_lm(arch=arch, size=size, dtype=dtype)
+    model, tok = build_causal_lm(arch=arch, size=size, dtype=dtype, config=SHAPES[shape] if shape else None)
     return model.eval(), len(tok)
 
 

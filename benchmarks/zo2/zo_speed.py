@@ -57,6 +57,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="opt", choices=["opt", "qwen3", "llama"])
     ap.add_argument("--size", default="small", choices=["tiny", "small", "100m"])
+    ap.add_argument("--shape", default=None, choices=["opt-1.3b"],
+                    help="a published block shape on top of --size (opt-1.3b: 24 blocks of d 2048, ffn 8192; "
+                         "~1.2B params, ~4.8 GB fp32 per variant's model: minutes per round on 2 cores)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=2, help="rounds not counted")
@@ -126,9 +129,10 @@ def main(argv=None) -> None:
     disk_dir = None
     engines, vocab, n_params = {}, None, None
     try:
-        floor_model, vocab = build_model(args.arch, args.size)  # two no-grad forwards: a ZO step's compute floor
+        # two no-grad forwards: a ZO step's compute floor
+        floor_model, vocab = build_model(args.arch, args.size, shape=args.shape)
         for v in chosen:
-            model, vocab = build_model(args.arch, args.size)
+            model, vocab = build_model(args.arch, args.size, shape=args.shape)
             n_params = sum(p.numel() for p in model.parameters())
             if v == "mezo":
                 engines[v] = InPlaceMeZO(model, torch.device("cpu"), make_mezo())
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
                     disk_dir = tempfile.mkdtemp(prefix="plait-zo-speed-", dir=args.disk_root)
                     opts["disk_dir"] = disk_dir
                 engines[v] = zo2_engine(model, make_mezo(), **opts)
-        log(f"[zo_speed] built {len(engines)} engines ({args.arch} {args.size}, {n_params / 1e6:.1f}M params) "
+        log(f"[zo_speed] built {len(engines)} engines ({args.arch} {args.shape or args.size}, "
+            f"{n_params / 1e6:.1f}M params) "
             f"in {time.perf_counter() - t_start:.1f}s")
         batches = {}
 
@@ -201,7 +206,8 @@ def main(argv=None) -> None:
                         "missed" if r["settled"] and r["ci95"][0] > bound else "unsettled")
     emit({
         "benchmark": "zo_speed",
-        "config": {"arch": args.arch, "size": args.size, "dtype": "float32", "init": "random", "batch": args.batch,
+        "config": {"arch": args.arch, "size": args.size, "shape": args.shape, "dtype": "float32", "init": "random",
+                   "batch": args.batch,
                    "seq": args.seq, "warmup": args.warmup, "min_rounds": args.steps, "threads": args.threads,
                    "device": "cpu", "n_params": n_params},
         "machine": {**bench.machine(), "platform": platform.platform(), "python": platform.python_version(),
