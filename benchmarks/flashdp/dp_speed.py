@@ -33,7 +33,9 @@ until the headline ratios' bootstrap 95 % intervals are within ±5 % (``benchmar
 ``--max-rounds`` / ``--max-seconds`` run out. Reports the median/min/mean ms per step, tokens/s (batch*seq per
 step), ratios to non_dp and the goals (median of per-round ratios, with the interval; ``unsettled`` when it is
 wider than ±5 % or straddles the goal) flashdp/non_dp <= 1.10 and
-best_opacus/flashdp >= 1.8 (CPU). ``first_loss`` must agree across variants (same model, same batch). A
+best_opacus/flashdp >= 1.8 (CPU). ``flashdp_no_noise`` is FlashDP at σ = 0 (the same clipping): with it the
+JSON splits flashdp/non_dp into the clipping (flashdp_no_noise/non_dp) and the noise (flashdp/flashdp_no_noise).
+``first_loss`` must agree across variants (same model, same batch). A
 variant that fails is reported with its error string; nothing is asserted.
 
 Run (from the repository root; the defaults take 1-3 minutes on 2 cores):
@@ -59,7 +61,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]  # benchmarks/: _common.py, _stable.py
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ("non_dp", "flashdp", "dp_flat", "opacus_flat", "opacus_per_layer", "opacus_ghost")
+VARIANTS = ("non_dp", "flashdp", "flashdp_no_noise", "dp_flat", "opacus_flat", "opacus_per_layer", "opacus_ghost")
 OPACUS = ("opacus_flat", "opacus_per_layer", "opacus_ghost")
 SIGMA, C, DELTA, DATASET_SIZE, LR = 1.0, 1.0, 1e-5, 10_000, 1e-3
 GOALS = {"flashdp/non_dp": ("<=", 1.10), "best_opacus/flashdp": (">=", 1.8)}
@@ -189,11 +191,13 @@ class Runner:
         v = variant
         if v == "non_dp":
             self.opt = torch.optim.SGD(trainable(self.model), lr=LR)
-        elif v in ("flashdp", "dp_flat"):
+        elif v in ("flashdp", "flashdp_no_noise", "dp_flat"):
             from plait.plugins.flashdp.transform import FlashDP
 
             # fixed batches, not Poisson sampling: no privacy guarantee, so allow_no_privacy (the cost is the same)
-            self.dp = FlashDP("per_layer" if v == "flashdp" else "flat", C, {}, SIGMA, None, DELTA, [], "freeze",
+            # flashdp_no_noise: σ = 0, the same clipping — what the Gaussian draw costs is flashdp minus it
+            self.dp = FlashDP("flat" if v == "dp_flat" else "per_layer", C, {}, 0.0 if v == "flashdp_no_noise"
+                              else SIGMA, None, DELTA, [], "freeze",
                               True, False, "opacus")
             self.dp.prepare(self.model, dataset_size=DATASET_SIZE, batch_size=args.batch, steps=1000, seed=0)
             self.opt = torch.optim.SGD(trainable(self.model), lr=LR)
@@ -238,7 +242,7 @@ class Runner:
         if v == "non_dp":
             loss = lm_loss(_logits(self.model, ids, pos), ids)
             loss.backward()
-        elif v in ("flashdp", "dp_flat"):
+        elif v in ("flashdp", "flashdp_no_noise", "dp_flat"):
             self.dp.before_backward(t)
             loss = lm_loss(_logits(self.model, ids, pos), ids)
             loss.backward()
@@ -355,6 +359,9 @@ def main(argv=None) -> None:
     ratios["flashdp/dp_flat"] = _ratio(med("flashdp"), med("dp_flat"))
     goals = {"flashdp/non_dp": paired("flashdp", "non_dp", GOALS["flashdp/non_dp"]),
              "best_opacus/flashdp": paired(best, "flashdp", GOALS["best_opacus/flashdp"]) if best else None}
+    if "flashdp_no_noise" in runners:  # the clipping alone against the floor; flashdp over it is the noise's cost
+        goals["flashdp_no_noise/non_dp"] = paired("flashdp_no_noise", "non_dp")
+        goals["flashdp/flashdp_no_noise"] = paired("flashdp", "flashdp_no_noise")
     first = {v: results[v]["first_loss"] for v in chosen if "first_loss" in results[v]}
     emit({
         "benchmark": "dp_speed",
