@@ -29,106 +29,31 @@ step's one loss collective stays alone on the default group) completes it.
 from __future__ import annotations
 
 import hashlib
-import os
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from plait.distributed import BACKENDS, DistributedError, ProcessGroup, env_int
 from plait.errors import ConfigError, PlaitError
 
-BACKENDS = ("auto", "gloo", "nccl")
 
-
-class DistributedError(PlaitError):
-    """A collective failed: a peer died, hung past the timeout, or the rendezvous never completed."""
-
-    exit_code = 3
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-class DistZO:
-    """Base of the DistZO2 strategies: the process group, the rank layout and the ZO step adapters."""
+class DistZO(ProcessGroup):
+    """Base of the DistZO2 strategies: the rank layout (``pert`` × ``dp``) and the ZO step adapters on top of the
+    core's process group (`plait.distributed.ProcessGroup`: backend, timeout, start-up, one-line errors)."""
 
     name = "dist"
     pert = 1  # ranks sharing one perturbation group (the two sides of the difference split across them)
 
     def __init__(self, backend: str = "auto", timeout_s: float = 300.0, sliced_upload: bool = False):
-        if backend not in BACKENDS:
-            raise ConfigError(f"parallel.backend: {backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
-        if not timeout_s > 0:
-            raise ConfigError(f"parallel.timeout_s: must be > 0, got {timeout_s}")
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl" and not torch.cuda.is_available():
-            raise ConfigError("parallel.backend: 'nccl' needs CUDA, which is not available here; use gloo (CPU) "
-                              "or auto")
-        self.backend, self.timeout_s, self.sliced_upload = backend, float(timeout_s), bool(sliced_upload)
+        self.sliced_upload = bool(sliced_upload)
         self.upload_group: Any = None  # the sliced upload's process group (the ranks of this node)
-        self.rank = _env_int("RANK", 0)
-        self.world_size = _env_int("WORLD_SIZE", 1)
-        self.local_rank = _env_int("LOCAL_RANK", self.rank)
-        self._check_world(self.world_size)
+        super().__init__(backend=backend, timeout_s=timeout_s)
         self.dp = self.world_size // self.pert
         self.group, self.member = divmod(self.rank, self.pert)
-        if backend == "nccl":
-            torch.cuda.set_device(self.local_rank)  # "cuda" then means this rank's GPU
-        self.device = torch.device("cuda", self.local_rank) if backend == "nccl" else torch.device("cpu")
-        self.collectives = 0  # collectives issued since start (start-up and per step)
-        self.step_bytes = 0  # bytes this rank sent and received in the last step's collective
-        self._owned_pg = not dist.is_initialized()
-        if self._owned_pg:
-            timeout = timedelta(seconds=self.timeout_s)
-            try:
-                if "MASTER_ADDR" in os.environ or self.world_size > 1:
-                    dist.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=timeout)
-                else:  # a plain `plait run` without torchrun: a group of one, no network
-                    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                            timeout=timeout)
-            except ValueError as exc:  # missing MASTER_ADDR / MASTER_PORT
-                raise ConfigError(f"parallel {self.name!r}: cannot start torch.distributed ({exc}); launch with "
-                                  f"torchrun --nproc-per-node N -m plait run CONFIG") from None
-            except (RuntimeError, dist.DistError) as exc:
-                raise DistributedError(f"parallel {self.name!r}: rank {self.rank} could not join the process "
-                                       f"group within {self.timeout_s:g} s: {_first_line(exc)}") from None
-        elif dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-            self._check_world(self.world_size)
-            self.dp = self.world_size // self.pert
-            self.group, self.member = divmod(self.rank, self.pert)
 
-    # --- checks ----------------------------------------------------------------------------------------
-    def _check_world(self, world: int) -> None:
-        if world < 1:
-            raise ConfigError(f"parallel {self.name!r}: WORLD_SIZE must be at least 1, got {world}")
-
-    # --- collectives (every one goes through `_collective`, which turns failures into one-line errors) ----
-    def _collective(self, what: str, fn: Callable[[], Any], count: bool = True) -> Any:
-        if count:  # (uploads run on the upload thread: they are not counted here)
-            self.collectives += 1
-        try:
-            return fn()
-        except (RuntimeError, dist.DistError) as exc:
-            raise DistributedError(f"parallel {self.name!r}: rank {self.rank} lost its peers during {what} (a rank "
-                                   f"died or did not answer within parallel.timeout_s={self.timeout_s:g}): "
-                                   f"{_first_line(exc)}") from None
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        out = value.detach().clone()
-        self._collective("all_reduce", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM))
-        return out / self.world_size
-
+    # --- collectives of the ZO step --------------------------------------------------------------------
     def all_gather_scalars(self, values: list[float]) -> list[list[float]]:
         """Every rank's ``values`` (same length everywhere), as float64, in rank order."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -137,34 +62,11 @@ class DistZO:
         self.step_bytes = t.numel() * t.element_size() * self.world_size  # own part out, the others' in
         return [p.tolist() for p in parts]
 
-    def _gather_objects(self, obj: Any, what: str) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        self._collective(what, lambda: dist.all_gather_object(out, obj))
-        return out
-
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (the core uses it for the run directory)."""
-        box = [obj]
-        self._collective("the start-up broadcast", lambda: dist.broadcast_object_list(box, src=0))
-        return box[0]
-
-    def check_config(self, text: str) -> None:
-        """Every rank must run the same resolved config: compare SHA-256 digests, fail on every rank if not."""
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        digests = self._gather_objects(digest, "the start-up config check")
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
-        if bad:
-            self.close()
-            raise ConfigError(f"parallel {self.name!r}: the resolved config differs between ranks (rank {bad[0]} "
-                              f"has sha256 {digests[bad[0]][:12]}, rank 0 has {digests[0][:12]}); launch every "
-                              f"rank with the same config file and overrides")
-
     def close(self) -> None:
         if self.upload_group is not None and dist.is_initialized():
             dist.destroy_process_group(self.upload_group)
         self.upload_group = None
-        if self._owned_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        super().close()
 
     # --- the zo recipe's adapters ----------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
@@ -212,7 +114,7 @@ class DistZO:
         if not engine.store.bucket:
             raise ConfigError("parallel.sliced_upload: slices a block's flat bucket; set offload.bucket: true")
         # slices never cross nodes: the gather belongs on the device interconnect, not the network
-        local = _env_int("LOCAL_WORLD_SIZE", self.world_size)
+        local = env_int("LOCAL_WORLD_SIZE", self.world_size)
         if local < 1 or self.world_size % local:
             raise ConfigError(f"parallel.sliced_upload: LOCAL_WORLD_SIZE={local} does not divide the world size "
                               f"{self.world_size}; launch the same number of processes on every node")
@@ -383,9 +285,4 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-__all__ = ["DistZO", "ZoDDP", "PertP", "TwoD", "DistMeZO", "DistEngine", "DistributedError", "state_digest"]
+__all__ = ["BACKENDS", "DistZO", "ZoDDP", "PertP", "TwoD", "DistMeZO", "DistEngine", "DistributedError", "state_digest"]

@@ -1,5 +1,6 @@
-"""The ``ddp`` strategy: the process group (shared with DistZO2's start-up, time-outs and one-line errors) and
-the two things `plait.step.FirstOrderStep` asks of a data-parallel placement:
+"""The ``ddp`` strategy: the core's process group (`plait.distributed.ProcessGroup`: start-up, time-outs and
+one-line errors, as every multi-process strategy has them) and the two things `plait.step.FirstOrderStep` asks of
+a data-parallel placement:
 
 * ``split_batch(indices)`` — this rank's contiguous slice of a micro-batch of the global batch;
   ``share_sampled(indices, n)`` — under a DP transform, the examples of the global Poisson draw in its slice;
@@ -21,17 +22,12 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from plait.distributed import ProcessGroup
 from plait.errors import ConfigError
-from plait.plugins.distzo2.strategies import DistZO
 
 
-class DDP(DistZO):
+class DDP(ProcessGroup):
     name = "ddp"
-    pert = 1
-
-    def __init__(self, backend: str = "auto", timeout_s: float = 300.0):
-        super().__init__(backend=backend, timeout_s=timeout_s)
-        self.step_bytes = 0
 
     def split_batch(self, indices: Sequence[int]) -> list[int]:
         n = len(indices)
