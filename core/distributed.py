@@ -10,7 +10,7 @@ one) subclasses it for the machinery they all need, so no strategy plugin depend
   with one line (`DistributedError`, exit 3) instead of a traceback;
 * what the core asks of a strategy (`plait.protocols.ParallelStrategy`): ``all_reduce_mean``,
   ``broadcast_object`` (rank 0's run directory), ``check_config`` (the ranks' resolved configs must agree),
-  ``close``.
+  ``close``; and ``splits_eval``, read by `plait.run.eval_share` / ``eval_sum`` / ``eval_gather``.
 
 A subclass sets ``name`` (its registry name, used in messages) and may override ``_check_world(world)`` to refuse
 world sizes it cannot lay out (called before the group starts, and again if an existing group differs).
@@ -57,6 +57,9 @@ class ProcessGroup:
     """The process group of a multi-process strategy: backend, timeout, rank, world size, device, collectives."""
 
     name = "process_group"
+    # True: evaluation is split across the ranks (the strategy then defines eval_share / eval_sum / eval_gather);
+    # False: every rank evaluates the whole set, as one process does, and the eval helpers pass values through
+    splits_eval = False
 
     def __init__(self, backend: str = "auto", timeout_s: float = 300.0):
         if backend not in BACKENDS:

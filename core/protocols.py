@@ -97,9 +97,11 @@ class ParallelStrategy(Protocol):
     """How work is split across processes (rank, world size, the collectives a recipe needs).
 
     Optional members the core uses when present: ``check_config(text)`` (refuse ranks whose resolved configs
-    differ), ``broadcast_object(obj)`` (rank 0 hands the run directory to the others) and ``close()`` (end the
-    process group). Optional members the ``zo`` recipe uses: ``wrap_perturbation``, ``wrap_engine``,
-    ``local_batch`` and ``metrics`` (plugins/distzo2). Only rank 0 writes the run directory.
+    differ), ``broadcast_object(obj)`` (rank 0 hands the run directory to the others), ``close()`` (end the
+    process group) and ``splits_eval`` (True: evaluation is split across ranks through its ``eval_share`` /
+    ``eval_sum`` / ``eval_gather``, see `plait.run.eval_share`). Optional members the ``zo`` recipe uses:
+    ``wrap_perturbation``, ``wrap_engine``, ``local_batch`` and ``metrics`` (plugins/distzo2). Only rank 0 writes
+    the run directory. `plait.distributed.ProcessGroup` is the base of the multi-process strategies.
     """
 
     rank: int

@@ -431,27 +431,34 @@ def preserved_rng():
         set_rng_state(state)
 
 
+def _eval_splitter(run: Any) -> Any:
+    """The ``parallel:`` strategy if it declares ``splits_eval = True`` (then it defines ``eval_share``,
+    ``eval_sum`` and ``eval_gather``), else None: every rank evaluates the whole set, as one process does."""
+    par = getattr(run, "parallel", None)
+    return par if getattr(par, "splits_eval", False) else None
+
+
 def eval_share(run: Any, n: int, align: int = 1) -> range:
     """The items of an evaluation set of ``n`` that this rank evaluates: all of them, unless the ``parallel:``
     strategy splits evaluation (its ``eval_share(n, align)``; ddp: a contiguous share of whole blocks of
     ``align`` items, so that eval batches of ``align`` are the batches one process forms). What a recipe sums
     over its share it then totals with `eval_sum`; per-item values (predictions) it collects with `eval_gather`.
     Every rank must call these (they are collectives under a splitting strategy)."""
-    fn = getattr(getattr(run, "parallel", None), "eval_share", None)
-    return range(n) if fn is None else fn(n, max(1, int(align)))
+    par = _eval_splitter(run)
+    return range(n) if par is None else par.eval_share(n, max(1, int(align)))
 
 
 def eval_sum(run: Any, values: list[float]) -> list[float]:
     """``values`` summed over the ranks that share the evaluation (as given without such a strategy)."""
-    fn = getattr(getattr(run, "parallel", None), "eval_sum", None)
-    return [float(v) for v in values] if fn is None else fn(values)
+    par = _eval_splitter(run)
+    return [float(v) for v in values] if par is None else par.eval_sum(values)
 
 
 def eval_gather(run: Any, values: torch.Tensor) -> torch.Tensor:
     """Per-item ``values`` of every rank's `eval_share`, concatenated in rank order along dim 0: the values of
     the whole set, in its order (as given without a splitting strategy)."""
-    fn = getattr(getattr(run, "parallel", None), "eval_gather", None)
-    return values if fn is None else fn(values)
+    par = _eval_splitter(run)
+    return values if par is None else par.eval_gather(values)
 
 
 def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[str, Any]:

@@ -8,8 +8,9 @@ a data-parallel placement:
   weights before the backward, then every gradient (and the step's loss) in one flat all-reduce after the
   last micro-batch (accumulation is local, as under DistributedDataParallel's ``no_sync``);
 
-and what a recipe's evaluation asks through `plait.run.eval_share` / `eval_sum` / `eval_gather`: this rank's
-contiguous share of the eval set, sums over ranks, per-item values gathered in rank order.
+and, as it declares ``splits_eval = True``, what a recipe's evaluation asks through `plait.run.eval_share` /
+`eval_sum` / `eval_gather`: this rank's contiguous share of the eval set, sums over ranks, per-item values gathered
+in rank order.
 
 Gradients travel as one flat buffer per step, in parameter order; every rank ends the step with identical sums
 and so applies the identical optimizer step (parameters never travel after start-up, where rank 0's are
@@ -28,6 +29,7 @@ from plait.errors import ConfigError
 
 class DDP(ProcessGroup):
     name = "ddp"
+    splits_eval = True  # each rank evaluates its share (`eval_share`), the core's eval helpers call the three below
 
     def split_batch(self, indices: Sequence[int]) -> list[int]:
         n = len(indices)

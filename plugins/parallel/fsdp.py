@@ -61,14 +61,7 @@ class FSDP(DDP):
     # Evaluation is NOT split under fsdp: every forward all-gathers each block's shards, so every rank must run
     # the same number of forwards; uneven eval shares (ddp's split) would leave one rank waiting in a collective.
     # Each rank evaluates the whole set (as one process does); only rank 0 writes.
-    def eval_share(self, n: int, align: int = 1) -> range:
-        return range(n)
-
-    def eval_sum(self, values):
-        return [float(v) for v in values]
-
-    def eval_gather(self, values: torch.Tensor) -> torch.Tensor:
-        return values
+    splits_eval = False
 
     def __init__(self, backend: str = "auto", timeout_s: float = 300.0, reshard_after_forward: bool = True,
                  mixed_precision: Any = None):

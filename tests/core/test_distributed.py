@@ -1,8 +1,11 @@
 """`plait.distributed.ProcessGroup` in one process (a group of one on a HashStore, gloo): option checks in one line,
 the collectives' results against their closed forms at world size 1, a failed collective as a one-line
-`DistributedError` (exit 3), ``close`` ending the group. The multi-rank behaviour is covered by the strategies'
+`DistributedError` (exit 3), ``close`` ending the group; and the ``splits_eval`` capability read by
+`plait.run.eval_share` / ``eval_sum`` / ``eval_gather``. The multi-rank behaviour is covered by the strategies'
 suites (tests/plugins/parallel, tests/plugins/distzo2), which run on this base."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.distributed as dist
 
 from plait.distributed import DistributedError, ProcessGroup
 from plait.errors import ConfigError
+from plait.run import eval_gather, eval_share, eval_sum
 
 
 @pytest.fixture
@@ -67,8 +71,44 @@ def test_failed_collective_is_one_line_distributed_error(single):
     assert text.endswith("Connection closed by peer [127.0.0.1]:29500")
 
 
-def test_builtin_first_order_strategies_are_process_groups():
+class _Splitting:
+    """A strategy that declares it splits evaluation: half the items, sums doubled, values repeated."""
+
+    splits_eval = True
+
+    def eval_share(self, n, align):
+        return range(0, n // 2)
+
+    def eval_sum(self, values):
+        return [2.0 * v for v in values]
+
+    def eval_gather(self, values):
+        return torch.cat([values, values])
+
+
+class _NotSplitting(_Splitting):
+    splits_eval = False  # has the methods (inherited) but declares that it does not split: they must not be used
+
+
+@pytest.mark.parametrize("parallel", [None, ProcessGroup, _NotSplitting()])
+def test_eval_helpers_pass_through_without_splits_eval(parallel):
+    run = SimpleNamespace(parallel=parallel)
+    v = torch.arange(3.0)
+    assert eval_share(run, 5, 2) == range(5)
+    assert eval_sum(run, [1, 2.5]) == [1.0, 2.5]
+    assert eval_gather(run, v) is v
+
+
+def test_eval_helpers_use_a_splitting_strategy():
+    run = SimpleNamespace(parallel=_Splitting())
+    assert eval_share(run, 6) == range(3)
+    assert eval_sum(run, [1.0]) == [2.0]
+    assert eval_gather(run, torch.ones(2)).shape == (4,)
+
+
+def test_builtin_strategies_declare_their_eval():
     from plait.plugins.parallel.ddp import DDP
     from plait.plugins.parallel.fsdp import FSDP
 
+    assert DDP.splits_eval is True and FSDP.splits_eval is False  # fsdp: every rank runs every forward
     assert issubclass(DDP, ProcessGroup) and issubclass(FSDP, ProcessGroup)
