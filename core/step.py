@@ -198,6 +198,25 @@ class TransformChain:
                 m.load_state_dict(state[str(i)])
 
 
+def _private_ddp_allowed(run: Any) -> str:
+    """What a data-parallel placement runs privately, read from the ``grad_transform`` registry: the entries that
+    declare ``defers_noise`` (their objects have ``set_parallel``), alone or after one that declares
+    ``composes_before_private`` (DP-SAT)."""
+    host = getattr(run, "host", None)
+    if host is None:
+        from .manager import get_host
+
+        host = get_host()
+    entries = host.registries.for_section("grad_transform").entries()
+    defer = [e.name for e in entries if e.extra.get("defers_noise")]
+    before = [e.name for e in entries if e.extra.get("composes_before_private")]
+    if not defer:
+        return "no registered grad_transform defers its noise to after the all-reduce (plait ls grad_transform)"
+    tail = f", alone or after {' / '.join(before)} (DP-SAT)" if before else ", alone"
+    return (f"private ddp takes one DP transform that defers its noise to after the all-reduce "
+            f"({', '.join(defer)}){tail}")
+
+
 class FirstOrderStep:
     """One optimizer step of a first-order recipe (see the module docstring).
 
@@ -242,8 +261,7 @@ class FirstOrderStep:
             private = len(self_sampled) == 1 and hasattr(self_sampled[0], "set_parallel")
             if self_sampled and not private:
                 raise ConfigError(f"grad_transform: {', '.join(map(repr, transform.names))} under parallel "
-                                  f"{getattr(par, 'name', '?')!r} is not supported yet; private ddp takes one DP "
-                                  f"transform (flashdp, dp_flat), alone or after sam (DP-SAT)")
+                                  f"{getattr(par, 'name', '?')!r} is not supported yet; {_private_ddp_allowed(run)}")
             if hasattr(par, "broadcast_parameters"):
                 par.broadcast_parameters(model)
             if hasattr(par, "place_model"):  # a sharding placement (fsdp) wraps the model before the optimizer

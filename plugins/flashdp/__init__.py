@@ -72,7 +72,7 @@ def register_grad_transforms(register):
                  "accountant (the zo recipe; in-place, ZO2, DistZO2)")
     register("flashdp", build_flashdp, config=FlashDPConfig,
              doc="DP-SGD with per-layer clipping fused into the backward, Poisson sampling, RDP or PRV accountant",
-             private=True, check=build_flashdp, project=project_flashdp)
+             private=True, defers_noise=True, check=build_flashdp, project=project_flashdp)
     register("dp_flat", build_dp_flat, config=FlashDPConfig, renamed_from=("dp-flat",),
              doc="DP-SGD with one global clip threshold (ghost norms / instantiation, single backward)",
-             private=True, check=build_dp_flat, project=project_flashdp)
+             private=True, defers_noise=True, check=build_dp_flat, project=project_flashdp)

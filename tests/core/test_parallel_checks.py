@@ -144,6 +144,34 @@ def test_chain_that_cannot_run_privately_under_ddp_refused(with_sam):
                        transform=TransformChain(members, names))
     _one_line(str(exc.value))
     assert all(repr(n) in str(exc.value) for n in names)
+    # what is allowed comes from the registry's declarations (the core names no method)
+    entries = get_host().registries.for_section("grad_transform").entries()
+    defer = [e.name for e in entries if e.extra.get("defers_noise")]
+    before = [e.name for e in entries if e.extra.get("composes_before_private")]
+    assert defer and before
+    assert f"({', '.join(defer)})" in str(exc.value) and f"after {' / '.join(before)} (DP-SAT)" in str(exc.value)
+
+
+def _build_with_defaults(entry):
+    """A grad_transform entry built from its schema's defaults (plus a noise level where DP requires one)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    opts = OmegaConf.to_object(OmegaConf.structured(entry.config))
+    fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    if "noise_multiplier" in fields and fields["noise_multiplier"] is None:
+        fields["noise_multiplier"] = 1.0
+    return entry.factory(**fields)
+
+
+def test_defers_noise_declared_by_exactly_the_transforms_with_set_parallel():
+    """``defers_noise=True`` (read by the refusal above) is declared by exactly the registered grad_transforms
+    whose objects can defer their noise to after the all-reduce (``set_parallel``, what FirstOrderStep calls)."""
+    entries = get_host().registries.for_section("grad_transform").entries()
+    declared = {e.name for e in entries if e.extra.get("defers_noise")}
+    capable = {e.name for e in entries if hasattr(_build_with_defaults(e), "set_parallel")}
+    assert declared == capable and {"flashdp", "dp_flat"} <= declared
 
 
 def test_lone_private_transform_under_ddp_runs(tmp_path, capsys):
