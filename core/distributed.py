@@ -1,7 +1,7 @@
 """`ProcessGroup`: the torch.distributed process group that every multi-process ``parallel:`` strategy starts from.
 
-A strategy plugin (first-order ``ddp`` / ``fsdp``, zeroth-order ``zo_ddp`` / ``pertp`` / ``zo_2d``, a third-party
-one) subclasses it for the machinery they all need, so no strategy plugin depends on another:
+Every multi-process strategy plugin (first-order or zeroth-order, builtin or third-party) subclasses it for the
+machinery they all need, so no strategy plugin depends on another:
 
 * the backend (``auto``: NCCL with CUDA, else gloo), the collective timeout, the rank layout read from torchrun's
   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and this rank's device;
