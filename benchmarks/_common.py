@@ -52,6 +52,8 @@ def make_mezo():
 # Published model shapes on top of a size preset (the bundled tokenizer keeps its own small vocabulary, so the
 # embedding is smaller than the original's; the transformer blocks are the published ones).
 SHAPES: dict[str, dict] = {
+    "opt-350m": {"hidden_size": 1024, "word_embed_proj_dim": 1024, "ffn_dim": 4096, "num_hidden_layers": 24,
+                 "num_attention_heads": 16, "max_position_embeddings": 2048},
     "opt-1.3b": {"hidden_size": 2048, "word_embed_proj_dim": 2048, "ffn_dim": 8192, "num_hidden_layers": 24,
                  "num_attention_heads": 32, "max_position_embeddings": 2048},
 }
