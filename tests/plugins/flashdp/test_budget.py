@@ -11,21 +11,7 @@ from plait.cli import main
 from plait.config import load_config
 from plait.plugins.flashdp.accountant import RDPAccountant, get_noise_multiplier
 from plait.run import execute
-
-CFG = """
-run: {{name: d, seed: 2, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false,
-      keep_checkpoints: 0}}
-recipe: {{name: sft, optimizer: adamw, lr: 3.0e-3, batch_size: 8, eval_batch_size: 32}}
-model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
-grad_transform: {{name: flashdp, max_grad_norm: 1.0, noise_multiplier: 1.0, delta: 1.0e-3}}
-"""
-
-
-def _cfg(tmp_path, steps=4):
-    p = tmp_path / "c.yaml"
-    p.write_text(CFG.format(steps=steps, out=tmp_path / "runs"))
-    return p
+from tests.plugins.flashdp._sft_dp import sft_dp_config
 
 
 def _tree(d: Path):
@@ -36,12 +22,12 @@ def test_a_resume_that_would_exceed_target_epsilon_is_refused_and_changes_nothin
     # before: resumed with a larger run.steps, a target_epsilon=8 run ended at ε=9.61 with exit 0
     fresh_host()
     te = ["grad_transform.noise_multiplier=null", "grad_transform.target_epsilon=8"]
-    run = execute(load_config(_cfg(tmp_path, steps=2), te))
+    run = execute(load_config(sft_dp_config(tmp_path, steps=2), te))
     eps = json.loads((run.dir / "summary.json").read_text())["privacy/epsilon"]
     assert eps <= 8.0
     before = _tree(run.dir)
     capsys.readouterr()
-    assert main(["run", str(_cfg(tmp_path, steps=2)), *te, f"run.resume={run.dir}", "run.steps=6"]) == 2
+    assert main(["run", str(sft_dp_config(tmp_path, steps=2)), *te, f"run.resume={run.dir}", "run.steps=6"]) == 2
     err = capsys.readouterr().err.strip()
     # the projected ε, independently: the σ the search found, 6 steps at q = 8/64
     sigma = get_noise_multiplier(8.0, 1e-3, 8 / 64, 2)
@@ -57,10 +43,10 @@ def test_max_epsilon_refuses_a_fresh_run_and_allows_one_within(tmp_path, fresh_h
     acc = RDPAccountant()
     acc.step(1.0, 8 / 64, 4)
     eps4 = acc.get_epsilon(1e-3)
-    assert main(["run", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 0.9}"]) == 2
+    assert main(["run", str(sft_dp_config(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 0.9}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "max_epsilon" in err and f"ε={eps4:.4g}" in err, err
-    assert main(["run", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 1.01}"]) == 0
+    assert main(["run", str(sft_dp_config(tmp_path, steps=4)), f"grad_transform.max_epsilon={eps4 * 1.01}"]) == 0
 
 
 @pytest.mark.parametrize("override,reason", [
@@ -71,7 +57,7 @@ def test_summary_says_the_guarantee_is_void(tmp_path, fresh_host, capsys, overri
     fresh_host()
     extra = ["grad_transform.allow_no_privacy=true"] if "noise_multiplier=0" in override else []
     capsys.readouterr()
-    assert main(["run", str(_cfg(tmp_path, steps=1)), override, *extra]) == 0
+    assert main(["run", str(sft_dp_config(tmp_path, steps=1)), override, *extra]) == 0
     assert f"privacy guarantee: VOID ({reason}" in capsys.readouterr().out  # the end-of-run table
     d = next((tmp_path / "runs" / "d").iterdir())
     s = json.loads((d / "summary.json").read_text())  # strict JSON: ε = inf is null
@@ -80,7 +66,7 @@ def test_summary_says_the_guarantee_is_void(tmp_path, fresh_host, capsys, overri
 
 def test_summary_says_the_guarantee_holds_for_a_private_run(tmp_path, fresh_host):
     fresh_host()
-    run = execute(load_config(_cfg(tmp_path, steps=1), []))
+    run = execute(load_config(sft_dp_config(tmp_path, steps=1), []))
     assert json.loads((run.dir / "summary.json").read_text())["privacy/guarantee"] == "holds"
 
 
@@ -90,9 +76,9 @@ def test_validate_prints_the_projected_epsilon(tmp_path, fresh_host, capsys):
     acc.step(1.0, 8 / 64, 4)
     want = acc.get_epsilon(1e-3)
     capsys.readouterr()
-    assert main(["validate", str(_cfg(tmp_path, steps=4))]) == 0
+    assert main(["validate", str(sft_dp_config(tmp_path, steps=4))]) == 0
     out = capsys.readouterr().out
     assert f"grad_transform flashdp: projected ε = {want:.4g} over run.steps=4" in out, out
-    assert main(["validate", str(_cfg(tmp_path, steps=4)), f"grad_transform.max_epsilon={want / 2}"]) == 0
+    assert main(["validate", str(sft_dp_config(tmp_path, steps=4)), f"grad_transform.max_epsilon={want / 2}"]) == 0
     assert "REFUSED at start" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()

@@ -13,21 +13,7 @@ from plait.checkpoint import Checkpointer
 from plait.cli import main
 from plait.config import load_config
 from plait.run import execute
-
-CFG = """
-run: {{name: d, seed: 2, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out}, progress: false,
-      keep_checkpoints: 0}}
-recipe: {{name: sft, optimizer: adamw, lr: 3.0e-3, batch_size: 8, eval_batch_size: 32}}
-model: {{name: hf_causal_lm, arch: gpt2, size: tiny}}
-data: {{name: synthetic_sentiment, n_train: 64, n_eval: 8}}
-grad_transform: {{name: flashdp, max_grad_norm: 1.0, noise_multiplier: 1.0, delta: 1.0e-3}}
-"""
-
-
-def _cfg(tmp_path, steps=4):
-    p = tmp_path / "c.yaml"
-    p.write_text(CFG.format(steps=steps, out=tmp_path / "runs"))
-    return p
+from tests.plugins.flashdp._sft_dp import sft_dp_config
 
 
 def _final(d: Path):
@@ -38,7 +24,7 @@ def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
     fresh_host()
     # the uninterrupted and the resumed run must draw the same noise: derive it from run.seed (opt-in)
     repro = "grad_transform.reproducible_noise=true"
-    full = execute(load_config(_cfg(tmp_path), ["run.name=full", repro]))
+    full = execute(load_config(sft_dp_config(tmp_path), ["run.name=full", repro]))
     rows = [json.loads(l) for l in (full.dir / "metrics.jsonl").read_text().splitlines()]
     eps = [r["privacy/epsilon"] for r in rows if "privacy/epsilon" in r]
     assert len(eps) == 4 and all(b > a > 0 for a, b in zip(eps, eps[1:]))
@@ -52,8 +38,8 @@ def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
     acc.step(1.0, 8 / 64, 4)
     assert eps[-1] == pytest.approx(acc.get_epsilon(1e-3))
 
-    part = execute(load_config(_cfg(tmp_path, steps=2), ["run.name=part", repro]))
-    resumed = execute(load_config(_cfg(tmp_path), ["run.name=part", f"run.resume={part.dir}", repro]))
+    part = execute(load_config(sft_dp_config(tmp_path, steps=2), ["run.name=part", repro]))
+    resumed = execute(load_config(sft_dp_config(tmp_path), ["run.name=part", f"run.resume={part.dir}", repro]))
     ta, tb = _final(full.dir), _final(resumed.dir)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # Poisson batches, noise and optimizer state all resume
     assert json.loads((resumed.dir / "summary.json").read_text())["privacy/epsilon"] == pytest.approx(eps[-1])
@@ -62,11 +48,11 @@ def test_dp_run_reports_epsilon_and_resumes_exactly(tmp_path, fresh_host):
 def test_secret_noise_seed_is_checkpointed_and_restored_on_resume(tmp_path, fresh_host):
     # default: a secret seed, not run.seed; two resumes of one checkpoint draw the same batches and noise
     fresh_host()
-    part = execute(load_config(_cfg(tmp_path, steps=1), ["run.name=secret"]))
+    part = execute(load_config(sft_dp_config(tmp_path, steps=1), ["run.name=secret"]))
     seed = Checkpointer.load(Checkpointer(part.dir / "checkpoints").latest())[1]["task"]["grad_transform"]["seed"]
     assert seed != 2 and str(seed) not in (part.dir / "config.yaml").read_text()  # run.seed is 2
     copies = [shutil.copytree(part.dir, tmp_path / f"copy{i}") for i in range(2)]  # a resume reopens its run dir
-    again = [_final(execute(load_config(_cfg(tmp_path, steps=2), [f"run.resume={d}"])).dir) for d in copies]
+    again = [_final(execute(load_config(sft_dp_config(tmp_path, steps=2), [f"run.resume={d}"])).dir) for d in copies]
     assert all(torch.equal(again[0][k], again[1][k]) for k in again[0])
 
 
@@ -75,7 +61,7 @@ def test_epsilon_is_logged_at_the_logged_step_not_averaged_over_the_window(tmp_p
     from plait.plugins.flashdp.accountant import RDPAccountant
 
     fresh_host()
-    run = execute(load_config(_cfg(tmp_path), ["run.name=window", "run.log_every=2"]))
+    run = execute(load_config(sft_dp_config(tmp_path), ["run.name=window", "run.log_every=2"]))
     rows = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines()]
     logged = {r["step"]: r["privacy/epsilon"] for r in rows if "privacy/epsilon" in r}
     assert sorted(logged) == [2, 4]
@@ -87,7 +73,7 @@ def test_epsilon_is_logged_at_the_logged_step_not_averaged_over_the_window(tmp_p
 
 def test_flat_mode_runs(tmp_path, fresh_host):
     fresh_host()
-    run = execute(load_config(_cfg(tmp_path, steps=2), ["grad_transform.name=dp_flat",
+    run = execute(load_config(sft_dp_config(tmp_path, steps=2), ["grad_transform.name=dp_flat",
                                                         "grad_transform.noise_multiplier=1.0"]))
     assert run.summary["privacy/epsilon"] > 0
 
@@ -102,13 +88,13 @@ def test_flat_mode_runs(tmp_path, fresh_host):
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, fresh_host, capsys, override, match):
     fresh_host()
-    assert main(["run", str(_cfg(tmp_path)), override]) == 2
+    assert main(["run", str(sft_dp_config(tmp_path)), override]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err
 
 
 def test_unreachable_target_epsilon(tmp_path, fresh_host, capsys):
     fresh_host()
-    assert main(["run", str(_cfg(tmp_path)), "~grad_transform.noise_multiplier",
+    assert main(["run", str(sft_dp_config(tmp_path)), "~grad_transform.noise_multiplier",
                  "grad_transform.target_epsilon=1e-6"]) == 2
     assert "unreachable" in capsys.readouterr().err
