@@ -12,23 +12,15 @@ from pathlib import Path
 import torch
 
 from plait.cli import main
+from tests.plugins.sam_if._runs import SFT_ETA, SFT_RUN, hand_self_influence, rebuilt
 
-RUN = """
-run: {{name: a, seed: 0, steps: 3, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, keep_checkpoints: 0,
-      out_dir: {out}, progress: false, device: cpu}}
-recipe: {{name: sft, optimizer: sgd, momentum: 0.9, lr: 1.0e-2, batch_size: 4, eval_batch_size: 8,
-          eval_examples: 4}}
-model: {{name: hf_causal_lm, arch: opt, size: tiny}}
-data: {{name: synthetic_sentiment, n_train: 12, n_eval: 4}}
-{extra}
-"""
 DP = "grad_transform: {name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"
 
 
 def _train(tmp_path: Path, ckpt: int = 1, extra: str = "", name: str = "c.yaml") -> Path:
     cfg = tmp_path / name
     out = tmp_path / name.replace(".yaml", "")
-    cfg.write_text(RUN.format(ckpt=ckpt, out=out, extra=extra))
+    cfg.write_text(SFT_RUN.format(ckpt=ckpt, keep=0, out=out, extra=extra))
     assert main(["run", str(cfg)]) == 0
     (run_dir,) = (out / "a").iterdir()
     return run_dir
@@ -37,11 +29,6 @@ def _train(tmp_path: Path, ckpt: int = 1, extra: str = "", name: str = "c.yaml")
 def test_sft_tracin_over_checkpoints_equals_hand_sum(tmp_path, fresh_host):
     from safetensors.torch import load_file
 
-    from plait.checkpoint import Checkpointer
-    from plait.config import load_config, validate
-    from plait.manager import get_host
-    from plait.plugins.sam_if.anyrun import _rebuild
-
     fresh_host()
     run_dir = _train(tmp_path)
     assert main(["attribute", str(run_dir), "estimator=tracin", "--top", "3"]) == 0
@@ -49,19 +36,7 @@ def test_sft_tracin_over_checkpoints_equals_hand_sum(tmp_path, fresh_host):
     report = json.loads((run_dir / "attribution" / "tracin" / "report.json").read_text())
     assert report["checkpoints"] == [1, 2, 3] and len(report["top"]) == 3 and report["top"][0]["text"]
 
-    host = get_host()
-    cfg = load_config(run_dir / "config.yaml")
-    recipe = _rebuild(run_dir, cfg, validate(cfg, host.registries), host)
-    model = recipe.model
-    ref = torch.zeros(12, dtype=torch.float64)
-    for path in Checkpointer(run_dir / "checkpoints").complete():
-        _, state = Checkpointer.load(path)
-        model.load_state_dict(state["task"]["model"])
-        model.eval()
-        eta = 1e-2 * 1 / (1 - 0.9)
-        for i in range(12):
-            gs = torch.autograd.grad(recipe.sample_losses([i])[0], list(model.parameters()), allow_unused=True)
-            ref[i] += eta * sum(float((g.double() ** 2).sum()) for g in gs if g is not None)
+    ref = hand_self_influence(run_dir, 12, SFT_ETA)
     assert torch.allclose(got, ref, rtol=1e-4, atol=0)  # fp32 model: gradients to ~1e-6 relative
 
 
@@ -95,16 +70,11 @@ def test_tied_lm_head_is_matched_through_the_shared_weight(tmp_path, fresh_host)
     from safetensors.torch import load_file
 
     from plait.checkpoint import Checkpointer
-    from plait.config import load_config, validate
-    from plait.manager import get_host
-    from plait.plugins.sam_if.anyrun import _rebuild
     from plait.plugins.sam_if.projected import select_params, tied_aliases
 
     fresh_host()
     run_dir = _train(tmp_path)
-    host = get_host()
-    cfg = load_config(run_dir / "config.yaml")
-    recipe = _rebuild(run_dir, cfg, validate(cfg, host.registries), host)
+    recipe, *_ = rebuilt(run_dir)
     model = recipe.model
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # OPT ties them
     assert "lm_head.weight" in tied_aliases(model)

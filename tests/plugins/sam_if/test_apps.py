@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from plait.cli import main
+from tests.plugins.sam_if._runs import rebuilt, train_classify_pit
 
 RUN = """
 run: {{name: a, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, keep_checkpoints: 0,
@@ -40,22 +41,11 @@ def _run(tmp_path: Path, name: str, data: str = SENTIMENT, extra: str = "", step
     return run_dir
 
 
-def _rebuilt(run_dir: Path):
-    from plait.config import load_config, validate
-    from plait.manager import get_host
-    from plait.plugins.sam_if.anyrun import _rebuild
-
-    host = get_host()
-    cfg = load_config(run_dir / "config.yaml")
-    comps = validate(cfg, host.registries)
-    return _rebuild(run_dir, cfg, comps, host), cfg, comps, host
-
-
 def _hand_scores(run_dir: Path, eta: float, test_losses, n_test: int) -> torch.Tensor:
     """Σ_c η ∇ℓ_j(w_c)·∇ℓ_t(w_c), one example at a time, every parameter, fp64."""
     from plait.checkpoint import Checkpointer
 
-    recipe, *_ = _rebuilt(run_dir)
+    recipe, *_ = rebuilt(run_dir)
     model = recipe.model
     params = list(model.parameters())
     n = recipe.step.dataset_size
@@ -112,18 +102,8 @@ def test_classify_pit_scores_against_test_split_and_file(tmp_path, fresh_host):
     from safetensors.torch import load_file, save_file
 
     fresh_host()
-    cfg = tmp_path / "cls.yaml"
-    out = tmp_path / "cls"
-    cfg.write_text(
-        f"run: {{name: c, seed: 0, steps: 2, log_every: 1, eval_every: 0, ckpt_every: 1, keep_checkpoints: 0, "
-        f"out_dir: {out}, progress: false, device: cpu}}\n"
-        "recipe: {name: classify, lr: 1.0e-3, batch_size: 8, warmup_steps: 0}\n"
-        "model: {name: pit, image_size: 16, num_classes: 2, patch: 4, stride: 2, base_dims: [16, 16, 16], "
-        "depth: [1, 2, 1], heads: [1, 2, 4]}\n"
-        "data: {name: capsule_red_lesions, num_images: 24, image_size: 16, seed: 0}\n")
-    assert main(["run", str(cfg)]) == 0
-    (run_dir,) = (out / "c").iterdir()
-    recipe, *_ = _rebuilt(run_dir)
+    run_dir = train_classify_pit(tmp_path, 24, recipe=", warmup_steps: 0")
+    recipe, *_ = rebuilt(run_dir)
     te = recipe.data.test
     save_file({"x": te.x[:2].contiguous(), "y": te.y[:2].contiguous()}, str(tmp_path / "two.safetensors"))
     assert main(["attribute", str(run_dir), "estimator=tracin", "n=6", "--test", "test"]) == 0
@@ -183,7 +163,7 @@ def test_retrain_equals_the_config_run_by_hand_without_the_rows(tmp_path, fresh_
     # a grad_transform (sam) and a parallel section: the replay must use both
     extra = "grad_transform: {name: sam, rho: 0.05}\nparallel: {name: single}"
     run_dir = _run(tmp_path, "r", data=f"{{name: jsonl, path: {full}, eval_path: {ev}}}", extra=extra)
-    _, cfg, comps, host = _rebuilt(run_dir)
+    _, cfg, comps, host = rebuilt(run_dir)
     _, final = Checkpointer.load(Checkpointer(run_dir / "checkpoints").latest())
     same = retrain(run_dir, cfg, comps, host, [])
     for k, v in final["task"]["model"].items():  # nothing removed: the run itself, bit for bit
@@ -258,7 +238,7 @@ def test_private_run_is_retrained_with_its_dp_transform(tmp_path, fresh_host):
     fresh_host()
     dp = "grad_transform: {name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}"
     run_dir = _run(tmp_path, "p", extra=dp)
-    _, cfg, comps, host = _rebuilt(run_dir)
+    _, cfg, comps, host = rebuilt(run_dir)
     r = retrain(run_dir, cfg, comps, host, [0, 5])
     (member,) = list(r["recipe"].step.transform)
     assert type(member).__name__ == "FlashDP" and member.n == 10 and member.sigma == 0.5  # 12 - 2 rows
@@ -279,7 +259,7 @@ def test_sft_run_large_damping_limit_is_the_gradient_dot_product(tmp_path, fresh
     assert main(["attribute", str(run_dir), "estimator=ekfac", f"params=[{layer}]", f"damping={lam}",
                  "--test", "eval"]) == 0
     got = load_file(str(run_dir / "attribution" / "ekfac" / "scores.safetensors"))["scores"]
-    recipe, *_ = _rebuilt(run_dir)
+    recipe, *_ = rebuilt(run_dir)
     model = recipe.model
     _, state = Checkpointer.load(Checkpointer(run_dir / "checkpoints").latest())
     model.load_state_dict(state["task"]["model"])
@@ -368,7 +348,7 @@ def test_tabular_mlp_section_against_eval_equals_hand_loop(tmp_path, fresh_host)
     assert main(["run", str(cfg)]) == 0
     (run_dir,) = (tmp_path / "runs" / "s").iterdir()
     got = load_file(str(run_dir / "attribution" / "scores.safetensors"))["scores"]
-    recipe, *_ = _rebuilt(run_dir)
+    recipe, *_ = rebuilt(run_dir)
     model, tr, te = recipe.model, recipe.data.train, recipe.data.test
     params = list(model.parameters())
     ref = torch.zeros(30, 6, dtype=torch.float64)

@@ -14,23 +14,15 @@ import pytest
 import torch
 
 from plait.cli import main
+from tests.plugins.sam_if._runs import SFT_ETA, SFT_RUN, hand_self_influence, rebuilt, train_classify_pit
 
-RUN = """
-run: {{name: a, seed: 0, steps: 3, log_every: 1, eval_every: 0, ckpt_every: {ckpt}, keep_checkpoints: {keep},
-      out_dir: {out}, progress: false, device: cpu}}
-recipe: {{name: sft, optimizer: sgd, momentum: 0.9, lr: 1.0e-2, batch_size: 4, eval_batch_size: 8,
-          eval_examples: 4}}
-model: {{name: hf_causal_lm, arch: opt, size: tiny}}
-data: {{name: synthetic_sentiment, n_train: 12, n_eval: 4}}
-{extra}
-"""
 DP = "grad_transform: {name: flashdp, noise_multiplier: 0.5, max_grad_norm: 1.0, delta: 1.0e-3}\n"
 
 
 def _write(tmp_path: Path, extra: str, ckpt: int = 1, keep: int = 0, name: str = "c.yaml") -> tuple[Path, Path]:
     cfg = tmp_path / name
     out = tmp_path / name.replace(".yaml", "")
-    cfg.write_text(RUN.format(ckpt=ckpt, keep=keep, out=out, extra=extra))
+    cfg.write_text(SFT_RUN.format(ckpt=ckpt, keep=keep, out=out, extra=extra))
     return cfg, out
 
 
@@ -45,11 +37,6 @@ def _tb_text(run_dir: Path, tag: str) -> str:
 
 def test_sft_influence_section_equals_attribute_verb_and_hand_sum(tmp_path, fresh_host):
     from safetensors.torch import load_file
-
-    from plait.checkpoint import Checkpointer
-    from plait.config import load_config, validate
-    from plait.manager import get_host
-    from plait.plugins.sam_if.anyrun import _rebuild
 
     fresh_host()
     cfg, out = _write(tmp_path, "influence: {name: tracin, top: 3}")
@@ -77,19 +64,7 @@ def test_sft_influence_section_equals_attribute_verb_and_hand_sum(tmp_path, fres
     assert torch.allclose(got, verb, rtol=1e-6, atol=0)
 
     # a hand sum from the checkpoint files
-    host = get_host()
-    conf = load_config(run_dir / "config.yaml")
-    recipe = _rebuild(run_dir, conf, validate(conf, host.registries), host)
-    model = recipe.model
-    ref = torch.zeros(12, dtype=torch.float64)
-    for path in Checkpointer(run_dir / "checkpoints").complete():
-        _, state = Checkpointer.load(path)
-        model.load_state_dict(state["task"]["model"])
-        model.eval()
-        eta = 1e-2 / (1 - 0.9)
-        for i in range(12):
-            gs = torch.autograd.grad(recipe.sample_losses([i])[0], list(model.parameters()), allow_unused=True)
-            ref[i] += eta * sum(float((g.double() ** 2).sum()) for g in gs if g is not None)
+    ref = hand_self_influence(run_dir, 12, SFT_ETA)
     assert torch.allclose(got, ref, rtol=1e-4, atol=0)  # fp32 model: gradients to ~1e-6 relative
 
 
@@ -144,32 +119,15 @@ def test_classify_image_run_writes_labels_and_images(tmp_path, fresh_host):
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from plait.config import load_config, validate
-    from plait.manager import get_host
-    from plait.plugins.sam_if.anyrun import _rebuild
-
     fresh_host()
-    cfg = tmp_path / "cls.yaml"
-    out = tmp_path / "cls"
-    cfg.write_text(
-        f"run: {{name: c, seed: 0, steps: 2, log_every: 1, eval_every: 0, ckpt_every: 1, keep_checkpoints: 0, "
-        f"out_dir: {out}, progress: false, device: cpu}}\n"
-        "recipe: {name: classify, lr: 1.0e-3, batch_size: 8}\n"
-        "model: {name: pit, image_size: 16, num_classes: 2, patch: 4, stride: 2, base_dims: [16, 16, 16], "
-        "depth: [1, 2, 1], heads: [1, 2, 4]}\n"
-        "data: {name: capsule_red_lesions, num_images: 32, image_size: 16, seed: 0}\n"
-        "influence: {name: tracin, n: 8, top: 3}\n")
-    assert main(["run", str(cfg)]) == 0
-    (run_dir,) = (out / "c").iterdir()
+    run_dir = train_classify_pit(tmp_path, 32, extra="influence: {name: tracin, n: 8, top: 3}\n")
     att = run_dir / "attribution"
     got = load_file(str(att / "scores.safetensors"))["self_influence"]
     assert got.shape == (8,)
     assert main(["attribute", str(run_dir), "estimator=tracin", "n=8"]) == 0
     assert torch.allclose(got, load_file(str(att / "tracin" / "scores.safetensors"))["self_influence"],
                           rtol=1e-6, atol=0)
-    host = get_host()
-    conf = load_config(run_dir / "config.yaml")
-    labels = _rebuild(run_dir, conf, validate(conf, host.registries), host).data.train.y
+    labels = rebuilt(run_dir)[0].data.train.y
     report = json.loads((att / "report.json").read_text())
     assert [r["index"] for r in report["top"]] == torch.argsort(got, descending=True)[:3].tolist()
     assert [r["label"] for r in report["top"]] == [str(int(labels[r["index"]])) for r in report["top"]]
