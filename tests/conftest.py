@@ -49,6 +49,19 @@ def plugin_site(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (restored after): tiny matmuls run much faster on one thread than on
+    two contended ones on a shared CPU. Use it per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``
+    or from an autouse fixture of a folder's conftest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def fresh_host(monkeypatch):
     """A function returning a newly loaded plugin host (after env vars / plugin_site changes)."""
     from plait import manager

@@ -17,6 +17,8 @@ from plait.cli import main
 from plait.config import load_config
 from plait.run import compose, execute
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 CFG = """
 run: {{name: g, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
       progress: false, keep_checkpoints: 0, device: cpu}}
@@ -35,14 +37,6 @@ OPT = '{name: hf_causal_lm, path: "bundled:tiny-opt-base"}'
 GPT2_F64 = "{name: hf_causal_lm, arch: gpt2, size: tiny, dtype: float64}"  # random init: varied completions
 ADDITION_REWARDS = '[{name: exact_match}, {name: regex, pattern: "[0-9]", weight: 0.2}]'
 DP = "{name: flashdp, noise_multiplier: 1.0, delta: 1.0e-3}"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

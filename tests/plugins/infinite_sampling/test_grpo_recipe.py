@@ -15,6 +15,8 @@ from plait.cli import main
 from plait.config import load_config
 from plait.run import execute
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[3]
 
 CFG = """
@@ -35,15 +37,6 @@ model: {{name: hf_causal_lm, path: "bundled:tiny-opt-base"}}
 data: {{name: addition}}
 sampler: {{name: continuous, g: 8}}
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two contended ones on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(tmp_path, steps=4, ckpt=0, warmup=0, name="c.yaml"):

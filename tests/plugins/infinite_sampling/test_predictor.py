@@ -21,6 +21,8 @@ from plait.plugins.infinite_sampling.predictor import (
     smape,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 # --------------------------------------------------------------------------------------------------- metrics
 def test_smape_hand_computed():
@@ -140,14 +142,6 @@ model: {{name: hf_causal_lm, path: "bundled:tiny-opt-base"}}
 data: {{name: addition}}
 sampler: {{name: length_aware, g: 4}}
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _rows(run_dir: Path) -> list[dict]:

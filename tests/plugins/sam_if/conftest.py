@@ -1,11 +1,7 @@
 """sam_if tests: tiny float64 problems; one intra-op thread (small ops are far slower with contended threads)."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every sam_if test runs on one thread (``one_thread``: tests/conftest.py)."""
