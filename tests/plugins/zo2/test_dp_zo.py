@@ -20,6 +20,7 @@ from plait.plugins.flashdp.accountant import RDPAccountant
 from plait.plugins.flashdp.dp_zo import DPZO, DPZOConfig, PrivateMeZO
 from plait.plugins.zo2.mezo import InPlaceMeZO, MeZO
 from plait.run import execute
+from tests.plugins.zo2._batch import lm_batch
 
 REPO = Path(__file__).resolve().parents[3]
 CPU = torch.device("cpu")
@@ -78,14 +79,7 @@ def _tiny_engine(C, sigma, seed=0, dtype=torch.float64):
     cfg = OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
                     max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0)
     model = OPTForCausalLM(cfg).to(dtype).eval()
-    g = torch.Generator().manual_seed(seed + 7)
-    ids = torch.randint(4, 40, (5, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[mask == 0] = -100
-    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return model, lm_batch(seed + 7, 4, 40, (5, 9), pad=(1, 3), prompt=4)
 
 
 def _dp(**kw) -> DPZO:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from plait.plugins.basics.models import build_causal_lm
 from plait.plugins.zo2.fused import ZO2Engine
 from plait.plugins.zo2.mezo import InPlaceMeZO, MeZO, lm_loss, param_table, step_seed
+from tests.plugins.zo2._batch import lm_batch
 
 CPU = torch.device("cpu")
 
@@ -38,14 +39,7 @@ def tiny(arch="opt", layers=2, dtype="float32", seed=0):
 
 
 def batch(seed=0, b=4, t=12):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 1000, (b, t), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -3:] = 0  # some right padding
-    labels = ids.clone()
-    labels[:, : t // 2] = -100
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return lm_batch(seed, 4, 1000, (b, t), pad=(0, 3), prompt=t // 2)  # some right padding
 
 
 def run_pair(ref, eng, steps, lr=1e-3):

@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from plait.plugins.zo2.mezo import InPlaceMeZO, MeZO
+from tests.plugins.zo2._batch import lm_batch
 
 CPU = torch.device("cpu")
 NO_DECAY = ["bias", "norm", "ln_", "layernorm"]  # MeZOConfig's default
@@ -75,14 +76,7 @@ class Tiny(torch.nn.Module):
 def make(seed: int = 0) -> tuple[Tiny, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = Tiny().double().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, 11, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0
-    labels = ids.clone()
-    labels[:, :2] = -100
-    labels[mask == 0] = -100
-    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return model, lm_batch(seed + 1, 0, 11, (3, 7), pad=(0, 2), prompt=2)
 
 
 def ref_loss(model, params: dict[str, torch.Tensor], b) -> torch.Tensor:
