@@ -341,9 +341,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interp(run_under_interpreter):
-    if not dp_clip.HAVE_TRITON:
-        pytest.skip("triton not installed")
-    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=900)
+    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=900, kernel=dp_clip)
 
 
 @pytest.mark.slow
@@ -398,13 +396,8 @@ def test_triton_interpreter_noise_statistics(interp):
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 @pytest.mark.skipif(not dp_clip.HAVE_TRITON or dp_clip.INTERPRET, reason="needs triton, interpreter off")
 @pytest.mark.parametrize("ptr,precision", [("*fp32", "ieee"), ("*bf16", "tf32"), ("*fp16", "tf32")])
-def test_kernels_compile_for_sm90(ptr, precision):
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:  # pragma: no cover - triton API moved
-        pytest.skip(f"triton AOT API unavailable: {e}")
+def test_kernels_compile_for_sm90(triton_aot, ptr, precision):
+    triton, GPUTarget, ASTSource = triton_aot
     target = GPUTarget("cuda", 90, 32)
     ints = {k: "i32" for k in ("T", "D_IN", "D_OUT", "s_ab", "s_at", "s_ai", "s_gb", "s_gt", "s_go")}
     tiles = ("INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")

@@ -57,9 +57,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interp(run_under_interpreter):
-    if not wip_minprod.HAVE_TRITON:
-        pytest.skip("triton not installed")
-    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=600)
+    return run_under_interpreter(INTERPRETER_SCRIPT, timeout=600, kernel=wip_minprod)
 
 
 @pytest.mark.slow
@@ -79,13 +77,8 @@ def test_operator_dispatches_to_the_kernel_only_without_gradients(interp):
 
 @pytest.mark.skipif(not wip_minprod.HAVE_TRITON or wip_minprod.INTERPRET, reason="needs triton, interpreter off")
 @pytest.mark.parametrize("ptr", ["*fp32", "*bf16"])
-def test_kernel_compiles_for_sm90_without_float_multiplications(ptr):
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:  # pragma: no cover - triton API moved
-        pytest.skip(f"triton AOT API unavailable: {e}")
+def test_kernel_compiles_for_sm90_without_float_multiplications(triton_aot, ptr):
+    triton, GPUTarget, ASTSource = triton_aot
     ints = {k: "i32" for k in ("TQ", "TK", "D", "sqb", "sqm", "sqd", "skb", "skn", "skd", "ssb", "ssm", "ssn")}
     sig = {"q_ptr": ptr, "k_ptr": ptr, "s_ptr": "*fp32", **ints,
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
