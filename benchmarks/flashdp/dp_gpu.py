@@ -43,20 +43,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import Results, import_from_checkout  # noqa: E402  (benchmarks/gpu/_results.py)
+from _results import (  # noqa: E402  (benchmarks/gpu/_results.py)
+    Results,
+    err,
+    gib,
+    import_from_checkout,
+    machine,
+    mem_now,
+    mem_peak,
+    open_device,
+    reset_peak,
+    sync,
+)
 
 T_START = time.perf_counter()
 
@@ -87,35 +95,6 @@ FlashDP = import_from_checkout("plait.plugins.flashdp.transform", log).FlashDP
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-
-
-def err(exc: BaseException) -> dict:
-    return {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-3000:]}
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gib(n):
-    return None if n is None else round(n / 2**30, 3)
-
-
-def mem_now(device):
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def mem_peak(device):
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def build_model(spec, device, dtype: str, attn: str, seed: int = 0):
@@ -384,12 +363,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log("CUDA is not available; use --device cpu --tiny to check the logic on CPU")
+    device = open_device(args.device, log)
+    if device is None:
         return 2
-    if device.type == "cpu":
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means IEEE fp32 (FlashDP's fp32 kernels use "ieee")
     torch.backends.cudnn.allow_tf32 = False
     models = TINY_MODELS if args.tiny else MODELS
@@ -418,11 +394,8 @@ def main(argv=None) -> int:
                    "max_grad_norm": C, "optimizer": "SGD", "trainable": "Linear/Conv1D only (embeddings, norms, "
                    "tied head frozen)", "loss": "sum over samples of mean token nll", "tf32": False,
                    "shapes": {n: models[n][1] for n in names}},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "opacus": opacus_version, "cuda": torch.version.cuda,
-                    "triton": getattr(dp_clip.triton, "__version__", None) if dp_clip.HAVE_TRITON else None,
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "cpus": os.cpu_count()},
+        "machine": machine(device, transformers=transformers.__version__, opacus=opacus_version,
+                           triton=getattr(dp_clip.triton, "__version__", None) if dp_clip.HAVE_TRITON else None),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "goal": "flashdp/non_dp tokens/s >= 0.9; flashdp peak memory close to non_dp and well below Opacus",
         "runs": {},

@@ -1,13 +1,18 @@
 """The JSON document a GPU script writes: rewritten atomically after every result, so a timeout keeps what finished."""
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
+import platform
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
+
+import torch
 
 T_START = time.perf_counter()  # the importing script's start, near enough (imported first)
 
@@ -53,3 +58,53 @@ def import_from_checkout(dotted: str, log=lambda *a: print(*a, file=sys.stderr))
         mod.__package__ = name
         sys.modules[name] = mod
     return importlib.import_module(dotted)
+
+
+# --- report helpers shared by the GPU scripts ---------------------------------------------------------------------
+def err(exc: BaseException) -> dict:
+    """An exception as a result entry: the message and the end of the traceback (call inside ``except``)."""
+    return {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+
+
+def open_device(name: str, log) -> torch.device | None:
+    """``torch.device(name)``; None (after a log line) where CUDA is asked for and not available. On CPU (the
+    --tiny logic check) torch gets up to 8 threads."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log("CUDA is not available; use --device cpu --tiny to check the logic on CPU")
+        return None
+    if device.type == "cpu":
+        torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    return device
+
+
+def machine(device: torch.device, **versions) -> dict:
+    """The ``machine`` entry of a document: platform, python, torch, ``versions`` (other libraries), CUDA, GPU."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            **versions, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpus": os.cpu_count()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**30, 3)
+
+
+def mem_now(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def mem_peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

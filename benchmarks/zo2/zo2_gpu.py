@@ -36,16 +36,25 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import Results, import_from_checkout  # noqa: E402  (benchmarks/gpu/_results.py)
+from _results import (  # noqa: E402  (benchmarks/gpu/_results.py)
+    Results,
+    err,
+    gib,
+    import_from_checkout,
+    machine,
+    mem_now,
+    mem_peak,
+    open_device,
+    reset_peak,
+    sync,
+)
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}
@@ -107,31 +116,6 @@ def make_batch(step: int, batch: int, seq: int, device: torch.device, vocab: int
     labels[:, : seq // 2] = -100
     labels[mask == 0] = -100
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gib(n: int | None) -> float | None:
-    return None if n is None else round(n / 2**30, 3)
-
-
-def mem_now(device: torch.device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def mem_peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def zo2(model, device, mezo, overlap: bool, storage: str):
@@ -235,7 +219,7 @@ def bench_size(name: str, shape, args, device, res: Results) -> None:
         out["mezo"] = {"resident_gib": gib(mem_now(device)), **time_steps(eng, device, args, f"{name} mezo")}
         del eng
     except Exception as exc:  # noqa: BLE001  (OOM included: record it and go on)
-        out["mezo"] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+        out["mezo"] = err(exc)
         log(f"{name} mezo failed: {exc}")
     res.save()
 
@@ -254,7 +238,7 @@ def bench_size(name: str, shape, args, device, res: Results) -> None:
             out[label] = {"overlap": overlap, "storage": "fp16", "engine_build_s": build_s,
                           "resident_gib": gib(mem_now(device)), **time_steps(eng, device, args, f"{name} {label}")}
         except Exception as exc:  # noqa: BLE001
-            out[label] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+            out[label] = err(exc)
             log(f"{name} {label} failed: {exc}")
         finally:
             if eng is not None:
@@ -312,12 +296,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log("CUDA is not available; use --device cpu --tiny to check the logic on CPU")
+    device = open_device(args.device, log)
+    if device is None:
         return 2
-    if device.type == "cpu":
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
     shapes = TINY_SHAPES if args.tiny else SHAPES
     names = list(shapes) if (args.tiny or not args.sizes) else [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [n for n in names if n not in shapes]
@@ -332,10 +313,7 @@ def main(argv=None) -> int:
                    "warmup": args.warmup, "steps": args.steps, "dtype": "float16", "init": "random",
                    "attn": args.attn, "zo2": {"blocks": "all", "storage": "fp16", "bucket": True,
                                               "pin_memory": device.type == "cuda"}},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "cuda": torch.version.cuda,
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "cpus": os.cpu_count()},
+        "machine": machine(device, transformers=transformers.__version__),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "goal": "zo2/mezo tokens/s >= 0.95; correctness: losses equal (ZO2 == InPlaceMeZO, fp32)",
         "sizes": {},
@@ -349,8 +327,7 @@ def main(argv=None) -> int:
             log(f"correctness: losses equal {c['losses_equal']}, max abs loss diff {c['max_abs_loss_diff']:.3g}, "
                 f"params equal {c['params_equal_after_flush']}")
         except Exception as exc:  # noqa: BLE001
-            doc["correctness"] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                                  "traceback": traceback.format_exc()[-3000:]}
+            doc["correctness"] = err(exc)
             log(f"correctness check failed: {exc}")
         res.save()
         reset_peak(device)
@@ -362,8 +339,7 @@ def main(argv=None) -> int:
         try:
             bench_size(name, shapes[name], args, device, res)
         except Exception as exc:  # noqa: BLE001
-            doc["sizes"].setdefault(name, {})["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            doc["sizes"][name]["traceback"] = traceback.format_exc()[-3000:]
+            doc["sizes"].setdefault(name, {}).update(err(exc))
             log(f"{name} failed: {exc}")
         finally:
             gc.collect()
