@@ -5,9 +5,13 @@ Kept free of timing logic: model/data/engine construction only, so both scripts 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import resource
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -137,3 +141,58 @@ def maxrss_kib() -> int:
 
 def mib(kib: int | None) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
+
+
+# --- peak-RSS benchmarks: one child process a variant (dp_memory, zo_memory) ----------------------------------
+def run_json_child(argv: list[str], variant: str, cwd, capture_stderr: bool = False) -> dict:
+    """Run a variant's child (``argv``), which prints its result as the last stdout line (JSON); ``wall_s`` added.
+    A failed child gives ``{"variant", "error", "wall_s"}``. With ``capture_stderr`` its stderr is kept: the
+    progress lines (indented two spaces) are passed on, the whole tail where it failed, whose last line goes into
+    the error."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE if capture_stderr else None,
+                          text=True, cwd=cwd)
+    wall = round(time.perf_counter() - t0, 1)
+    tail = ""
+    if capture_stderr:
+        sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "".join(
+            line + "\n" for line in proc.stderr.splitlines() if line.startswith("  ")))
+        tail = ": " + (proc.stderr.strip().splitlines()[-1:] or [""])[0]
+    if proc.returncode != 0:
+        return {"variant": variant, "error": f"child exited with {proc.returncode}{tail}"[:1500], "wall_s": wall}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = wall
+    return res
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else round(a / b, 3)
+
+
+def rss_entry(r: dict, base: int | None) -> dict:
+    """A variant's peaks in MiB: whole life and step phase, raw and above the baseline child (``base`` KiB),
+    and the RSS after the build."""
+    peak, step_peak = r.get("peak_rss_kib"), r.get("step_peak_rss_kib")
+    return {
+        "peak_rss_mib": mib(peak),
+        "peak_above_baseline_mib": mib(peak - base) if peak is not None and base is not None else None,
+        "step_peak_rss_mib": mib(step_peak),
+        "step_peak_above_baseline_mib": mib(step_peak - base) if step_peak is not None and base is not None else None,
+        "after_build_rss_mib": mib(r.get("after_build_rss_kib")),
+    }
+
+
+def rss_ratio(results: dict, num: str, den: str, key: str, base: int | None) -> dict:
+    """``num``/``den`` of a peak (``key``): raw, and of the parts above the baseline child."""
+    def kib(v):
+        r = results.get(v, {})
+        return None if "error" in r else r.get(key)
+
+    a, b = kib(num), kib(den)
+    return {"raw": ratio(a, b), "above_baseline": ratio(a - base, b - base) if None not in (a, b, base) else None}
+
+
+def cpu_machine(**versions) -> dict:
+    """The ``machine`` entry of a CPU benchmark: CPUs, platform, python, torch and ``versions`` (other libraries)."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, **versions}

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -103,30 +100,15 @@ def _child_argv(args, variant: str) -> list[str]:
 
 
 def run_variant(args, variant: str) -> dict:
-    from _common import log
+    from _common import log, run_json_child
 
     log(f"[dp_memory] variant {variant} ...")
-    t0 = time.perf_counter()
-    proc = subprocess.run(_child_argv(args, variant), capture_output=True, text=True, cwd=REPO)
-    wall = round(time.perf_counter() - t0, 1)
-    sys.stderr.write(proc.stderr[-4000:] if proc.returncode else "".join(
-        line + "\n" for line in proc.stderr.splitlines() if line.startswith("  ")))
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or [""]
-        return {"variant": variant, "error": f"child exited with {proc.returncode}: {tail[0]}"[:1500], "wall_s": wall}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["wall_s"] = wall
-    return res
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else round(a / b, 3)
+    return run_json_child(_child_argv(args, variant), variant, REPO, capture_stderr=True)
 
 
 def summarize(args, results: dict) -> dict:
-    import torch
     import transformers
-    from _common import mib
+    from _common import cpu_machine, mib, rss_entry, rss_ratio
 
     base = results.get("baseline", {}).get("peak_rss_kib")
     variants = {}
@@ -134,31 +116,12 @@ def summarize(args, results: dict) -> dict:
         if "error" in r:
             variants[v] = {"error": r["error"]}
             continue
-        peak, step_peak = r.get("peak_rss_kib"), r.get("step_peak_rss_kib")
-        variants[v] = {
-            "peak_rss_mib": mib(peak),
-            "peak_above_baseline_mib": mib(peak - base) if None not in (peak, base) else None,
-            "step_peak_rss_mib": mib(step_peak),
-            "step_peak_above_baseline_mib": mib(step_peak - base) if None not in (step_peak, base) else None,
-            "after_build_rss_mib": mib(r.get("after_build_rss_kib")),
-            "step_s": r.get("step_s"),
-            "losses": r.get("losses"),
-            "wall_s": r.get("wall_s"),
-        }
-
-    def kib(v, key):
-        r = results.get(v, {})
-        return None if "error" in r else r.get(key)
+        variants[v] = {**rss_entry(r, base), "step_s": r.get("step_s"), "losses": r.get("losses"),
+                       "wall_s": r.get("wall_s")}
 
     def ratios(key):
-        out = {}
-        for v in results:
-            if v in ("baseline", "non_dp"):
-                continue
-            a, b = kib(v, key), kib("non_dp", key)
-            out[f"{v}/non_dp"] = {"raw": _ratio(a, b),
-                                  "above_baseline": _ratio(a - base, b - base) if None not in (a, b, base) else None}
-        return out
+        return {f"{v}/non_dp": rss_ratio(results, v, "non_dp", key, base) for v in results
+                if v not in ("baseline", "non_dp")}
 
     first = next((r for r in results.values() if "n_trainable" in r), {})
     return {
@@ -168,8 +131,7 @@ def summarize(args, results: dict) -> dict:
                    "train": args.train, "head": args.head, "trainable_params": first.get("n_trainable"),
                    "model_mib": round(first["model_bytes"] / 2**20, 1) if "model_bytes" in first else None,
                    "steps": args.steps, "threads": args.threads, "opacus_conv1d": args.opacus_conv1d},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": cpu_machine(transformers=transformers.__version__),
         "date": time.strftime("%Y-%m-%d"),
         "baseline_rss_mib": mib(base),
         "variants": variants,

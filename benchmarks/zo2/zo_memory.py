@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -213,7 +211,7 @@ def _make_shards(args, disk_dir: str) -> None:
 
 
 def run_variant(args, variant: str) -> dict:
-    from _common import log
+    from _common import log, run_json_child
 
     disk_dir = None
     try:
@@ -222,25 +220,14 @@ def run_variant(args, variant: str) -> dict:
             if args.disk_source == "shards":
                 _make_shards(args, disk_dir)
         log(f"[zo_memory] variant {variant} ...")
-        t0 = time.perf_counter()
-        proc = subprocess.run(_child_argv(args, variant, disk_dir), stdout=subprocess.PIPE, text=True, cwd=REPO)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            return {"variant": variant, "error": f"child exited with {proc.returncode}", "wall_s": round(wall, 1)}
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["wall_s"] = round(wall, 1)
-        return res
+        return run_json_child(_child_argv(args, variant, disk_dir), variant, REPO)
     finally:
         if disk_dir:
             shutil.rmtree(disk_dir, ignore_errors=True)
 
 
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else round(a / b, 3)
-
-
 def summarize(args, results: dict) -> dict:
-    from _common import mib
+    from _common import cpu_machine, mib, ratio, rss_entry, rss_ratio
 
     base = results.get("baseline", {}).get("peak_rss_kib")
     model_b = next((r["model_bytes"] for r in results.values() if "model_bytes" in r), None)
@@ -251,13 +238,8 @@ def summarize(args, results: dict) -> dict:
         if "error" in r:
             variants[v] = {"error": r["error"]}
             continue
-        peak, step_peak = r.get("peak_rss_kib"), r.get("step_peak_rss_kib")
         variants[v] = {
-            "peak_rss_mib": mib(peak),
-            "peak_above_baseline_mib": mib(peak - base) if peak is not None and base is not None else None,
-            "step_peak_rss_mib": mib(step_peak),
-            "step_peak_above_baseline_mib": mib(step_peak - base) if step_peak is not None and base is not None else None,
-            "after_build_rss_mib": mib(r.get("after_build_rss_kib")),
+            **rss_entry(r, base),
             "end_rss_mib": mib(r.get("end_rss_kib")),
             "build_s": r.get("build_s"),
             "step_s": r.get("step_s"),
@@ -268,20 +250,15 @@ def summarize(args, results: dict) -> dict:
             if k in r:
                 variants[v][k] = r[k]
 
-    def kib(v, key):
-        r = results.get(v, {})
-        return None if "error" in r else r.get(key)
-
     def pair(num, den, key):
-        a, b = kib(num, key), kib(den, key)
-        above = _ratio(a - base, b - base) if None not in (a, b, base) else None
-        return {"raw": _ratio(a, b), "above_baseline": above}
+        return rss_ratio(results, num, den, key, base)
 
     def to_model(v, key):
-        a = kib(v, key)
+        r = results.get(v, {})
+        a = None if "error" in r else r.get(key)
         if a is None or model_b is None:
             return {"raw": None, "above_baseline": None}
-        return {"raw": _ratio(a * 1024, model_b), "above_baseline": _ratio((a - base) * 1024, model_b) if base else None}
+        return {"raw": ratio(a * 1024, model_b), "above_baseline": ratio((a - base) * 1024, model_b) if base else None}
 
     def ratios(key):
         return {
@@ -295,15 +272,12 @@ def summarize(args, results: dict) -> dict:
             "mezo/model_bytes": to_model("mezo", key),
         }
 
-    import torch
-
     return {
         "benchmark": "zo_memory",
         "config": {"arch": args.arch, "size": args.size, "dtype": "float32", "init": "random", "batch": args.batch,
                    "seq": args.seq, "steps": args.steps, "threads": args.threads, "disk_storage": args.disk_storage,
                    "disk_source": args.disk_source},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": cpu_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "baseline_rss_mib": mib(base),
         "n_params": n_params,
