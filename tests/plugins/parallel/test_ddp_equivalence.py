@@ -8,7 +8,6 @@ sft uses SGD: the attention key bias has an exactly-zero true gradient (softmax 
 gradient is pure rounding noise that Adam would normalise into ±lr steps on either side; SGD keeps it noise."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from plait.config import load_config
 from plait.run import execute
+from tests.plugins.parallel._runs import CLASSIFY_PIT, final_tensors, losses, run_overrides
 
 STEPS = 20
-ROOT = Path(__file__).resolve().parents[3]
-RUN = ["run.name=r", "run.seed=1", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0",
-       "run.ckpt_every=0", "run.progress=false", "run.device=cpu"]
+RUN = run_overrides(1, STEPS)
 CONFIGS = {
     "sft": """recipe: {name: sft, batch_size: 4, grad_accum: 2, optimizer: sgd, momentum: 0.9, lr: 0.05, max_grad_norm: 1.0}
 model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
@@ -43,21 +40,11 @@ CLASSIFY = ["data.num_images=120", "data.min_per_class=3", "recipe.batch_size=8"
 def _argv(root: Path, recipe: str) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     if recipe == "classify":
-        path, extra = ROOT / "configs" / "capsule" / "classify_pit.yaml", CLASSIFY
+        path, extra = CLASSIFY_PIT, CLASSIFY
     else:
         path, extra = root / "cfg.yaml", []
         path.write_text(CONFIGS[recipe])
     return [str(path), *extra, *RUN, f"run.out_dir={root / 'runs'}"]
-
-
-def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
-
-
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
-    return load_file(str(ckpt / "tensors.safetensors"))
 
 
 @pytest.mark.slow
@@ -71,12 +58,12 @@ def test_two_ranks_equal_one_process(tmp_path, recipe):
                           "parallel.timeout_s=120"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (two_dir,) = list((tmp_path / "two" / "runs" / "r").iterdir())
-    ref, got = _losses(one.dir), _losses(two_dir)
+    ref, got = losses(one.dir), losses(two_dir)
     assert len(ref) == len(got) == STEPS
     assert ref[0] != ref[-1]  # it trained
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-6 * abs(a), (ref, got)
-    a, b = _final(one.dir), _final(two_dir)
+    a, b = final_tensors(one.dir), final_tensors(two_dir)
     assert a.keys() == b.keys() and a
     for k in a:
         if not a[k].is_floating_point():

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.plugins.parallel._runs import config_file, launch_ranks, run_overrides
+
 HELPER = Path(__file__).with_name("_eval_rank.py")
-ROOT = Path(__file__).resolve().parents[3]
-RUN = ["run.name=r", "run.seed=1", "run.steps=3", "run.log_every=1", "run.eval_every=0", "run.ckpt_every=0",
-       "run.progress=false", "run.device=cpu"]
+RUN = run_overrides(1, 3)
 CONFIGS = {
     "sft": ("""recipe: {name: sft, batch_size: 4, optimizer: sgd, lr: 0.5, eval_batch_size: 2}
 model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
@@ -46,22 +43,9 @@ METRICS = {"sft": {"eval/loss", "eval/accuracy"}, "sam_train": {"eval/loss", "ev
 
 
 def _launch(root: Path, recipe: str, nproc: int) -> Path:
-    root.mkdir(parents=True)
     text, extra = CONFIGS[recipe]
-    if text is None:
-        cfg = ROOT / "configs" / "capsule" / "classify_pit.yaml"
-    else:
-        cfg = root / "cfg.yaml"
-        cfg.write_text(text)
-    argv = [str(root), str(cfg), *RUN, *extra, f"run.out_dir={root / 'runs'}"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(HELPER), *argv, "parallel.name=ddp", "parallel.timeout_s=120"]
-    else:
-        cmd = [sys.executable, str(HELPER), *argv]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = config_file(root, text)
+    launch_ranks(HELPER, [str(root), str(cfg), *RUN, *extra, f"run.out_dir={root / 'runs'}"], nproc)
     return root
 
 

@@ -3,15 +3,14 @@
 sizes (exit 2). sam_train on a tiny MLP keeps the launches cheap."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from tests.plugins.parallel._runs import final_tensors, losses_by_step
 
 CFG = """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 8}
 model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
@@ -26,15 +25,6 @@ def _plait(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
         *argv, "parallel.name=ddp"]
     return subprocess.run([sys.executable, "-m", "plait", "run", *launch], env=env, capture_output=True,
                           text=True, timeout=300)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(sorted((run_dir / "checkpoints").iterdir())[-1] / "tensors.safetensors"))
 
 
 @pytest.mark.slow
@@ -56,9 +46,9 @@ def test_two_rank_resume_is_exact_and_world_size_is_kept(tmp_path):
 
     resumed = _plait(str(cfg), f"run.out_dir={tmp_path / 'part'}", f"run.resume={part_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _losses(full_dir), _losses(part_dir)
+    a, b = losses_by_step(full_dir), losses_by_step(part_dir)
     assert sorted(b) == list(range(1, 21)) and a == b
-    fa, fb = _final(full_dir), _final(part_dir)
+    fa, fb = final_tensors(full_dir), final_tensors(part_dir)
     assert fa.keys() == fb.keys()
     for k in fa:
         assert torch.equal(fa[k], fb[k]), k

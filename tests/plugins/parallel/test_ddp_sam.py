@@ -12,21 +12,16 @@ batch (the reference: the plain single-process run of the same config, no ``para
 Every case checks that the ascent acted (``sam/ascent_steps``) and that both ranks end bit-identical."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.plugins.parallel._runs import SFT_TINY as SFT
+from tests.plugins.parallel._runs import config_file, launch_ranks, losses_by_step, only_run, run_overrides
+
 STEPS = 10
 HELPER = Path(__file__).with_name("_capture_rank.py")
-SFT = """recipe: {name: sft, batch_size: 6, optimizer: sgd, lr: 0.5}
-model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic_sentiment, n_train: 24, n_eval: 4}
-"""
 SAM_TRAIN = """recipe: {name: sam_train, rho: 0.1, lr: 0.5, l2: 1.0e-2, batch_size: 16}
 model: {name: tabular_mlp, num_features: 64, num_classes: 10, hidden: [8]}
 data: {name: digits, n_train: 64, n_test: 30, seed: 0}
@@ -44,33 +39,14 @@ CASES = {  # id: (config, grad_transform override, private, ascents expected: st
 }
 CLASSIFY = ["data.num_images=124", "data.min_per_class=3", "recipe.batch_size=8", "model.base_dims=[8,8,8]",
             "model.heads=[1,1,2]", "recipe.augment=false"]  # augmentation draws per example: per rank
-RUN = ["run.name=r", "run.seed=3", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0",
-       "run.ckpt_every=0", "run.progress=false", "run.device=cpu"]
+RUN = run_overrides(3, STEPS)
 
 
 def _launch(root: Path, cfg: str | None, transform: str, nproc: int) -> Path:
-    root.mkdir(parents=True)
-    if cfg is None:
-        path, extra = Path(__file__).resolve().parents[3] / "configs" / "capsule" / "classify_pit.yaml", CLASSIFY
-    else:
-        path, extra = root / "cfg.yaml", []
-        path.write_text(cfg)
-    argv = [str(root), str(path), *extra, *RUN, f"run.out_dir={root / 'runs'}", transform]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(HELPER), *argv, "parallel.name=ddp", "parallel.timeout_s=120"]
-    else:
-        cmd = [sys.executable, str(HELPER), *argv]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    path = config_file(root, cfg)
+    extra = CLASSIFY if cfg is None else []
+    launch_ranks(HELPER, [str(root), str(path), *extra, *RUN, f"run.out_dir={root / 'runs'}", transform], nproc)
     return root
-
-
-def _losses(root: Path) -> dict[int, float]:
-    (run_dir,) = list((root / "runs" / "r").iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 @pytest.mark.slow
@@ -79,7 +55,7 @@ def test_sam_chain_two_ranks_equal_one_process(tmp_path, case):
     cfg, transform, private, ascents = CASES[case]
     one = _launch(tmp_path / "one", cfg, transform, 1)
     two = _launch(tmp_path / "two", cfg, transform, 2)
-    ref, got = _losses(one), _losses(two)
+    ref, got = losses_by_step(only_run(one)), losses_by_step(only_run(two))
     assert len(ref) >= STEPS - 2 and ref.keys() == got.keys()  # (a Poisson draw may be empty: no loss logged)
     assert len(set(ref.values())) > 1  # it trained
     for s in ref:

@@ -4,7 +4,6 @@ naming what and why (exit 2). Plus the block discovery against the HF model's ow
 size 1 in this process against the plain run (the one-GPU benchmark's case): losses within 1e-6 relative."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from plait.cli import main
 from plait.config import load_config
 from plait.run import execute
+from tests.plugins.parallel._runs import losses
 
 ROOT = Path(__file__).resolve().parents[3]
 SFT = """
@@ -103,18 +103,13 @@ def test_blocks_are_the_decoder_layers():
     assert blocks == list(model.model.decoder.layers) and len(blocks) == 3
 
 
-def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
-
-
 def test_world_size_one_trains_like_the_plain_run(tmp_path):
     cfg = _cfg(tmp_path)
     run = ["run.steps=4", "recipe.optimizer=sgd", "recipe.lr=0.05", "recipe.max_grad_norm=0",
            "model.config={dropout: 0.0, attention_dropout: 0.0}"]
     plain = execute(load_config(cfg, [*run, f"run.out_dir={tmp_path / 'a'}"]))
     sharded = execute(load_config(cfg, [*run, f"run.out_dir={tmp_path / 'b'}", "parallel.name=fsdp"]))
-    a, b = _losses(plain.dir), _losses(sharded.dir)
+    a, b = losses(plain.dir), losses(sharded.dir)
     assert len(a) == len(b) == 4 and a[-1] < a[0]
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-6 * abs(x), (a, b)

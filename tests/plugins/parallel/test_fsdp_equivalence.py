@@ -11,9 +11,6 @@ clipping path is exercised by the resume test (bit-exact)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,19 +19,10 @@ from safetensors.torch import load_file
 
 from plait.config import load_config
 from plait.run import execute
-
-STEPS = 10
-CFG = """recipe: {name: sft, batch_size: 4, grad_accum: 2, optimizer: sgd, momentum: 0.9, lr: 0.05, max_grad_norm: 0.0}
-model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic_sentiment, n_train: 32, n_eval: 4}
-"""
-RUN = ["run.name=r", "run.seed=1", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0", "run.ckpt_every=0",
-       "run.progress=false", "run.device=cpu"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in rows if "train/loss" in r]
+from tests.plugins.parallel._runs import FSDP_CFG as CFG
+from tests.plugins.parallel._runs import FSDP_RUN as RUN
+from tests.plugins.parallel._runs import FSDP_STEPS as STEPS
+from tests.plugins.parallel._runs import final_tensors, losses, run_fsdp
 
 
 def sharded_model(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -46,16 +34,6 @@ def sharded_model(ckpt: Path, tmp: Path) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(str(ckpt.parent / state["s:sharded"]["s:dir"]), str(out))
     full = torch.load(out, weights_only=True)
     return {k.removeprefix("task/model/"): v for k, v in full.items() if k.startswith("task/model/")}
-
-
-def run_fsdp(root: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "cfg.yaml").write_text(CFG)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = ["--nproc", str(nproc)] if nproc > 1 else []
-    return subprocess.run([sys.executable, "-m", "plait", "run", *launch, str(root / "cfg.yaml"), *RUN,
-                           f"run.out_dir={root / 'runs'}", "parallel.name=fsdp", "parallel.timeout_s=120", *extra],
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -70,7 +48,7 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
     assert ref[-1] < ref[0] - 0.5  # it trained
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-6 * abs(a), (ref, got)
-    single = load_file(str(sorted((one.dir / "checkpoints").iterdir())[-1] / "tensors.safetensors"))
+    single = final_tensors(one.dir)
     ref_params = {k.removeprefix("task/model/"): v for k, v in single.items() if k.startswith("task/model/")}
     ckpt = sorted(p for p in (two_dir / "checkpoints").iterdir() if p.name.startswith("step_"))[-1]
     assert not (ckpt / "tensors.safetensors").exists() or not any(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.plugins.parallel.test_fsdp_equivalence import losses, run_fsdp
+from tests.plugins.parallel._runs import losses, run_fsdp
 
 ADAM = ["recipe.optimizer=adamw", "recipe.lr=0.01", "recipe.max_grad_norm=1.0", "run.steps=8"]
 

@@ -17,43 +17,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.plugins.parallel._runs import SFT_TINY as CFG
+from tests.plugins.parallel._runs import (
+    config_file,
+    final_tensors,
+    launch_ranks,
+    losses_by_step,
+    only_run,
+    run_overrides,
+)
+
 STEPS = 10
 HELPER = Path(__file__).with_name("_capture_rank.py")
-CFG = """recipe: {name: sft, batch_size: 6, optimizer: sgd, lr: 0.5}
-model: {name: hf_causal_lm, arch: opt, size: tiny, config: {dropout: 0.0, attention_dropout: 0.0}}
-data: {name: synthetic_sentiment, n_train: 24, n_eval: 4}
-"""
 CASES = {  # id: (transform, extra overrides)
     "flashdp": ("flashdp", []),
     "dp_flat": ("dp_flat", []),
     # fixed-size batches (no guarantee): each rank its slice of the single-process batch
     "flashdp-no-poisson": ("flashdp", ["grad_transform.poisson=false", "grad_transform.allow_no_privacy=true"]),
 }
-RUN = ["run.name=r", "run.seed=3", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=0",
-       "run.ckpt_every=0", "run.progress=false", "run.device=cpu"]
+RUN = run_overrides(3, STEPS)
 
 
 def _launch(root: Path, transform: str, reproducible: bool, nproc: int, extra: list[str] = ()) -> Path:
-    root.mkdir(parents=True)
-    (root / "cfg.yaml").write_text(CFG)
-    argv = [str(root), str(root / "cfg.yaml"), *RUN, f"run.out_dir={root / 'runs'}",
-            f"grad_transform={{name: {transform}, noise_multiplier: 0.8, max_grad_norm: 0.5, "
-            f"reproducible_noise: {str(reproducible).lower()}}}", *extra]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(HELPER), *argv, "parallel.name=ddp", "parallel.timeout_s=120"]
-    else:
-        cmd = [sys.executable, str(HELPER), *argv]
-    out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = config_file(root, CFG)
+    launch_ranks(HELPER, [str(root), str(cfg), *RUN, f"run.out_dir={root / 'runs'}",
+                          f"grad_transform={{name: {transform}, noise_multiplier: 0.8, max_grad_norm: 0.5, "
+                          f"reproducible_noise: {str(reproducible).lower()}}}", *extra], nproc)
     return root
-
-
-def _losses(root: Path) -> dict[int, float]:
-    (run_dir,) = list((root / "runs" / "r").iterdir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def _rank(root: Path, r: int) -> dict:
@@ -66,7 +56,7 @@ def test_two_ranks_equal_one_process_with_reproducible_noise(tmp_path, case):
     transform, extra = CASES[case]
     one = _launch(tmp_path / "one", transform, True, 1, extra)
     two = _launch(tmp_path / "two", transform, True, 2, extra)
-    ref, got = _losses(one), _losses(two)
+    ref, got = losses_by_step(only_run(one)), losses_by_step(only_run(two))
     assert len(ref) >= STEPS - 2 and ref.keys() == got.keys()  # (a Poisson draw may be empty: no loss logged)
     assert len(set(ref.values())) > 1  # it trained
     for s in ref:
@@ -110,19 +100,15 @@ def _plait2(root: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_private_two_rank_resume_is_exact(tmp_path):
     """6 steps then a resume to 10 on 2 ranks equals the uninterrupted 10-step 2-rank run bit for bit: losses,
     final parameters (rank 0's checkpoint) and ε (the accountant's state travels in the checkpoint)."""
-    from safetensors.torch import load_file
-
     for name in ("full", "part"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "cfg.yaml").write_text(CFG)
     _plait2(tmp_path / "full")
     _plait2(tmp_path / "part", "run.steps=6")
-    (full_dir,) = list((tmp_path / "full" / "runs" / "r").iterdir())
-    (part_dir,) = list((tmp_path / "part" / "runs" / "r").iterdir())
+    full_dir, part_dir = only_run(tmp_path / "full"), only_run(tmp_path / "part")
     _plait2(tmp_path / "part", f"run.resume={part_dir}")
-    assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
-    fa, fb = [load_file(str(sorted((d / "checkpoints").iterdir())[-1] / "tensors.safetensors"))
-              for d in (full_dir, part_dir)]
+    assert losses_by_step(only_run(tmp_path / "full")) == losses_by_step(only_run(tmp_path / "part"))
+    fa, fb = final_tensors(full_dir), final_tensors(part_dir)
     assert fa.keys() == fb.keys() and fa
     for k in fa:
         assert torch.equal(fa[k], fb[k]), k
