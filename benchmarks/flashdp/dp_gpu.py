@@ -65,6 +65,7 @@ from _results import (  # noqa: E402  (benchmarks/gpu/_results.py)
     reset_peak,
     sync,
 )
+from dp_speed import register_opacus_conv1d  # noqa: E402  (benchmarks/flashdp/dp_speed.py: stdlib imports only)
 
 T_START = time.perf_counter()
 
@@ -149,25 +150,6 @@ def autocast_ctx(device, dtype: str):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def register_opacus_conv1d() -> None:
-    """Opacus has no per-sample rule for HF Conv1D: the Linear one with the weight transposed."""
-    from opacus.grad_sample import GradSampleModule, register_grad_sampler
-    from transformers.pytorch_utils import Conv1D
-
-    if Conv1D in GradSampleModule.GRAD_SAMPLERS:
-        return
-
-    @register_grad_sampler(Conv1D)
-    def _conv1d_grad_sample(layer, activations, backprops):
-        a = activations[0].to(backprops.dtype)
-        ret = {}
-        if layer.weight.requires_grad:
-            ret[layer.weight] = torch.einsum("n...i,n...j->nij", a, backprops)
-        if layer.bias is not None and layer.bias.requires_grad:
-            ret[layer.bias] = torch.einsum("n...k->nk", backprops)
-        return ret
 
 
 class Runner:
