@@ -196,3 +196,30 @@ def cpu_machine(**versions) -> dict:
     """The ``machine`` entry of a CPU benchmark: CPUs, platform, python, torch and ``versions`` (other libraries)."""
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, **versions}
+
+
+# --- profiles (profile_dp, profile_zo): torch.profiler tables, not benchmarks -------------------------------------
+def profile_header(threads: int, shape: str, steps: int) -> list[str]:
+    """The first lines of a profile file: the command, the time, load, torch, threads, ``shape``, step counts."""
+    return [f"# {' '.join(sys.argv)}", f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
+            f"load average {os.getloadavg()}, torch {torch.__version__}, {threads} threads, {shape}, "
+            f"{steps} profiled steps after 2 warm-up"]
+
+
+def profile_section(name: str, step, prepare, steps: int, rows: int) -> str:
+    """``step(*prepare(r))`` for r = 0, 1 untimed, then r = 2 … steps + 1 under torch.profiler (CPU); ``prepare``
+    runs before the clock starts. A heading with each profiled step's wall time, then the top ``rows`` operators by
+    self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for r in range(2):
+        step(*prepare(r))
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for r in range(2, 2 + steps):
+            inputs = prepare(r)
+            t0 = time.perf_counter()
+            step(*inputs)
+            walls.append(time.perf_counter() - t0)
+    return (f"\n## {name}: step wall ms {[round(w * 1e3, 1) for w in walls]}\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))

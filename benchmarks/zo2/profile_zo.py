@@ -10,9 +10,7 @@ time. A profile, not a benchmark: the ratios with their intervals come from zo_s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,16 +27,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
-    from _common import LR, RUN_SEED, build_model, make_batch, make_mezo, zo2_engine
+    from _common import LR, RUN_SEED, build_model, make_batch, make_mezo, profile_header, profile_section, zo2_engine
 
     from plait.plugins.zo2.mezo import InPlaceMeZO, step_seed
 
-    lines = [f"# {' '.join(sys.argv)}", f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
-             f"load average {os.getloadavg()}, torch {torch.__version__}, {args.threads} threads, OPT {args.size}, "
-             f"batch {args.batch}, seq {args.seq}, {args.steps} profiled steps after 2 warm-up"]
+    lines = profile_header(args.threads, f"OPT {args.size}, batch {args.batch}, seq {args.seq}", args.steps)
     model, vocab = build_model("opt", args.size)
     floor = build_model("opt", args.size)[0]
 
@@ -53,17 +48,8 @@ def main(argv=None) -> None:
     engines["mezo"] = lambda r: mezo_eng.step(make_batch(r, args.batch, args.seq, vocab), step_seed(RUN_SEED, r), LR)
     zo2_eng = zo2_engine(build_model("opt", args.size)[0], make_mezo())
     engines["zo2"] = lambda r: zo2_eng.step(make_batch(r, args.batch, args.seq, vocab), step_seed(RUN_SEED, r), LR)
-    for name, fn in engines.items():
-        for r in range(2):
-            fn(r)
-        walls = []
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for r in range(2, 2 + args.steps):
-                t0 = time.perf_counter()
-                fn(r)
-                walls.append(time.perf_counter() - t0)
-        lines.append(f"\n## {name}: step wall ms {[round(w * 1e3, 1) for w in walls]}")
-        lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    for name, fn in engines.items():  # each engine makes its batch inside the timed step
+        lines.append(profile_section(name, fn, lambda r: (r,), args.steps, args.rows))
     mezo_eng.close()
     zo2_eng.close()
     Path(args.out).write_text("\n".join(lines) + "\n")
