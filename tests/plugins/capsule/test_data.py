@@ -2,18 +2,16 @@
 against scikit-learn, and the real-data loaders on small files written in their layouts (incl. bad input)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, matthews_corrcoef
 
 from plait.plugins.capsule.lesions import KVASIR_CAPSULE_COUNTS, _split, class_counts, make_lesions, make_red_lesions
 from plait.plugins.capsule.metrics import ate, best_constant_abs_rel, classification_metrics, rotation_error_deg
 from plait.plugins.capsule.real import load_image_folder, load_video_imu
 from plait.plugins.capsule.tube import _log_rot, _rot, generate_split
+from tests.plugins.capsule._files import write_png, write_video
 
 SMALL = dict(num_sequences=1, num_frames=6, height=16, width=20, blur_subframes=1)
 
@@ -97,15 +95,11 @@ def test_rotation_error_is_the_geodesic_angle():
     assert rotation_error_deg(gt, gt) == pytest.approx(0.0, abs=1e-5)
 
 
-def _png(path, colour, size=(12, 10)):
-    Image.fromarray(np.full((size[1], size[0], 3), colour, dtype=np.uint8)).save(path)
-
-
 def test_image_folder_loader_and_errors(tmp_path):
     for name, colour in [("angiectasia", (200, 10, 10)), ("normal", (180, 120, 100))]:
         (tmp_path / name).mkdir()
         for i in range(4):
-            _png(tmp_path / name / f"{i}.png", colour)
+            write_png(tmp_path / name / f"{i}.png", colour)
     data = load_image_folder(root=str(tmp_path), image_size=8, test_fraction=0.25)
     assert data.classes == ["angiectasia", "normal"] and data.train.x.shape[1:] == (3, 8, 8)
     assert len(data.train.y) + len(data.test.y) == 8 and set(data.test.y.tolist()) == {0, 1}
@@ -119,28 +113,17 @@ def test_image_folder_loader_and_errors(tmp_path):
         load_image_folder(root=str(tmp_path))
 
 
-def _video(root, n=8, fps=10, rate=100, drop=None, intrinsics=True):
-    (root / "frames").mkdir(parents=True)
-    for i in range(n):
-        _png(root / "frames" / f"{i:04d}.png", (10 * i, 100, 100), size=(20, 16))
-    (root / "frames.csv").write_text("t\n" + "".join(f"{i / fps}\n" for i in range(n)))
-    rows = [f"{j / rate},{j},0,0,0,0,{j % 3}\n" for j in range(int((n - 1) * rate / fps) + 1) if j != drop]
-    (root / "imu.csv").write_text("t,ax,ay,az,gx,gy,gz\n" + "".join(rows))
-    if intrinsics:
-        (root / "intrinsics.json").write_text(json.dumps({"fx": 0.8, "fy": 1.0, "cx": 0.5, "cy": 0.5}))
-
-
 def test_video_imu_loader_and_errors(tmp_path):
-    _video(tmp_path / "ok")
+    write_video(tmp_path / "ok")
     d = load_video_imu(root=str(tmp_path / "ok"), height=16, width=20, imu_rate=100)
     assert d.imu_window == 10 and d.train.imu.shape[1:] == (2, 6, 10) and d.test.frames.shape[1] == 5
     assert torch.equal(d.train.imu[0, 1, 0], torch.arange(10, 20).float())  # acc x column of frames 1→2
     with pytest.raises(ValueError, match="sampled at 100 Hz but imu_rate is 200 Hz"):
         load_video_imu(root=str(tmp_path / "ok"), imu_rate=200)
-    _video(tmp_path / "gap", drop=35)
+    write_video(tmp_path / "gap", drop=35)
     with pytest.raises(ValueError, match="IMU window of frames 3-4 .* has 9 samples, expected 10"):
         load_video_imu(root=str(tmp_path / "gap"))
-    _video(tmp_path / "nok", intrinsics=False)
+    write_video(tmp_path / "nok", intrinsics=False)
     with pytest.raises(FileNotFoundError, match="intrinsics"):
         load_video_imu(root=str(tmp_path / "nok"))
 
@@ -167,7 +150,7 @@ def test_image_folder_class_with_one_image_is_an_error(tmp_path):
     for name, n in [("a", 1), ("b", 3)]:
         (tmp_path / name).mkdir()
         for i in range(n):
-            _png(tmp_path / name / f"{i}.png", (10, 20, 30))
+            write_png(tmp_path / name / f"{i}.png", (10, 20, 30))
     with pytest.raises(ValueError, match=r"class directory '.*a' holds 1 image; need at least 2 \(one for training, "
                                          r"one for the test split\)"):
         load_image_folder(root=str(tmp_path), image_size=8)
@@ -189,7 +172,7 @@ def test_image_folder_class_with_one_image_is_an_error(tmp_path):
     ("intrinsics.json", "[1, 2]", r"intrinsics\.json' must hold fx, fy, cx, cy \(normalised\); got a JSON list"),
 ])
 def test_video_loader_bad_files_name_the_file_and_key(tmp_path, file, text, match):
-    _video(tmp_path)
+    write_video(tmp_path)
     (tmp_path / file).write_text(text)
     with pytest.raises(ValueError, match=match):
         load_video_imu(root=str(tmp_path), height=16, width=20)

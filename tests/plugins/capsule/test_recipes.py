@@ -100,9 +100,9 @@ def test_resume_from_step_2_repeats_steps_3_and_4(tmp_path, fresh_host, config, 
 def test_heldout_evaluation_does_not_change_training(tmp_path, fresh_host):
     """capsule_video has no ground truth, so evaluation runs the (auto-masked) loss on held-out frames; its
     noise must not come from the training generator, or run.eval_every would change the training losses."""
-    from tests.plugins.capsule.test_data import _video
+    from tests.plugins.capsule._files import write_video
 
-    _video(tmp_path / "video")
+    write_video(tmp_path / "video")
     fresh_host()
     data = f"data={{name: capsule_video, root: {tmp_path / 'video'}, height: 32, width: 48}}"
     common = TINY_DEPTH + ["data=null", data, f"run.out_dir={tmp_path}", "run.steps=2", "run.ckpt_every=0"]
