@@ -53,18 +53,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import (  # noqa: E402  (benchmarks/gpu/_results.py)
-    Results,
-    err,
-    gib,
-    import_from_checkout,
-    machine,
-    mem_now,
-    mem_peak,
-    open_device,
-    reset_peak,
-    sync,
-)
+from _results import Results, err, gib, import_from_checkout, machine, mem_now, mem_peak, open_device, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
 from dp_speed import register_opacus_conv1d  # noqa: E402  (benchmarks/flashdp/dp_speed.py: stdlib imports only)
 
 T_START = time.perf_counter()

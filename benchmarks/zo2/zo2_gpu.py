@@ -43,18 +43,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import (  # noqa: E402  (benchmarks/gpu/_results.py)
-    Results,
-    err,
-    gib,
-    import_from_checkout,
-    machine,
-    mem_now,
-    mem_peak,
-    open_device,
-    reset_peak,
-    sync,
-)
+from _results import Results, err, gib, import_from_checkout, machine, mem_now, mem_peak, open_device, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}
