@@ -10,22 +10,7 @@ import pytest
 import torch
 
 from tests.plugins.distzo2.conftest import FOUR_RUNS, HUNG_TIMEOUT_S, PAIR_RUNS
-
-CFG = """
-run: {{name: e, seed: 0, steps: {steps}, log_every: 1, eval_every: 0, ckpt_every: 0, out_dir: {out},
-      progress: false}}
-recipe: {{name: zo, batch_size: 4, eval_batch_size: 32, eval_examples: 4}}
-model: {{name: hf_causal_lm, arch: opt, size: tiny}}
-data: {{name: synthetic_sentiment, n_train: 16, n_eval: 4}}
-perturbation: {{name: mezo, eps: 1.0e-3, lr: 1.0e-3}}
-parallel: {{name: pertp, timeout_s: {timeout}}}
-"""
-
-
-def _cfg(tmp_path, steps=3, timeout=60):
-    p = tmp_path / "cfg.yaml"
-    p.write_text(CFG.format(steps=steps, out=tmp_path / "runs", timeout=timeout))
-    return p
+from tests.plugins.distzo2.distzo2_runs import pertp_config
 
 
 def _one_line(err: str) -> str:
@@ -49,7 +34,7 @@ def test_distzo2_bad_world_or_options_is_one_line_exit_2(tmp_path, fresh_host, c
     fresh_host()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    assert main(["run", str(_cfg(tmp_path)), *overrides]) == 2
+    assert main(["run", str(pertp_config(tmp_path)), *overrides]) == 2
     assert match in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()  # nothing written
 
@@ -59,7 +44,7 @@ def test_distzo2_nccl_without_cuda(tmp_path, fresh_host, capsys):
     from plait.cli import main
 
     fresh_host()
-    assert main(["run", str(_cfg(tmp_path)), "parallel.name=zo_ddp", "parallel.backend=nccl"]) == 2
+    assert main(["run", str(pertp_config(tmp_path)), "parallel.name=zo_ddp", "parallel.backend=nccl"]) == 2
     assert "parallel.backend: 'nccl' needs CUDA, which is not available here" in _one_line(capsys.readouterr().err)
 
 
@@ -72,8 +57,8 @@ def test_distzo2_zo_ddp_on_one_process_equals_plain_zo(tmp_path, fresh_host):
     from plait.run import execute
 
     fresh_host()
-    a = execute(load_config(_cfg(tmp_path), ["run.name=a", "parallel.name=zo_ddp"]))
-    b = execute(load_config(_cfg(tmp_path), ["run.name=b", "~parallel"]))
+    a = execute(load_config(pertp_config(tmp_path), ["run.name=a", "parallel.name=zo_ddp"]))
+    b = execute(load_config(pertp_config(tmp_path), ["run.name=b", "~parallel"]))
     ta, tb = (load_file(str(next((r.dir / "checkpoints").glob("step_*")) / "tensors.safetensors")) for r in (a, b))
     model_keys = [k for k in tb if k.startswith("task/model/")]
     assert model_keys and all(torch.equal(ta[k], tb[k]) for k in model_keys)

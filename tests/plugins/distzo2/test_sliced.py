@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.plugins.distzo2.conftest import FOUR_RUNS, PAIR_RUNS, STEPS
-from tests.plugins.distzo2.test_equivalence import (
+from tests.plugins.distzo2.distzo2_runs import (
     assert_equals_single,
     assert_params_equal,
     final,
@@ -184,10 +184,10 @@ def test_distzo2_sliced_fill_any_rank_equals_plain_upload(k, rank, storage):
 
 def test_distzo2_sliced_upload_misuse_is_one_line(tmp_path, fresh_host, capsys):
     from plait.cli import main
-    from tests.plugins.distzo2.test_errors import _cfg
+    from tests.plugins.distzo2.distzo2_runs import pertp_config
 
     fresh_host()
-    cfg = str(_cfg(tmp_path))
+    cfg = str(pertp_config(tmp_path))
     assert main(["run", cfg, "parallel.name=zo_ddp", "parallel.sliced_upload=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "parallel.sliced_upload: slices the uploads of streamed blocks; it needs the zo2 " \
