@@ -165,6 +165,18 @@ def run_json_child(argv: list[str], variant: str, cwd, capture_stderr: bool = Fa
     return res
 
 
+
+def run_variants(name: str, args, allowed, baselines: tuple[str, ...], run_variant, summarize) -> None:
+    """The parent of a peak-RSS benchmark: ``run_variant(args, v)`` for each chosen variant (``--variants``, the
+    ``baselines`` put first), ``summarize(args, results)`` with the total wall time added, emitted on stdout."""
+    chosen = choose_variants(args.variants, allowed, baselines)
+    t0 = time.perf_counter()
+    results = {v: run_variant(args, v) for v in chosen}
+    out = summarize(args, results)
+    out["total_wall_s"] = round(time.perf_counter() - t0, 1)
+    log(f"[{name}] done in {out['total_wall_s']}s")
+    emit(out)
+
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else round(a / b, 3)
 

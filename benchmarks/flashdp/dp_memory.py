@@ -153,15 +153,9 @@ def main(argv=None) -> None:
             traceback.print_exc()
             sys.exit(1)
         return
-    from _common import choose_variants, emit, log
+    from _common import run_variants
 
-    chosen = choose_variants(args.variants, VARIANTS, ("baseline", "non_dp"))
-    t0 = time.perf_counter()
-    results = {v: run_variant(args, v) for v in chosen}
-    out = summarize(args, results)
-    out["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    log(f"[dp_memory] done in {out['total_wall_s']}s")
-    emit(out)
+    run_variants("dp_memory", args, VARIANTS, ("baseline", "non_dp"), run_variant, summarize)
 
 
 if __name__ == "__main__":

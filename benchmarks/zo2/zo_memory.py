@@ -302,15 +302,9 @@ def main(argv=None) -> None:
     if args.variant:
         print(json.dumps(run_child(args)), flush=True)
         return
-    from _common import choose_variants, emit, log
+    from _common import run_variants
 
-    chosen = choose_variants(args.variants, VARIANTS, ("baseline",))
-    t0 = time.perf_counter()
-    results = {v: run_variant(args, v) for v in chosen}
-    out = summarize(args, results)
-    out["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    log(f"[zo_memory] done in {out['total_wall_s']}s")
-    emit(out)
+    run_variants("zo_memory", args, VARIANTS, ("baseline",), run_variant, summarize)
 
 
 if __name__ == "__main__":
