@@ -53,7 +53,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import Results, err, gib, import_from_checkout, machine, mem_now, mem_peak, open_device, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
+from _results import Results, err, gib, import_from_checkout, mem_now, mem_peak, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
 from dp_speed import register_opacus_conv1d  # noqa: E402  (benchmarks/flashdp/dp_speed.py: stdlib imports only)
 
 T_START = time.perf_counter()
@@ -333,6 +333,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from _results import machine, open_device, run_check, run_entry
+
     args = parse_args(argv)
     device = open_device(args.device, log)
     if device is None:
@@ -374,28 +376,12 @@ def main(argv=None) -> int:
     res = Results(args.out, doc)
     res.save()
     if not args.skip_check:
-        try:
-            doc["correctness"] = correctness(args, device)
-            log(f"correctness: max rel grad diff {doc['correctness']['max_rel_diff']:.3g} "
-                f"({doc['correctness']['path']} path)")
-        except Exception as exc:  # noqa: BLE001
-            doc["correctness"] = err(exc)
-            log(f"correctness check failed: {exc}")
-        res.save()
-        reset_peak(device)
+        run_check(doc, res, device, lambda: correctness(args, device),
+                  lambda c: f"correctness: max rel grad diff {c['max_rel_diff']:.3g} ({c['path']} path)", log)
     for dtype in dtypes:  # dtype-major: the first dtype of every model before the next dtype
         for name in names:
-            key = f"{name}/{dtype}"
-            if time.perf_counter() - T_START > args.budget_s:
-                doc["runs"][key] = {"skipped": "time budget spent"}
-                res.save()
-                continue
-            try:
-                bench(name, models[name], dtype, args, device, res)
-            except Exception as exc:  # noqa: BLE001
-                doc["runs"].setdefault(key, {}).update(err(exc))
-                log(f"{key} failed: {exc}")
-            res.save()
+            run_entry(doc["runs"], f"{name}/{dtype}", lambda: bench(name, models[name], dtype, args, device, res),
+                      res, log, T_START, args.budget_s)
     doc["summary"] = {k: r.get("ratios", r.get("skipped") or r.get("error")) for k, r in doc["runs"].items()}
     res.save()
     print(json.dumps({"summary": doc["summary"], "correctness": {k: v for k, v in doc.get("correctness", {}).items()

@@ -108,3 +108,36 @@ def mem_now(device: torch.device) -> int | None:
 
 def mem_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def run_check(doc: dict, res: Results, device: torch.device, check, describe, log) -> None:
+    """``doc["correctness"] = check()``, logged as ``describe(result)``; an exception is recorded (`err`) and
+    logged instead. Saved; the peak-memory counters are reset for what follows."""
+    try:
+        doc["correctness"] = check()
+        log(describe(doc["correctness"]))
+    except Exception as exc:  # noqa: BLE001
+        doc["correctness"] = err(exc)
+        log(f"correctness check failed: {exc}")
+    res.save()
+    reset_peak(device)
+
+
+def run_entry(entries: dict, key: str, bench, res: Results, log, t_start: float, budget_s: float,
+              after=None) -> None:
+    """``bench()``, which fills ``entries[key]``, unless ``budget_s`` seconds have passed since ``t_start`` (then
+    the entry says it was skipped); an exception (OOM included) is recorded in the entry and logged, and the next
+    entry runs. ``after()`` runs after ``bench`` either way. Saved."""
+    if time.perf_counter() - t_start > budget_s:
+        entries[key] = {"skipped": "time budget spent"}
+        res.save()
+        return
+    try:
+        bench()
+    except Exception as exc:  # noqa: BLE001
+        entries.setdefault(key, {}).update(err(exc))
+        log(f"{key} failed: {exc}")
+    finally:
+        if after is not None:
+            after()
+    res.save()

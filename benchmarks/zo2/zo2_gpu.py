@@ -43,7 +43,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "gpu"))
-from _results import Results, err, gib, import_from_checkout, machine, mem_now, mem_peak, open_device, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
+from _results import Results, err, gib, import_from_checkout, mem_now, mem_peak, reset_peak, sync  # noqa: E402  (benchmarks/gpu/_results.py)
 
 # hidden, layers, heads, ffn (HF OPT configs); vocab 50272, max positions 2048
 SHAPES = {"1.3b": (2048, 24, 32, 8192), "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384)}
@@ -284,6 +284,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from _results import machine, open_device, run_check, run_entry
+
     args = parse_args(argv)
     device = open_device(args.device, log)
     if device is None:
@@ -310,31 +312,18 @@ def main(argv=None) -> int:
     res = Results(args.out, doc)
     res.save()
     if not args.skip_check:
-        try:
-            doc["correctness"] = correctness(args, device)
-            c = doc["correctness"]
-            log(f"correctness: losses equal {c['losses_equal']}, max abs loss diff {c['max_abs_loss_diff']:.3g}, "
-                f"params equal {c['params_equal_after_flush']}")
-        except Exception as exc:  # noqa: BLE001
-            doc["correctness"] = err(exc)
-            log(f"correctness check failed: {exc}")
-        res.save()
-        reset_peak(device)
+        run_check(doc, res, device, lambda: correctness(args, device),
+                  lambda c: f"correctness: losses equal {c['losses_equal']}, max abs loss diff "
+                            f"{c['max_abs_loss_diff']:.3g}, params equal {c['params_equal_after_flush']}", log)
+
+    def release() -> None:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for name in names:
-        if time.perf_counter() - T_START > args.budget_s:
-            doc["sizes"][name] = {"skipped": "time budget spent"}
-            res.save()
-            continue
-        try:
-            bench_size(name, shapes[name], args, device, res)
-        except Exception as exc:  # noqa: BLE001
-            doc["sizes"].setdefault(name, {}).update(err(exc))
-            log(f"{name} failed: {exc}")
-        finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        res.save()
+        run_entry(doc["sizes"], name, lambda: bench_size(name, shapes[name], args, device, res), res, log, T_START,
+                  args.budget_s, after=release)
     doc["summary"] = {n: doc["sizes"][n].get("ratios") for n in names}
     res.save()
     print(json.dumps(doc["summary"] | {"correctness_losses_equal": doc.get("correctness", {}).get("losses_equal")},
