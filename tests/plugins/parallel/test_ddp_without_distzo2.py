@@ -17,7 +17,8 @@ from plait.cli import main
 from plait.config import load_config
 from plait.manager import get_host, reset_host
 from plait.run import execute
-from tests.plugins.parallel.test_ddp_equivalence import _argv, _losses
+from tests.plugins.parallel._runs import losses
+from tests.plugins.parallel.test_ddp_equivalence import _argv
 
 STEPS = ["run.steps=2"]
 BLOCKER = '''import sys
@@ -42,7 +43,7 @@ def _two_ranks(root: Path, argv: list[str], env: dict[str, str]) -> list[float]:
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = list((root / "runs" / "r").iterdir())
-    return _losses(run_dir)
+    return losses(run_dir)
 
 
 def test_ddp_validates_with_distzo2_disabled(tmp_path, monkeypatch, capsys):
@@ -72,7 +73,7 @@ def test_ddp_runs_without_distzo2_like_with_it(tmp_path):
     on_root = tmp_path / "on"
     on = _two_ranks(on_root, _argv(on_root, "sft"), {})
     one_argv = _argv(tmp_path / "one", "sft")
-    one = _losses(execute(load_config(one_argv[0], [*one_argv[1:], *STEPS])).dir)
+    one = losses(execute(load_config(one_argv[0], [*one_argv[1:], *STEPS])).dir)
     assert len(off) == len(on) == len(one) == 2
     assert off == on, (off, on)  # the same code path, the same ranks: bit for bit
     for a, b in zip(one, off):
