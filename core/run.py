@@ -410,6 +410,13 @@ class Task(Protocol):
     Optional: ``log_metrics(step) -> dict[str, float]``, called only at the steps that are logged and
     merged as is (not averaged over the window): for values that are cumulative or costly to compute
     (e.g. a privacy accountant's ε).
+
+    Under ``run.on_nonfinite=skip`` a step whose loss is not finite is undone: `train_loop` copies the state
+    before each step and loads it back. Optional, for that case: ``skips_nonfinite = True`` — the task's own
+    step already leaves the learned state untouched when its loss is not finite, so no copy is made (ZO: an
+    offloaded model too large to copy); ``progress_state() -> dict`` and ``load_progress_state(state)`` — what
+    the undo keeps from after the step (the data generator, so that the next step draws another batch; a DP
+    accountant, since the step's mechanism ran).
     """
 
     def train_step(self, step: int) -> dict[str, float]: ...
@@ -494,11 +501,12 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
     progress = Progress(rc.steps, initial=start, enabled=rc.progress and getattr(run, "rank", 0) == 0)
     step, final_eval, t_window = start, None, time.perf_counter()
     skip = rc.get("on_nonfinite", "stop") == "skip"
+    copy_before = skip and not getattr(task, "skips_nonfinite", False)
     skipped = int(run.summary.get("skipped_steps", 0))
     with _stop_on_sigint() as stop:
         try:
             for step in range(start + 1, rc.steps + 1):
-                before = _clone_state(task.state_dict()) if skip else None
+                before = _clone_state(task.state_dict()) if copy_before else None
                 metrics = task.train_step(step)
                 loss = metrics.get(loss_key)
                 if isinstance(loss, (int, float, torch.Tensor)) and not np.isfinite(float(loss)):
@@ -509,7 +517,11 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
                               f"last good checkpoint is kept; run.on_nonfinite=skip skips such updates)",
                               file=sys.stderr)
                         return {"first_eval": first_eval, "final_eval": final_eval, "steps": step - 1}
-                    task.load_state_dict(before)  # skip: undo the update of this step
+                    if before is not None:  # skip: undo the update of this step, keeping its progress
+                        kept = _clone_state(task.progress_state()) if hasattr(task, "progress_state") else None
+                        task.load_state_dict(before)
+                        if kept is not None:
+                            task.load_progress_state(kept)
                     skipped += 1
                     run.summary["skipped_steps"] = skipped
                     metrics = {"train/skipped_nonfinite": 1.0}

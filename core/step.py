@@ -197,6 +197,24 @@ class TransformChain:
             if hasattr(m, "load_state_dict") and str(i) in state:
                 m.load_state_dict(state[str(i)])
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a skipped step keeps (``run.on_nonfinite=skip``): each member's optional ``progress_state()``,
+        e.g. a DP accountant's count of the releases made (the step ran its mechanism even if its update is
+        undone); keyed as `state_dict`."""
+        if len(self.members) == 1:
+            m = self.members[0]
+            return m.progress_state() if hasattr(m, "progress_state") else {}
+        return {str(i): m.progress_state() for i, m in enumerate(self.members) if hasattr(m, "progress_state")}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        if len(self.members) == 1:
+            if hasattr(self.members[0], "load_progress_state"):
+                self.members[0].load_progress_state(state)
+            return
+        for i, m in enumerate(self.members):
+            if hasattr(m, "load_progress_state") and str(i) in state:
+                m.load_progress_state(state[str(i)])
+
 
 def _private_ddp_allowed(run: Any) -> str:
     """What a data-parallel placement runs privately, read from the ``grad_transform`` registry: the entries that
@@ -439,6 +457,15 @@ class FirstOrderStep:
         self.optimizer.load_state_dict(state["optimizer"])
         if "grad_transform" in state and self.transform is not None:
             self.transform.load_state_dict(state["grad_transform"])
+
+    def progress_state(self) -> dict[str, Any]:
+        """The part of the state that a skipped step keeps: the transforms' (privacy accounting); the recipe
+        adds its own (e.g. its batch generator), see `plait.run.Task`."""
+        return {"grad_transform": self.transform.progress_state()} if self.transform is not None else {}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        if "grad_transform" in state and self.transform is not None:
+            self.transform.load_progress_state(state["grad_transform"])
 
 
 class Backwarded(float):

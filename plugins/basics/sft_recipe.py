@@ -112,6 +112,13 @@ class SFTRecipe:
         self.model.load_state_dict(state["model"])
         self.step.load_state_dict(state)
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a skipped step keeps (``run.on_nonfinite=skip``): the transforms' privacy accounting."""
+        return self.step.progress_state()
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.step.load_progress_state(state)
+
 
 def sample_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Each sample's mean next-token loss over its labelled positions, shape [B]."""

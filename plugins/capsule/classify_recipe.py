@@ -237,6 +237,15 @@ class ClassifyRecipe:
         if "generator" in state:
             self.gen.set_state(state["generator"])
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the batch generator
+        (an undone step must not draw the same batch again)."""
+        return {**self.step.progress_state(), "generator": self.gen.get_state()}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.step.load_progress_state(state)
+        self.gen.set_state(state["generator"])
+
 
 def _samples_batches(chain) -> bool:
     """Whether a member of the ``grad_transform:`` chain draws the batches (DP's Poisson sampling)."""

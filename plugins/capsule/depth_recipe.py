@@ -293,6 +293,15 @@ class DepthRecipe:
         if "generator" in state:
             self.gen.set_state(state["generator"])
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the batch generator
+        (an undone step must not draw the same batch again)."""
+        return {**self.step.progress_state(), "generator": self.gen.get_state()}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.step.load_progress_state(state)
+        self.gen.set_state(state["generator"])
+
 
 def refuse_batch_mixing(model: torch.nn.Module) -> None:
     """A private transform clips each sample's gradient; a training-mode BatchNorm normalises with the batch's

@@ -319,6 +319,14 @@ class FlashDP:
         self.sigma, self.seed = state["sigma"], state.get("seed", self.run_seed)
         self._check_budget()  # a resume with a larger run.steps must not overspend the budget
 
+    def progress_state(self) -> dict[str, Any]:
+        """Kept when a step's update is undone (``run.on_nonfinite=skip``): the step sampled its batch and ran
+        the mechanism, so its release stays counted (conservative: ε never drops by a skip)."""
+        return {"accountant": self.accountant.state_dict()}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name

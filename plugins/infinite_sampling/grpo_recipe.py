@@ -463,6 +463,15 @@ class GRPORecipe:
             state["predictor"] = self.predictor.state_dict()
         return state
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the count of
+        unscorable rollouts (the rollouts were made)."""
+        return {**self.step.progress_state(), "reward_skipped": self.skipped}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.step.load_progress_state(state)
+        self.skipped = int(state["reward_skipped"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.step.load_state_dict(state)
