@@ -26,6 +26,11 @@ from .mezo import InPlaceMeZO, step_seed
 
 
 class ZORecipe:
+    # a step whose projected gradient is not finite updates nothing (`MeZO.update` skips it in every engine, and
+    # DistZO2's ranks all see the same gathered g), so ``run.on_nonfinite=skip`` needs no copy of the model per
+    # step: a copy the disk tier could not even hold. The DP-ZO accountant keeps counting such a step.
+    skips_nonfinite = True
+
     def __init__(self, run: Run, **options: Any):
         self.run = run
         self.cfg = c = ZORecipeConfig(**options)
