@@ -182,6 +182,13 @@ class Runner:
         loss.backward()
         if self.variant != "non_dp" and hasattr(self, "dp"):
             self.dp(self.model, t)
+        if self.variant == "opacus_per_layer" and self.dtype == "bf16":
+            # under autocast Opacus' per-sample grads are bf16 (bf16 activations and backprops), and its noisy
+            # sum, assigned to the fp32 parameter's .grad, is refused by torch ≥ 2.10 (grad_dtype); cast them to
+            # the parameter's dtype first, as FlashDP accumulates in fp32 (the cast is in the timed step)
+            for p in trainable(self.model):
+                if getattr(p, "grad_sample", None) is not None and p.grad_sample.dtype != p.dtype:
+                    p.grad_sample = p.grad_sample.to(p.dtype)
         self.opt.step()
         return float(loss.detach())
 
