@@ -150,16 +150,21 @@ def _merge(base: DictConfig, layer: DictConfig) -> DictConfig:
     return OmegaConf.merge(base, layer)
 
 
-def _parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    sets, deletes = [], []
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """The overrides as runs in command-line order: ``("set", [key=value, …])`` and ``("delete", [key])``, so
+    that ``~model.config model.config={…}`` replaces the mapping (a delete applies where it stands)."""
+    groups: list[tuple[str, list[str]]] = []
     for item in overrides:
         if item.startswith("~"):
-            deletes.append(item[1:])
+            groups.append(("delete", [item[1:]]))
         elif "=" in item and not item.startswith("="):
-            sets.append(item)
+            if groups and groups[-1][0] == "set":
+                groups[-1][1].append(item)
+            else:
+                groups.append(("set", [item]))
         else:
             raise ConfigError(f"override '{item}' is not of the form key=value or ~key")
-    return sets, deletes
+    return groups
 
 
 def _delete(cfg: DictConfig, dotted: str) -> None:
@@ -192,22 +197,8 @@ def _explain(exc: OmegaConfBaseException) -> str:
     return msg.splitlines()[0].strip()
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose run defaults ⊕ file (and its ``base:`` files) ⊕ dotlist overrides, resolved."""
-    cfg = OmegaConf.create({"run": OmegaConf.structured(RunSection)})
-    file_cfg = _load_with_bases(Path(path)) if path is not None else OmegaConf.create({})
-    unknown = [k for k in file_cfg.keys() if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(f"config file '{path}': unknown section '{unknown[0]}'; allowed sections: "
-                          f"{', '.join(SECTIONS)}")
-    _check_run_node(file_cfg, f"config file '{path}'")
-    sets, deletes = _parse_overrides(list(overrides))
-    try:
-        cfg = _merge(cfg, file_cfg)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(f"{key}: {_explain(exc)} (in '{path}'; run keys: "
-                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
+def _merge_sets(cfg: DictConfig, sets: list[str]) -> DictConfig:
+    """``cfg`` ⊕ the ``key=value`` overrides ``sets`` (checked as the file's sections are)."""
     try:
         dot = OmegaConf.from_dotlist(sets)
     except OmegaConfBaseException as exc:
@@ -226,8 +217,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key = getattr(exc, "full_key", "") or ""
         raise ConfigError(f"override {key}: {_explain(exc)} (run keys: "
                           f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
-    for dotted in deletes:
-        _delete(cfg, dotted)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose run defaults ⊕ file (and its ``base:`` files) ⊕ dotlist overrides, resolved."""
+    cfg = OmegaConf.create({"run": OmegaConf.structured(RunSection)})
+    file_cfg = _load_with_bases(Path(path)) if path is not None else OmegaConf.create({})
+    unknown = [k for k in file_cfg.keys() if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"config file '{path}': unknown section '{unknown[0]}'; allowed sections: "
+                          f"{', '.join(SECTIONS)}")
+    _check_run_node(file_cfg, f"config file '{path}'")
+    groups = _parse_overrides(list(overrides))
+    try:
+        cfg = _merge(cfg, file_cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        raise ConfigError(f"{key}: {_explain(exc)} (in '{path}'; run keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
+    for kind, items in groups:  # in command-line order
+        if kind == "delete":
+            _delete(cfg, items[0])
+        else:
+            cfg = _merge_sets(cfg, items)
     try:
         OmegaConf.resolve(cfg)
     except (InterpolationResolutionError, OmegaConfBaseException) as exc:

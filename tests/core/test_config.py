@@ -66,6 +66,18 @@ def test_delete_and_interpolation(tmp_path):
     assert cfg.run.out_dir == "/x/b"  # interpolation resolved after overrides
 
 
+def test_overrides_apply_in_command_line_order(tmp_path):
+    """A delete before a set replaces a mapping (a set alone merges into it); a set before a delete is undone.
+    Until deletions ran after all sets, ``~model.opts model.opts={…}`` silently kept no ``opts`` at all (the
+    GPT-2 private-DDP test ran with dropout on that way)."""
+    p = write(tmp_path, "c.yaml", "recipe: {name: toy}\nmodel: {name: toy-model, opts: {a: 1, b: 2}}\n")
+    assert dict(load_config(p, ["model.opts={c: 3}"]).model.opts) == {"a": 1, "b": 2, "c": 3}  # deep merge
+    assert dict(load_config(p, ["~model.opts", "model.opts={c: 3}"]).model.opts) == {"c": 3}
+    assert "opts" not in load_config(p, ["model.opts={c: 3}", "~model.opts"]).model
+    cfg = load_config(p, ["~model.opts", "model.opts={c: 3}", "~model.opts.c", "model.opts.d=4"])
+    assert dict(cfg.model.opts) == {"d": 4}
+
+
 def test_base_inheritance_chain(tmp_path):
     write(tmp_path, "a.yaml", "run: {steps: 1, seed: 5}\nrecipe: {name: toy}\nmodel: {name: toy-model, width: 1}\n")
     (tmp_path / "sub").mkdir()
