@@ -32,6 +32,9 @@ HELPER = Path(__file__).with_name("_capture_rank.py")
 CASES = {  # id: (transform, extra overrides)
     "flashdp": ("flashdp", []),
     "dp_flat": ("dp_flat", []),
+    # GPT-2: Conv1D layers and a tied wte = lm_head (two clip groups, one tensor); its dropout keys are its own
+    "flashdp-gpt2": ("flashdp", ["model.arch=gpt2", "~model.config",
+                                 "model.config={resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"]),
     # fixed-size batches (no guarantee): each rank its slice of the single-process batch
     "flashdp-no-poisson": ("flashdp", ["grad_transform.poisson=false", "grad_transform.allow_no_privacy=true"]),
 }
