@@ -468,6 +468,22 @@ class FirstOrderStep:
             self.transform.load_progress_state(state["grad_transform"])
 
 
+class StepProgress:
+    """For a recipe built on `FirstOrderStep` (``self.step``), optionally drawing its batches from its own
+    ``torch.Generator`` (``self.gen``): the `plait.run.Task` progress a skipped step keeps — the transforms'
+    privacy accounting and the generator (so that the next step draws another batch)."""
+
+    def progress_state(self) -> dict[str, Any]:
+        state = self.step.progress_state()
+        gen = getattr(self, "gen", None)
+        return state if gen is None else {**state, "generator": gen.get_state()}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.step.load_progress_state(state)
+        if "generator" in state:
+            self.gen.set_state(state["generator"])
+
+
 class Backwarded(float):
     """A loss whose gradient is already in ``.grad``: what `FirstOrderStep.loss_closure` returns, and what an
     objective's ``mean_loss`` may return after running its own backward(s) (``.backward()`` and ``.detach()``

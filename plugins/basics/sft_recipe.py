@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from plait.run import Run, train_loop
-from plait.step import BatchOrder, FirstOrderStep, check_update_options
+from plait.step import BatchOrder, FirstOrderStep, StepProgress, check_update_options
 
 from .data import collate
 from .evaluation import evaluate_lm
@@ -38,7 +38,7 @@ class SFTConfig:
     eval_examples: int = 0  # 0: the whole eval split
 
 
-class SFTRecipe:
+class SFTRecipe(StepProgress):
     """Builds model and data from the run; the shared `FirstOrderStep` moves the parameters; `train_loop` drives."""
 
     def __init__(self, run: Run, **options: Any):
@@ -111,13 +111,6 @@ class SFTRecipe:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.step.load_state_dict(state)
-
-    def progress_state(self) -> dict[str, Any]:
-        """What a skipped step keeps (``run.on_nonfinite=skip``): the transforms' privacy accounting."""
-        return self.step.progress_state()
-
-    def load_progress_state(self, state: dict[str, Any]) -> None:
-        self.step.load_progress_state(state)
 
 
 def sample_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from plait.errors import ConfigError
 from plait.run import Run, eval_gather, eval_share, train_loop
-from plait.step import FirstOrderStep
+from plait.step import FirstOrderStep, StepProgress
 
 from .config import ClassifyRecipeConfig
 from .metrics import classification_metrics, confusion_image, confusion_matrix, prediction_grid
@@ -59,7 +59,7 @@ def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, weight: torc
     return focal_losses(logits, y, gamma, weight).mean()
 
 
-class ClassifyRecipe:
+class ClassifyRecipe(StepProgress):
     """The objective (batches, augmentation, loss) and the evaluation; `FirstOrderStep` moves the parameters."""
 
     def __init__(self, run: Run, **options: Any):
@@ -236,15 +236,6 @@ class ClassifyRecipe:
         self.step.load_state_dict(state)
         if "generator" in state:
             self.gen.set_state(state["generator"])
-
-    def progress_state(self) -> dict[str, Any]:
-        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the batch generator
-        (an undone step must not draw the same batch again)."""
-        return {**self.step.progress_state(), "generator": self.gen.get_state()}
-
-    def load_progress_state(self, state: dict[str, Any]) -> None:
-        self.step.load_progress_state(state)
-        self.gen.set_state(state["generator"])
 
 
 def _samples_batches(chain) -> bool:

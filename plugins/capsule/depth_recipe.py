@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from plait.errors import ConfigError
 from plait.run import Run, train_loop
-from plait.step import FirstOrderStep
+from plait.step import FirstOrderStep, StepProgress
 
 from . import geometry as geo
 from .config import DepthRecipeConfig
@@ -32,7 +32,7 @@ from .losses import min_reprojection, photometric_error, smoothness
 from .metrics import ate, best_constant_abs_rel, chain_positions, colorize, median_scaled_metrics, rotation_error_deg
 
 
-class DepthRecipe:
+class DepthRecipe(StepProgress):
     def __init__(self, run: Run, **options: Any):
         self.run = run
         self.cfg = c = DepthRecipeConfig(**options)
@@ -292,15 +292,6 @@ class DepthRecipe:
         self.step.load_state_dict(state)
         if "generator" in state:
             self.gen.set_state(state["generator"])
-
-    def progress_state(self) -> dict[str, Any]:
-        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the batch generator
-        (an undone step must not draw the same batch again)."""
-        return {**self.step.progress_state(), "generator": self.gen.get_state()}
-
-    def load_progress_state(self, state: dict[str, Any]) -> None:
-        self.step.load_progress_state(state)
-        self.gen.set_state(state["generator"])
 
 
 def refuse_batch_mixing(model: torch.nn.Module) -> None:

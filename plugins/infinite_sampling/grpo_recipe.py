@@ -76,7 +76,7 @@ import torch
 from plait.errors import ConfigError
 from plait.plugins.basics.data import collate, tokenize_example
 from plait.run import Run, train_loop
-from plait.step import Backwarded, BatchOrder, FirstOrderStep
+from plait.step import Backwarded, BatchOrder, FirstOrderStep, StepProgress
 
 from .config import GRPORecipeConfig
 from .grpo_loss import (
@@ -98,7 +98,7 @@ from .scoring import build_rewards, group_scores, plain, score_completions
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
-class GRPORecipe:
+class GRPORecipe(StepProgress):
     """Builds model, data, sampler and rewards from the run; the shared `FirstOrderStep` moves the parameters
     (the GRPO loss over the step's rollouts is its objective); `train_loop` drives."""
 
@@ -464,12 +464,11 @@ class GRPORecipe:
         return state
 
     def progress_state(self) -> dict[str, Any]:
-        """What a skipped step keeps (``run.on_nonfinite=skip``): the privacy accounting and the count of
-        unscorable rollouts (the rollouts were made)."""
-        return {**self.step.progress_state(), "reward_skipped": self.skipped}
+        """What a skipped step keeps: `StepProgress`'s and the count of unscorable rollouts (they were made)."""
+        return {**super().progress_state(), "reward_skipped": self.skipped}
 
     def load_progress_state(self, state: dict[str, Any]) -> None:
-        self.step.load_progress_state(state)
+        super().load_progress_state(state)
         self.skipped = int(state["reward_skipped"])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
