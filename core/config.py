@@ -211,13 +211,18 @@ def _merge_sets(cfg: DictConfig, sets: list[str]) -> DictConfig:
         raise ConfigError(f"override '{unknown[0]}…': unknown section '{unknown[0]}'; allowed sections: "
                           f"{', '.join(SECTIONS)}")
     _check_run_node(dot, "command-line overrides")
+    return _merge_checked(cfg, dot, "override {key}: {msg} (run keys: {run_keys})")
+
+
+def _merge_checked(cfg: DictConfig, layer: DictConfig, error: str, **fields: Any) -> DictConfig:
+    """`_merge`, a failure (a wrong type of a ``run`` key, …) as a ConfigError formatted from ``error`` with
+    ``{key}``, ``{msg}``, ``{run_keys}`` and ``fields``."""
     try:
-        cfg = _merge(cfg, dot)
+        return _merge(cfg, layer)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(f"override {key}: {_explain(exc)} (run keys: "
-                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
-    return cfg
+        run_keys = ", ".join(f.name for f in dataclasses.fields(RunSection))
+        raise ConfigError(error.format(key=getattr(exc, "full_key", "") or "", msg=_explain(exc),
+                                       run_keys=run_keys, **fields)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -230,12 +235,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                           f"{', '.join(SECTIONS)}")
     _check_run_node(file_cfg, f"config file '{path}'")
     groups = _parse_overrides(list(overrides))
-    try:
-        cfg = _merge(cfg, file_cfg)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        raise ConfigError(f"{key}: {_explain(exc)} (in '{path}'; run keys: "
-                          f"{', '.join(f.name for f in dataclasses.fields(RunSection))})") from None
+    cfg = _merge_checked(cfg, file_cfg, "{key}: {msg} (in '{path}'; run keys: {run_keys})", path=path)
     for kind, items in groups:  # in command-line order
         if kind == "delete":
             _delete(cfg, items[0])
