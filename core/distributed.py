@@ -132,6 +132,26 @@ class ProcessGroup:
         self._collective("the start-up broadcast", lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
 
+    def agree_stop(self, key: str, proposal: int) -> int:
+        """After a Ctrl-C: the step after which every rank stops, the same on all of them.
+
+        A terminal's Ctrl-C reaches every rank at once, but a rank may already be past the end of the step in
+        which it arrived (its stop check) while another is not: stopping at "this step" would leave one rank
+        waiting in the next step's collective for a rank that has gone (and the checkpoint unwritten when the
+        gone one is not rank 0). So each rank proposes the step after the one it just finished and the first
+        proposal wins (compare-and-set on the group's rendezvous store under ``key``: not a collective, so a
+        step without a Ctrl-C pays nothing). Ranks are never a whole step apart (every step has a collective),
+        so no rank has finished the winning step yet.
+        """
+        if self.world_size == 1:
+            return proposal
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            return int(self._collective("the Ctrl-C stop agreement",
+                                        lambda: store.compare_set(key, "", str(int(proposal))), count=False))
+        except (AttributeError, ValueError):  # no store to agree through: each rank stops where it is
+            return proposal
+
     def check_config(self, text: str) -> None:
         """Every rank must run the same resolved config: compare SHA-256 digests, fail on every rank if not."""
         digest = hashlib.sha256(text.encode()).hexdigest()

@@ -503,6 +503,7 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
     skip = rc.get("on_nonfinite", "stop") == "skip"
     copy_before = skip and not getattr(task, "skips_nonfinite", False)
     skipped = int(run.summary.get("skipped_steps", 0))
+    stop_at = None  # after a Ctrl-C: the step after which to checkpoint and stop (`_agree_stop`)
     with _stop_on_sigint() as stop:
         try:
             for step in range(start + 1, rc.steps + 1):
@@ -546,7 +547,9 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
                 if step != rc.steps and rc.ckpt_every and step % rc.ckpt_every == 0:
                     save(step)
                 progress.update(1, loss=metrics.get(loss_key, float("nan")))
-                if stop.requested and step != rc.steps:
+                if stop.requested and stop_at is None:
+                    stop_at = _agree_stop(run, step)
+                if stop_at is not None and step >= stop_at and step != rc.steps:
                     save(step)
                     run.status = "interrupted"
                     run.summary["interrupted_at"] = step
@@ -557,6 +560,16 @@ def train_loop(run: Run, task: Task, *, loss_key: str = "train/loss") -> dict[st
             progress.close()
             run.logger.flush()
     return {"first_eval": first_eval, "final_eval": final_eval, "steps": rc.steps}
+
+
+def _agree_stop(run: Any, step: int) -> int:
+    """The step at which a Ctrl-C noticed at the end of ``step`` stops the run: this one in one process; across
+    the ranks of a multi-process strategy (``agree_stop``, `plait.distributed.ProcessGroup`) the first rank's
+    proposal of the next step, so that every rank checkpoints and stops after the same step."""
+    par = getattr(run, "parallel", None)
+    if par is None or int(getattr(par, "world_size", 1)) <= 1 or not hasattr(par, "agree_stop"):
+        return step
+    return par.agree_stop(f"plait/stop_at/{Path(run.dir).name}", step + 1)
 
 
 class _StopFlag:

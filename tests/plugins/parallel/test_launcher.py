@@ -110,3 +110,25 @@ def test_killing_the_launcher_stops_its_ranks(tmp_path):
         except ProcessLookupError:
             pass
     assert not alive, f"ranks {alive} outlived the launcher by 10 s"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", ["4,3", "3,4"], ids=["rank1_first", "rank0_first"])
+def test_ranks_that_see_the_ctrl_c_a_step_apart_stop_after_the_same_step(tmp_path, at):
+    """One rank notices the Ctrl-C at the end of step 3, the other only at the end of step 4 (it was past its
+    step-3 check when the signal came). Stopping each where it noticed left one rank in step 4's all-reduce with
+    a rank that had gone (and no checkpoint when the gone one was rank 1: rank 0 writes them): the flake of the
+    test above. The ranks agree on the step instead: both stop after step 4, whose checkpoint rank 0 writes."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CFG)
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(Path(__file__).with_name("_stop_rank.py")), at, str(cfg), f"run.out_dir={out}",
+                           "parallel.name=ddp", "parallel.timeout_s=20"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    (run_dir,) = list((out / "r").iterdir())
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000004"], proc.stderr[-3000:]
+    assert "interrupted at step 4" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "lost its peers" not in proc.stderr, proc.stderr[-3000:]
+
