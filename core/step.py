@@ -181,39 +181,38 @@ class TransformChain:
                 out.update(m.summary())
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        """One entry per member, keyed by place (``0``, ``1``, …); a single transform keeps its own state."""
+    def _collect(self, method: str) -> dict[str, Any]:
+        """Each member's ``method()`` keyed by place (``0``, ``1``, …); a single member's own dict as it is."""
         if len(self.members) == 1:
             m = self.members[0]
-            return m.state_dict() if hasattr(m, "state_dict") else {}
-        return {str(i): m.state_dict() for i, m in enumerate(self.members) if hasattr(m, "state_dict")}
+            return getattr(m, method)() if hasattr(m, method) else {}
+        return {str(i): getattr(m, method)() for i, m in enumerate(self.members) if hasattr(m, method)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _hand_out(self, method: str, state: dict[str, Any]) -> None:
+        """The inverse of `_collect`: each member's part to its ``method(part)``."""
         if len(self.members) == 1:
-            if hasattr(self.members[0], "load_state_dict"):
-                self.members[0].load_state_dict(state)
+            if hasattr(self.members[0], method):
+                getattr(self.members[0], method)(state)
             return
         for i, m in enumerate(self.members):
-            if hasattr(m, "load_state_dict") and str(i) in state:
-                m.load_state_dict(state[str(i)])
+            if hasattr(m, method) and str(i) in state:
+                getattr(m, method)(state[str(i)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """One entry per member, keyed by place (``0``, ``1``, …); a single transform keeps its own state."""
+        return self._collect("state_dict")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._hand_out("load_state_dict", state)
 
     def progress_state(self) -> dict[str, Any]:
         """What a skipped step keeps (``run.on_nonfinite=skip``): each member's optional ``progress_state()``,
         e.g. a DP accountant's count of the releases made (the step ran its mechanism even if its update is
         undone); keyed as `state_dict`."""
-        if len(self.members) == 1:
-            m = self.members[0]
-            return m.progress_state() if hasattr(m, "progress_state") else {}
-        return {str(i): m.progress_state() for i, m in enumerate(self.members) if hasattr(m, "progress_state")}
+        return self._collect("progress_state")
 
     def load_progress_state(self, state: dict[str, Any]) -> None:
-        if len(self.members) == 1:
-            if hasattr(self.members[0], "load_progress_state"):
-                self.members[0].load_progress_state(state)
-            return
-        for i, m in enumerate(self.members):
-            if hasattr(m, "load_progress_state") and str(i) in state:
-                m.load_progress_state(state[str(i)])
+        self._hand_out("load_progress_state", state)
 
 
 def _private_ddp_allowed(run: Any) -> str:
