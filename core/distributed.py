@@ -143,13 +143,11 @@ class ProcessGroup:
         step without a Ctrl-C pays nothing). Ranks are never a whole step apart (every step has a collective),
         so no rank has finished the winning step yet.
         """
-        if self.world_size == 1:
-            return proposal
         try:
             store = dist.distributed_c10d._get_default_store()
             return int(self._collective("the Ctrl-C stop agreement",
                                         lambda: store.compare_set(key, "", str(int(proposal))), count=False))
-        except (AttributeError, ValueError):  # no store to agree through: each rank stops where it is
+        except (AttributeError, ValueError):  # no store (or no group) to agree through: stop where it is
             return proposal
 
     def check_config(self, text: str) -> None:

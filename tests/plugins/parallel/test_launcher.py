@@ -131,4 +131,3 @@ def test_ranks_that_see_the_ctrl_c_a_step_apart_stop_after_the_same_step(tmp_pat
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000004"], proc.stderr[-3000:]
     assert "interrupted at step 4" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert "lost its peers" not in proc.stderr, proc.stderr[-3000:]
-
